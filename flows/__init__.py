@@ -1,0 +1,11 @@
+"""Prefect flows, one per paradigm, over the shared stage tasks."""
+from flows.env import apply_defaults
+
+apply_defaults()
+
+from flows.lottery_ticket import lottery_ticket  # noqa: E402
+from flows.prune_after_training import prune_after_training  # noqa: E402
+
+FLOWS = {"lottery_ticket": lottery_ticket, "prune_after_training": prune_after_training}
+
+__all__ = ["FLOWS", "lottery_ticket", "prune_after_training"]

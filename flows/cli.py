@@ -1,0 +1,150 @@
+"""`pai`: list, validate, show, run and tabulate experiments.
+
+validate/show/results/list touch only pai_core (fast, no Prefect start-up); run imports
+the flows and so Prefect and MLflow.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pai_core import progress as pai_progress
+from pai_core.paths import pai_home
+from pai_core.plan import build_plan
+from pai_core.specs import ExperimentSpec, SpecError, load_spec
+from pai_core.store import Store
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="pai-flow: declarative pruning experiments on Prefect, tracked in MLflow.")
+console = Console()
+err_console = Console(stderr=True)
+
+SpecArg = typer.Argument(..., help="YAML spec, e.g. configs/lth/lenet300_mnist.yaml")
+OverridesArg = typer.Argument(None, help="dotted overrides: prune.rate=0.5 train.epochs=2")
+
+
+def _spec(path: Path, overrides: Optional[list[str]]) -> ExperimentSpec:
+    try:
+        return load_spec(path, overrides or [])
+    except SpecError as e:
+        err_console.print(f"[red]invalid spec[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """Registered models, datasets, criteria and flows."""
+    from pai_core.criteria import criterion_names
+    from pai_core.data import dataset_names
+    from pai_core.models import model_names
+    from pai_core.plan import PLANS
+
+    table = Table("kind", "registered")
+    for kind, names in (("models", model_names()), ("datasets", dataset_names()),
+                        ("criteria", criterion_names()), ("flows", sorted(PLANS))):
+        table.add_row(kind, ", ".join(names))
+    console.print(table)
+
+
+@app.command()
+def validate(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Check a spec; exit 0, or exit 2 with a one-line error naming the field."""
+    s = _spec(spec, overrides)
+    console.print(f"ok: {s.name} ({s.flow}, final sparsity {s.prune.final_sparsity:.4f})")
+
+
+@app.command()
+def show(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """The resolved spec and every stage of its plan: key, and whether it is stored."""
+    s = _spec(spec, overrides)
+    console.print(yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False).rstrip())
+    store = Store(pai_home() / "store")
+    plan = build_plan(s)
+    table = Table("round", "stage", "role", "key", "stored", title=f"plan of {s.name} (store: {store.root})")
+    for rnd, nodes in zip(plan.rounds, plan.nodes_by_round()):
+        for n in nodes:
+            stored = store.get(n.stage, n.key) is not None
+            table.add_row(rnd.name, n.stage, n.role, n.key, "[green]stored[/green]" if stored else "to compute")
+    console.print(table)
+    console.print("round densities: " + ", ".join(f"{d:.4f}" for d in s.prune.round_densities()))
+
+
+@app.command()
+def run(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Run the spec's flow (Prefect's temporary server unless PREFECT_API_URL is set)."""
+    s = _spec(spec, overrides)
+    t0 = time.perf_counter()
+    from flows import FLOWS
+
+    pai_progress.set_progress(RichProgress(console))
+    try:
+        summary = FLOWS[s.flow](spec=s)
+    finally:
+        pai_progress.set_progress(None)
+    _print_rounds(summary["rounds"], f"{s.name}: {summary['computed']} stages computed, "
+                                     f"{summary['reused']} reused, {time.perf_counter() - t0:.1f} s")
+
+
+@app.command()
+def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """A table per round: sparsity, val and test accuracy, best-val iteration (from the store)."""
+    s = _spec(spec, overrides)
+    store = Store(pai_home() / "store")
+    table = Table("round", "sparsity", "val acc", "test acc", "best-val iter", "test @ best val", "stored",
+                  title=f"{s.name} ({s.flow})")
+    for rnd in build_plan(s).rounds:
+        ref = store.get("evaluate", rnd.evaluate.key)
+        if ref is None:
+            table.add_row(rnd.name, f"{1 - rnd.density:.4f}", "", "", "", "", "no")
+            continue
+        i, best = ref.info, ref.info.get("best", {})
+        table.add_row(rnd.name, f"{i['sparsity']:.4f}", f"{i['val_acc']:.4f}", f"{i['test_acc']:.4f}",
+                      str(best.get("iteration", "")), f"{best.get('test_acc', float('nan')):.4f}", "yes")
+    console.print(table)
+
+
+def _print_rounds(rows: list[dict[str, Any]], title: str) -> None:
+    table = Table("round", "sparsity", "val acc", "test acc", title=title)
+    for r in rows:
+        table.add_row(r["round"], f"{r['sparsity']:.4f}", f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}")
+    console.print(table)
+
+
+class RichProgress:
+    """pai_core's progress hook drawn as a rich bar per training stage."""
+
+    def __init__(self, console: Console):
+        self.console, self.bar, self.task = console, None, None
+
+    def start(self, label: str, total: int, done: int) -> None:
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
+                            console=self.console, transient=False, disable=not self.console.is_terminal)
+        self.bar.start()
+        self.task = self.bar.add_task(label, total=total, completed=done, note="")
+
+    def update(self, done: int, **metrics: Any) -> None:
+        if self.bar is not None:
+            note = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self.bar.update(self.task, completed=done, **({"note": note} if note else {}))
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

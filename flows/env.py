@@ -1,0 +1,27 @@
+"""Quiet, offline-friendly defaults, applied before Prefect or MLflow read their settings.
+Each is only a default: a value the user exported wins."""
+from __future__ import annotations
+
+import os
+
+from pai_core.paths import pai_home
+
+DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",  # hides the temporary server's shutdown noise
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def apply_defaults() -> None:
+    for k, v in DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    # Prefect's cache records sit beside the artifacts they point to.
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(pai_home() / "prefect-results"))
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite database under PAI_HOME (no server needed)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{pai_home() / 'mlflow.db'}"

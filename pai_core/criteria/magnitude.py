@@ -1,0 +1,12 @@
+"""|w|: the LTH / PaT criterion (Han et al. 2015; Frankle & Carbin 2019)."""
+from __future__ import annotations
+
+import torch
+
+from pai_core.criteria.registry import register
+
+
+@register("magnitude")
+def magnitude(model, mask, batches, params, generator) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters())
+    return {n: named[n].detach().abs().clone() for n in mask}

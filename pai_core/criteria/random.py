@@ -1,0 +1,12 @@
+"""Uniform random scores: the baseline every criterion has to beat."""
+from __future__ import annotations
+
+import torch
+
+from pai_core.criteria.registry import register
+
+
+@register("random", stochastic=True)
+def random_scores(model, mask, batches, params, generator) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters())
+    return {n: torch.rand(named[n].shape, generator=generator) for n in mask}

@@ -1,0 +1,164 @@
+"""Plans: each paradigm as a small DAG of keyed stage nodes, built before anything runs.
+
+A node holds the exact spec fields its stage reads and its upstream nodes; its key is
+derived from those alone (keys.py). Stage code receives only `node.fields`, so a stage
+cannot read a field its key does not cover. Because keys come from keys and not from
+contents, a whole plan, every round of it, is known up front: `pai show` prints it, a
+flow executes it, and a crashed run resumes at the first node not yet stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from pai_core.criteria import get_criterion
+from pai_core.data import dataset_info
+from pai_core.keys import stage_key
+from pai_core.specs import ExperimentSpec, TrainSpec
+
+REINIT_SEED_OFFSET = 7919  # the random-reinit control draws a different, fixed init
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    stage: str                      # init | train | score | mask | evaluate
+    role: str                       # what the flow calls it: pretrain, rewind, retrain, ...
+    fields: dict[str, Any]
+    inputs: dict[str, Node] = field(default_factory=dict)
+
+    @cached_property
+    def key(self) -> str:
+        return stage_key(self.stage, self.fields, {k: n.key for k, n in self.inputs.items()})
+
+
+@dataclass
+class Round:
+    """One row of the results table: a mask (None = dense) and the network trained with it."""
+    index: int
+    name: str
+    density: float
+    mask: Node | None
+    trained: Node
+    evaluate: Node
+
+
+@dataclass
+class Plan:
+    flow: str
+    rounds: list[Round]
+
+    @property
+    def nodes(self) -> list[Node]:
+        """Every node once, upstream before downstream."""
+        return [n for group in self.nodes_by_round() for n in group]
+
+    def nodes_by_round(self) -> list[list[Node]]:
+        """For each round, the nodes it needs that no earlier round did, in run order."""
+        seen: set[str] = set()
+        groups: list[list[Node]] = []
+
+        def visit(n: Node, out: list[Node]) -> None:
+            if n.key in seen:
+                return
+            for dep in n.inputs.values():
+                visit(dep, out)
+            seen.add(n.key)
+            out.append(n)
+
+        for r in self.rounds:
+            groups.append([])
+            visit(r.evaluate, groups[-1])
+        return groups
+
+
+# ---------------------------------------------------------------- node builders
+
+def _data_fields(spec: ExperimentSpec) -> dict[str, Any]:
+    info = dataset_info(spec.data.dataset)
+    val = info.default_val_size if spec.data.val_size is None else spec.data.val_size
+    return {"dataset": spec.data.dataset, "val_size": val, "split_seed": spec.data.split_seed}
+
+
+def init_node(spec: ExperimentSpec, seed: int | None = None) -> Node:
+    info = dataset_info(spec.data.dataset)
+    return Node("init", "init", {
+        "model": spec.model.model_dump(mode="json"), "seed": spec.seed if seed is None else seed,
+        "in_shape": list(info.in_shape), "num_classes": info.num_classes,
+    })
+
+
+def train_node(spec: ExperimentSpec, role: str, start: Node, train: TrainSpec, *, mask: Node | None = None,
+               mode: str = "continue", stop_iter: int | None = None) -> Node:
+    """`continue` resumes start's iteration and optimizer state (LTH rewinding);
+    `finetune` keeps only its weights and starts a fresh schedule (PaT)."""
+    fields = {
+        "data": {**_data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed},
+        "train": train.model_dump(mode="json"), "mode": mode, "stop_iter": stop_iter,
+    }
+    inputs = {"start": start} | ({"mask": mask} if mask else {})
+    return Node("train", role, fields, inputs)
+
+
+def score_node(spec: ExperimentSpec, weights: Node, mask: Node | None) -> Node:
+    crit = get_criterion(spec.prune.criterion)
+    fields: dict[str, Any] = {"criterion": crit.name, "params": crit.Params(**spec.prune.params).model_dump(mode="json"),
+                              "prune_biases": spec.prune.prune_biases}
+    if crit.stochastic:
+        fields["seed"] = spec.seed
+    if crit.needs_data:
+        fields["data"] = {**_data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed}
+    return Node("score", "score", fields, {"weights": weights} | ({"mask": mask} if mask else {}))
+
+
+def mask_node(spec: ExperimentSpec, scores: Node, previous: Node | None, density: float) -> Node:
+    fields = {"density": density, "scope": spec.prune.scope, "min_density": spec.prune.min_density}
+    return Node("mask", "mask", fields, {"scores": scores} | ({"previous": previous} if previous else {}))
+
+
+def evaluate_node(spec: ExperimentSpec, weights: Node, mask: Node | None) -> Node:
+    return Node("evaluate", "evaluate", {"data": _data_fields(spec)},
+                {"weights": weights} | ({"mask": mask} if mask else {}))
+
+
+def _dense_round(spec: ExperimentSpec) -> tuple[Node, Round]:
+    init = init_node(spec)
+    pretrain = train_node(spec, "pretrain", init, spec.train)
+    return init, Round(0, "dense", 1.0, None, pretrain, evaluate_node(spec, pretrain, None))
+
+
+# ------------------------------------------------------------------- paradigms
+
+def lottery_ticket(spec: ExperimentSpec) -> Plan:
+    """IMP: train; prune p% of what is left by |w|; rewind to iteration k; retrain; repeat."""
+    init, dense = _dense_round(spec)
+    k = spec.prune.rewind_iter
+    rewind = init if k == 0 else train_node(spec, "rewind", init, spec.train, stop_iter=k)
+    rounds, weights, mask = [dense], dense.trained, None
+    for r, density in enumerate(spec.prune.round_densities(), start=1):
+        mask = mask_node(spec, score_node(spec, weights, mask), mask, density)
+        weights = train_node(spec, "retrain", rewind, spec.retrain_spec, mask=mask)
+        rounds.append(Round(r, f"round {r}", density, mask, weights, evaluate_node(spec, weights, mask)))
+        if spec.prune.reinit_control:
+            fresh = init_node(spec, seed=spec.seed + REINIT_SEED_OFFSET)
+            ctrl = train_node(spec, "reinit", fresh, spec.retrain_spec, mask=mask)
+            rounds.append(Round(r, f"round {r} reinit", density, mask, ctrl, evaluate_node(spec, ctrl, mask)))
+    return Plan("lottery_ticket", rounds)
+
+
+def prune_after_training(spec: ExperimentSpec) -> Plan:
+    """PaT: train; prune by the criterion; fine-tune the survivors; repeat for iterative."""
+    _, dense = _dense_round(spec)
+    rounds, weights, mask = [dense], dense.trained, None
+    for r, density in enumerate(spec.prune.round_densities(), start=1):
+        mask = mask_node(spec, score_node(spec, weights, mask), mask, density)
+        weights = train_node(spec, "finetune", weights, spec.retrain_spec, mask=mask, mode="finetune")
+        rounds.append(Round(r, f"round {r}", density, mask, weights, evaluate_node(spec, weights, mask)))
+    return Plan("prune_after_training", rounds)
+
+
+PLANS = {"lottery_ticket": lottery_ticket, "prune_after_training": prune_after_training}
+
+
+def build_plan(spec: ExperimentSpec) -> Plan:
+    return PLANS[spec.flow](spec)

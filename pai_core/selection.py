@@ -1,0 +1,69 @@
+"""From scores to a mask: keep the highest-scoring surviving weights.
+
+Conventions (DESIGN.md §1): higher score = keep; only weights still alive are ranked, so
+a later round can only remove more; ties go to the lower flat index (a stable sort), so
+the same scores always give the same mask. The kept count is rounded from the density
+target of *this* round, not accumulated from per-round rounding, so round r of an
+iterative schedule keeps round(n · (1-p)^r) weights whatever happened before.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from pai_core.masks import Mask
+
+
+def _top_k(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat bool mask of the k best alive entries (stable: ties keep the lower index)."""
+    keep = torch.zeros_like(alive)
+    idx = alive.nonzero().squeeze(1)
+    if k <= 0 or idx.numel() == 0:
+        return keep
+    order = torch.sort(scores[idx].double(), descending=True, stable=True).indices
+    keep[idx[order[:k]]] = True
+    return keep
+
+
+def select(
+    scores: dict[str, torch.Tensor],
+    previous: Mask,
+    density: float,
+    scope: Literal["global", "layerwise"] = "global",
+    min_density: float = 0.0,
+) -> Mask:
+    """Mask keeping `density` of the weights in `previous`'s layers (see module doc)."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    names = list(previous)
+    for n in names:
+        if not torch.isfinite(scores[n]).all():
+            raise ValueError(f"scores for {n} contain NaN or inf")
+    flat_scores = [scores[n].detach().reshape(-1).cpu() for n in names]
+    flat_alive = [previous[n].reshape(-1).cpu().bool() for n in names]
+    sizes = [s.numel() for s in flat_scores]
+
+    if scope == "layerwise":
+        kept = [_top_k(s, a, min(round(n * density), int(a.sum()))) for s, a, n in
+                zip(flat_scores, flat_alive, sizes)]
+    else:
+        kept = _global(flat_scores, flat_alive, sizes, density, min_density)
+    if min_density > 0 and scope == "layerwise":
+        kept = [k | _top_k(s, a, math.ceil(min_density * n) - int(k.sum()))
+                for k, s, a, n in zip(kept, flat_scores, flat_alive, sizes)]
+    return {n: k.reshape(previous[n].shape) for n, k in zip(names, kept)}
+
+
+def _global(scores, alive, sizes, density, min_density):
+    total_alive = sum(int(a.sum()) for a in alive)
+    k_total = min(round(sum(sizes) * density), total_alive)
+    # Reserve each layer's floor first, then fill the rest globally from what remains.
+    reserved = [_top_k(s, a, min(math.ceil(min_density * n), int(a.sum())))
+                for s, a, n in zip(scores, alive, sizes)]
+    rest = k_total - sum(int(r.sum()) for r in reserved)
+    cat_scores = torch.cat([s.double() for s in scores])
+    cat_alive = torch.cat([a & ~r for a, r in zip(alive, reserved)])
+    extra = _top_k(cat_scores, cat_alive, rest)
+    return [r | e for r, e in zip(reserved, torch.split(extra, sizes))]

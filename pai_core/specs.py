@@ -1,0 +1,299 @@
+"""Experiment specs: the survey's formula written down as validated data.
+
+Every field is checked before any compute starts; an error is one line that names the
+field and what is allowed (`SpecError`). Specs are frozen so a stage can never change
+what it was keyed on.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+FLOWS = ("lottery_ticket", "prune_after_training")
+
+
+class SpecError(ValueError):
+    """A spec is invalid; the message is one line naming the field and what is allowed."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(Frozen):
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pai_core.models import model_names
+
+        if v not in model_names():
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(model_names())}")
+        return v
+
+
+class DataSpec(Frozen):
+    dataset: str
+    batch_size: int = Field(60, gt=0)
+    eval_batch_size: int = Field(1000, gt=0)
+    val_size: int | None = Field(None, ge=0, description="held out of train; None = dataset default")
+    split_seed: int = 0
+    order_seed: int | None = Field(None, description="data-order seed; None = experiment seed")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pai_core.data import dataset_names
+
+        if v not in dataset_names():
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(dataset_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _val_fits(self) -> DataSpec:
+        from pai_core.data import dataset_info
+
+        info = dataset_info(self.dataset)
+        if self.val_size is not None and self.val_size >= info.train_size:
+            raise ValueError(f"val_size must be < {info.train_size} for {self.dataset}")
+        return self
+
+    @property
+    def train_examples(self) -> int:
+        from pai_core.data import dataset_info
+
+        info = dataset_info(self.dataset)
+        val = info.default_val_size if self.val_size is None else self.val_size
+        return info.train_size - val
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return math.ceil(self.train_examples / self.batch_size)
+
+
+class TrainSpec(Frozen):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int | None = Field(None, gt=0)
+    iterations: int | None = Field(None, gt=0)
+    lr_schedule: Literal["constant", "step", "cosine"] = "constant"
+    milestones: tuple[int, ...] = Field((), description="step schedule; in epochs if `epochs` is set, else iterations")
+    gamma: float = Field(0.1, gt=0)
+    warmup_iterations: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainSpec:
+        if (self.epochs is None) == (self.iterations is None):
+            raise ValueError("set exactly one of epochs or iterations")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs optimizer sgd with momentum > 0")
+        if list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError("milestones must be strictly increasing")
+        return self
+
+    def total_iterations(self, iterations_per_epoch: int) -> int:
+        return self.iterations if self.iterations is not None else self.epochs * iterations_per_epoch
+
+    def milestone_iterations(self, iterations_per_epoch: int) -> tuple[int, ...]:
+        unit = iterations_per_epoch if self.epochs is not None else 1
+        return tuple(m * unit for m in self.milestones)
+
+
+class PruneSpec(Frozen):
+    criterion: str = "magnitude"
+    params: dict[str, Any] = Field(default_factory=dict, description="the criterion's own parameters")
+    schedule: Literal["one_shot", "iterative"] = "one_shot"
+    sparsity: float | None = Field(None, ge=0, lt=1, description="final fraction of prunable weights removed")
+    rate: float | None = Field(None, gt=0, lt=1, description="per round, fraction of the remaining weights")
+    rounds: int = Field(1, gt=0)
+    scope: Literal["global", "layerwise"] = "global"
+    min_density: float = Field(0.0, ge=0, le=1, description="per-layer floor on the kept fraction")
+    prune_biases: bool = False
+    rewind_iter: int = Field(0, ge=0, description="LTH: 0 = original init, k = late rewinding to iteration k")
+    reinit_control: bool = Field(False, description="LTH: also train each mask from a fresh random init")
+
+    @field_validator("criterion")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pai_core.criteria import criterion_names
+
+        if v not in criterion_names():
+            raise ValueError(f"unknown criterion {v!r}; allowed: {', '.join(criterion_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _schedule(self) -> PruneSpec:
+        from pai_core.criteria import get_criterion
+
+        get_criterion(self.criterion).Params(**self.params)  # reject unknown/ill-typed params now
+        if self.schedule == "one_shot":
+            if self.rounds != 1:
+                raise ValueError("one_shot prunes in exactly 1 round; use schedule: iterative")
+            if self.sparsity is None and self.rate is None:
+                raise ValueError("one_shot needs sparsity")
+        else:
+            if self.sparsity is None and self.rate is None:
+                raise ValueError("iterative needs rate (per round) or sparsity (final)")
+        if self.sparsity is not None and self.rate is not None:
+            implied = 1 - (1 - self.rate) ** self.rounds
+            if not math.isclose(implied, self.sparsity, rel_tol=1e-9, abs_tol=1e-12):
+                raise ValueError(
+                    f"rate {self.rate} over {self.rounds} rounds gives sparsity {implied:.6g}, "
+                    f"not {self.sparsity}; give one of them"
+                )
+        return self
+
+    @property
+    def per_round_rate(self) -> float:
+        if self.rate is not None:
+            return self.rate
+        return 1 - (1 - self.sparsity) ** (1 / self.rounds)
+
+    def round_densities(self) -> list[float]:
+        """Density after each pruning round: (1 - rate)^r of the prunable weights."""
+        return [(1 - self.per_round_rate) ** r for r in range(1, self.rounds + 1)]
+
+    @property
+    def final_sparsity(self) -> float:
+        return 1 - self.round_densities()[-1]
+
+
+class ExperimentSpec(Frozen):
+    name: str = "experiment"
+    experiment: str = Field("pai-flow", description="MLflow experiment name")
+    flow: Literal["lottery_ticket", "prune_after_training"]
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelSpec
+    data: DataSpec
+    train: TrainSpec
+    retrain: TrainSpec | None = Field(None, description="LTH: defaults to train; PaT: the fine-tune schedule")
+    prune: PruneSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentSpec:
+        total = self.train.total_iterations(self.data.iterations_per_epoch)
+        if self.prune.rewind_iter >= total:
+            raise ValueError(f"prune.rewind_iter must be < the {total} training iterations")
+        if self.flow == "prune_after_training":
+            if self.retrain is None:
+                raise ValueError("prune_after_training needs retrain (the fine-tune schedule)")
+            if self.prune.rewind_iter or self.prune.reinit_control:
+                raise ValueError("rewind_iter and reinit_control are lottery_ticket options")
+        if self.flow == "lottery_ticket":
+            if self.prune.schedule != "iterative":
+                raise ValueError("lottery_ticket prunes iteratively; set prune.schedule: iterative")
+            if self.retrain is not None and self.prune.rewind_iter and self.retrain.optimizer != self.train.optimizer:
+                raise ValueError("late rewinding restores optimizer state; retrain.optimizer must equal train.optimizer")
+        return self
+
+    @property
+    def order_seed(self) -> int:
+        return self.seed if self.data.order_seed is None else self.data.order_seed
+
+    @property
+    def retrain_spec(self) -> TrainSpec:
+        return self.retrain or self.train
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _one_line(err: ValidationError, root: type[BaseModel]) -> str:
+    """Turn pydantic's report into one line: `field.path: what is wrong (got value)`."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "spec"
+    if first["type"] == "extra_forbidden":
+        allowed = _fields_at(root, first["loc"][:-1])
+        msg = f"unknown field; allowed: {', '.join(allowed)}"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] != "value_error" and not isinstance(first.get("input"), dict):
+            msg += f" (got {first.get('input')!r})"
+    more = len(err.errors()) - 1
+    return f"{loc}: {msg}" + (f" (+{more} more)" if more else "")
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        inner = getattr(field, "annotation", None) if field else None
+        candidates = [inner, *getattr(inner, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides; the value is parsed as YAML so `0.9`, `true`, `[1,2]` work."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, YAML-typed
+    for item in overrides:
+        path, sep, value = item.partition("=")
+        if not sep or not path:
+            raise SpecError(f"{item}: override must look like field.path=value")
+        node = raw
+        parts = path.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise SpecError(f"{path}: {part} is not a section")
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def parse_spec(raw: Any) -> ExperimentSpec:
+    if not isinstance(raw, dict):
+        raise SpecError("spec: must be a mapping of fields")
+    try:
+        return ExperimentSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_one_line(err, ExperimentSpec)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:
+    """Read a YAML spec, apply overrides, validate. `name` defaults to the file's stem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if isinstance(raw, dict):
+        raw.setdefault("name", path.stem)
+    return parse_spec(apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw)
+
+
+def flatten(spec: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """`{"prune.rate": 0.2, ...}`: the form MLflow params and tables want."""
+    out: dict[str, Any] = {}
+    for k, v in spec.model_dump(mode="json").items():
+        _flat(out, f"{prefix}{k}", v)
+    return out
+
+
+def _flat(out: dict[str, Any], key: str, v: Any) -> None:
+    if isinstance(v, dict) and v:
+        for k2, v2 in v.items():
+            _flat(out, f"{key}.{k2}", v2)
+    else:
+        out[key] = v

@@ -1,0 +1,157 @@
+"""The stage functions: node fields + upstream artifacts → one stored artifact.
+
+Each stage reads `node.fields` and its inputs' payloads and nothing else. `run` is the
+whole caching contract, usable from a notebook with no Prefect: return the verified
+stored artifact if there is one, otherwise compute, store atomically, and return it.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from pai_core import data as data_lib
+from pai_core.criteria import get_criterion
+from pai_core.masks import Mask, apply_mask, dense_mask, density_report, sparsity
+from pai_core.models import build_model
+from pai_core.plan import Node
+from pai_core.selection import select
+from pai_core.specs import TrainSpec
+from pai_core.store import Ref, Store
+from pai_core.training import best_val, evaluate, resolve_device, train
+
+log = logging.getLogger("pai_core.stages")
+
+
+@dataclass
+class Runtime:
+    """What a stage may use that is not part of its key: where to store, where to run."""
+    store: Store
+    device: str = "auto"
+    computed: list[str] = field(default_factory=list)  # "stage/key" of each computation, in order
+
+    @property
+    def torch_device(self) -> torch.device:
+        return resolve_device(self.device)
+
+
+@lru_cache(maxsize=4)
+def _bundle(dataset: str, val_size: int, split_seed: int, device: str) -> data_lib.DataBundle:
+    b = data_lib.load(dataset, val_size=val_size, split_seed=split_seed)
+    if device == "cpu":
+        return b
+    move = lambda s: data_lib.Split(s.x.to(device), s.y.to(device))  # noqa: E731
+    return data_lib.DataBundle(b.name, move(b.train), move(b.val), move(b.test), b.in_shape, b.num_classes)
+
+
+def bundle_for(fields: Mapping[str, Any], rt: Runtime) -> data_lib.DataBundle:
+    return _bundle(fields["dataset"], fields["val_size"], fields["split_seed"], str(rt.torch_device))
+
+
+def model_from(ref: Ref, payload: dict[str, Any], rt: Runtime) -> nn.Module:
+    arch = ref.info["arch"]
+    model = build_model(arch["model"]["name"], tuple(arch["in_shape"]), arch["num_classes"], seed=0)
+    model.load_state_dict(payload["model"])
+    return model.to(rt.torch_device)
+
+
+# ------------------------------------------------------------------ the stages
+
+def init_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
+    f = node.fields
+    model = build_model(f["model"]["name"], tuple(f["in_shape"]), f["num_classes"], seed=f["seed"])
+    return {"model": model.state_dict()}, {"arch": {k: f[k] for k in ("model", "in_shape", "num_classes")},
+                                           "iteration": 0}
+
+
+def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
+    f, start = node.fields, inputs["start"]
+    payload = rt.store.load(start)
+    model = model_from(start, payload, rt)
+    mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else None
+    resume = f["mode"] == "continue"
+    outcome = train(
+        model, bundle_for(f["data"], rt), TrainSpec(**f["train"]),
+        batch_size=f["data"]["batch_size"], order_seed=f["data"]["order_seed"], mask=mask,
+        start_iter=start.info.get("iteration", 0) if resume else 0,
+        stop_iter=f["stop_iter"],
+        optimizer_state=payload.get("optimizer") if resume else None,
+        checkpoint=rt.store.checkpoint_path(node.stage, node.key),
+        label=node.role,
+    )
+    info = {"arch": start.info["arch"], "iteration": outcome.iteration, "history": outcome.history,
+            "best": best_val(outcome.history)}
+    if mask is not None:
+        info["sparsity"] = sparsity(mask)
+    return {"model": model.state_dict(), "optimizer": outcome.optimizer_state}, info
+
+
+def score_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
+    f, weights = node.fields, inputs["weights"]
+    model = model_from(weights, rt.store.load(weights), rt)
+    mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model, f["prune_biases"])
+    apply_mask(model, mask)
+    crit = get_criterion(f["criterion"])
+    batches = None
+    if crit.needs_data:
+        d = f["data"]
+        b = bundle_for(d, rt)
+        batches = ((b.train.x[i:i + d["batch_size"]], b.train.y[i:i + d["batch_size"]])
+                   for i in range(0, len(b.train), d["batch_size"]))
+    gen = torch.Generator().manual_seed(int(node.key[:15], 16))
+    scores = crit.score(model, mask, batches, crit.Params(**f["params"]), gen)
+    return {"scores": {n: s.detach().cpu() for n, s in scores.items()}}, {}
+
+
+def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
+    f = node.fields
+    scores: dict[str, torch.Tensor] = rt.store.load(inputs["scores"])["scores"]
+    previous: Mask = (rt.store.load(inputs["previous"])["mask"] if "previous" in inputs
+                      else {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()})
+    mask = select(scores, previous, f["density"], f["scope"], f["min_density"])
+    return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask)}
+
+
+def evaluate_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
+    f, weights = node.fields, inputs["weights"]
+    model = model_from(weights, rt.store.load(weights), rt)
+    mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model)
+    apply_mask(model, mask)
+    b = bundle_for(f["data"], rt)
+    metrics = {f"{split}_{k}": v for split in ("val", "test") for k, v in evaluate(model, getattr(b, split)).items()}
+    # Density of the weights themselves, so a mask that failed to hold would show here.
+    live = {n: p.detach().ne(0).cpu() for n, p in model.named_parameters() if n in mask}
+    return {}, {**metrics, "sparsity": sparsity(live), "layers": density_report(live),
+                "best": weights.info.get("best", {}), "iteration": weights.info.get("iteration")}
+
+
+STAGES: dict[str, Callable[[Node, Mapping[str, Ref], Runtime], tuple[dict, dict]]] = {
+    "init": init_stage, "train": train_stage, "score": score_stage,
+    "mask": mask_stage, "evaluate": evaluate_stage,
+}
+
+
+def run(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> Ref:
+    """The stored artifact for `node`, computing it only if it is absent or corrupt."""
+    hit = rt.store.get(node.stage, node.key)
+    if hit is not None:
+        log.info("%s %s: reused", node.role, node.key)
+        return hit
+    log.info("%s %s: computing", node.role, node.key)
+    payload, info = STAGES[node.stage](node, inputs, rt)
+    rt.computed.append(f"{node.stage}/{node.key}")
+    provenance = {"role": node.role, "fields": node.fields, "inputs": {k: r.key for k, r in inputs.items()}}
+    return rt.store.put(node.stage, node.key, payload, info, provenance)
+
+
+def run_plan(nodes: list[Node], rt: Runtime) -> dict[str, Ref]:
+    """Execute nodes in order with no orchestrator (notebooks, tests): key → ref."""
+    refs: dict[str, Ref] = {}
+    for node in nodes:
+        refs[node.key] = run(node, {k: refs[n.key] for k, n in node.inputs.items()}, rt)
+    return refs

@@ -1,0 +1,48 @@
+"""One Prefect task per stage role. All share `pai_core.stages.run`; they differ in name
+so the Prefect UI shows pretrain, rewind, retrain... and each is cached on its stage key.
+
+Tasks take the plan node and the upstream refs (key + sha256 + small info), never
+tensors; results are the ref, which Prefect persists so a reused stage shows `Cached`.
+"""
+from __future__ import annotations
+
+from prefect import Task, task
+from prefect.states import State
+
+from pai_core.paths import pai_home
+from pai_core.plan import Node
+from pai_core.stages import Runtime, run
+from pai_core.store import Ref, Store
+from tasks.cache import STAGE_KEY
+
+
+def default_store() -> Store:
+    return Store(pai_home() / "store")
+
+
+def _stage(node: Node, inputs: dict[str, Ref], label: str, device: str) -> Ref:
+    return run(node, inputs, Runtime(default_store(), device))
+
+
+def _task(role: str) -> Task:
+    return task(_stage, name=role, cache_policy=STAGE_KEY, persist_result=True,
+                task_run_name="{label}")
+
+
+TASKS: dict[str, Task] = {role: _task(role) for role in (
+    "init", "pretrain", "rewind", "score", "mask", "retrain", "finetune", "reinit", "evaluate")}
+
+
+def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) -> tuple[Ref, bool]:
+    """Run the node's task; returns (ref, reused).
+
+    Prefect's cache record only says the stage ran once; the artifact store says whether
+    its output still exists and is intact. If it does not, the task is forced to run
+    (refresh_cache) so a deleted or corrupt artifact is recomputed, never trusted.
+    """
+    t = TASKS[node.role]
+    if default_store().get(node.stage, node.key) is None:
+        t = t.with_options(refresh_cache=True)
+    state: State = t(node, inputs, label, device, return_state=True)
+    ref: Ref = state.result()
+    return ref, state.name == "Cached" or not ref.computed
