@@ -68,11 +68,11 @@ def show(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) ->
     console.print(yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False).rstrip())
     store = Store(pai_home() / "store")
     plan = build_plan(s)
-    table = Table("round", "stage", "role", "key", "stored", title=f"plan of {s.name} (store: {store.root})")
+    table = Table("round", "stage", "role", "key", "status", title=f"plan of {s.name} (store: {store.root})")
     for rnd, nodes in zip(plan.rounds, plan.nodes_by_round()):
         for n in nodes:
             stored = store.get(n.stage, n.key) is not None
-            table.add_row(rnd.name, n.stage, n.role, n.key, "[green]stored[/green]" if stored else "to compute")
+            table.add_row(rnd.name, n.stage, n.role, n.key, "[green]stored[/green]" if stored else "to run")
     console.print(table)
     console.print("round densities: " + ", ".join(f"{d:.4f}" for d in s.prune.round_densities()))
 

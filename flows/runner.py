@@ -41,10 +41,13 @@ def execute(spec: ExperimentSpec, plan: Plan) -> dict[str, Any]:
             for node in nodes:
                 label = f"{node.role} · {rnd.name}" if rnd.index else node.role
                 inputs = {k: refs[n.key] for k, n in node.inputs.items()}
-                refs[node.key], reused = run_stage_task(node, inputs, label, spec.device)
+                refs[node.key], state = run_stage_task(node, inputs, label, spec.device)
+                # Cached: Prefect skipped the task. Completed without computing: Prefect had no
+                # record (another PAI_HOME, a notebook run) but the store did.
+                reused = state == "Cached" or not refs[node.key].computed
                 round_reused &= reused
                 stages.append({"stage": node.stage, "role": node.role, "round": rnd.name, "key": node.key,
-                               "status": "reused" if reused else "computed"})
+                               "status": "reused" if reused else "computed", "prefect_state": state})
                 log.info("%-9s %-14s %s %s", node.role, rnd.name, node.key, stages[-1]["status"])
             tracker.log_round(rnd, refs, round_reused)
             ev = refs[rnd.evaluate.key].info

@@ -45,25 +45,16 @@ def select(
     flat_alive = [previous[n].reshape(-1).cpu().bool() for n in names]
     sizes = [s.numel() for s in flat_scores]
 
+    # Each layer's floor is reserved first (its best survivors); the target is then filled
+    # from what remains, per layer or across all layers. A floor can exceed the target.
+    floor = [_top_k(s, a, min(math.ceil(min_density * n), int(a.sum())))
+             for s, a, n in zip(flat_scores, flat_alive, sizes)]
     if scope == "layerwise":
-        kept = [_top_k(s, a, min(round(n * density), int(a.sum()))) for s, a, n in
-                zip(flat_scores, flat_alive, sizes)]
+        kept = [f | _top_k(s, a & ~f, round(n * density) - int(f.sum()))
+                for f, s, a, n in zip(floor, flat_scores, flat_alive, sizes)]
     else:
-        kept = _global(flat_scores, flat_alive, sizes, density, min_density)
-    if min_density > 0 and scope == "layerwise":
-        kept = [k | _top_k(s, a, math.ceil(min_density * n) - int(k.sum()))
-                for k, s, a, n in zip(kept, flat_scores, flat_alive, sizes)]
+        rest = round(sum(sizes) * density) - sum(int(f.sum()) for f in floor)
+        extra = _top_k(torch.cat(flat_scores).double(),
+                       torch.cat([a & ~f for a, f in zip(flat_alive, floor)]), rest)
+        kept = [f | e for f, e in zip(floor, torch.split(extra, sizes))]
     return {n: k.reshape(previous[n].shape) for n, k in zip(names, kept)}
-
-
-def _global(scores, alive, sizes, density, min_density):
-    total_alive = sum(int(a.sum()) for a in alive)
-    k_total = min(round(sum(sizes) * density), total_alive)
-    # Reserve each layer's floor first, then fill the rest globally from what remains.
-    reserved = [_top_k(s, a, min(math.ceil(min_density * n), int(a.sum())))
-                for s, a, n in zip(scores, alive, sizes)]
-    rest = k_total - sum(int(r.sum()) for r in reserved)
-    cat_scores = torch.cat([s.double() for s in scores])
-    cat_alive = torch.cat([a & ~r for a, r in zip(alive, reserved)])
-    extra = _top_k(cat_scores, cat_alive, rest)
-    return [r | e for r, e in zip(reserved, torch.split(extra, sizes))]

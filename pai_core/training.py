@@ -155,12 +155,12 @@ def train(
                     row[f"{split_name}_{k}"] = v
             history.append(row)
             running, seen = torch.zeros_like(running), 0
-            if on_epoch:
-                on_epoch(row)
-            progress.update(it, val_acc=row["val_acc"])
             if checkpoint is not None and it < stop:
                 atomic_write(checkpoint, to_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                                    "iteration": it, "history": history}))
+            if on_epoch:
+                on_epoch(row)
+            progress.update(it, val_acc=row["val_acc"])
     progress.finish()
     return TrainOutcome(history=history, optimizer_state=opt.state_dict(), iteration=it)
 

@@ -33,8 +33,8 @@ TASKS: dict[str, Task] = {role: _task(role) for role in (
     "init", "pretrain", "rewind", "score", "mask", "retrain", "finetune", "reinit", "evaluate")}
 
 
-def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) -> tuple[Ref, bool]:
-    """Run the node's task; returns (ref, reused).
+def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) -> tuple[Ref, str]:
+    """Run the node's task; returns (ref, Prefect state name: Cached or Completed).
 
     Prefect's cache record only says the stage ran once; the artifact store says whether
     its output still exists and is intact. If it does not, the task is forced to run
@@ -44,5 +44,4 @@ def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) 
     if default_store().get(node.stage, node.key) is None:
         t = t.with_options(refresh_cache=True)
     state: State = t(node, inputs, label, device, return_state=True)
-    ref: Ref = state.result()
-    return ref, state.name == "Cached" or not ref.computed
+    return state.result(), state.name

@@ -1,0 +1,70 @@
+"""The Prefect flows end to end on synthetic data: caching across runs, sharing across
+paradigms, recomputing what was lost, and what lands in MLflow."""
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_spec
+from pai_core.plan import build_plan
+from pai_core.store import Store
+
+
+@pytest.fixture(scope="module")
+def prefect():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+def statuses(summary):
+    return {(s["round"], s["role"]): (s["status"], s["prefect_state"]) for s in summary["stages"]}
+
+
+def test_lth_rerun_computes_nothing_and_pat_reuses_the_pretrain(prefect, pai_home):
+    from flows import lottery_ticket, prune_after_training
+
+    spec = tiny_spec(prune={"reinit_control": True})
+    first = lottery_ticket(spec=spec)
+    n_nodes = len(build_plan(spec).nodes)
+    assert first["computed"] == n_nodes and first["reused"] == 0
+    assert [r["sparsity"] for r in first["rounds"]] == pytest.approx([0, 0.2, 0.2, 0.36, 0.36], abs=1e-4)
+
+    second = lottery_ticket(spec=spec)
+    assert second["computed"] == 0
+    assert {state for _, state in statuses(second).values()} == {"Cached"}
+    assert second["rounds"] == first["rounds"]
+
+    pat = prune_after_training(spec=tiny_spec("prune_after_training"))
+    st = statuses(pat)
+    assert st[("dense", "init")][0] == st[("dense", "pretrain")][0] == "reused"
+    assert st[("round 1", "finetune")][0] == "computed"
+
+    # Lose one artifact: exactly that stage runs again (Prefect's stale record is refreshed).
+    retrain = build_plan(spec).rounds[1].trained
+    Store(pai_home / "store").payload_path("train", retrain.key).unlink()
+    third = lottery_ticket(spec=spec)
+    assert [(s["role"], s["round"]) for s in third["stages"] if s["status"] == "computed"] == [("retrain", "round 1")]
+
+
+def test_mlflow_gets_params_metrics_masks_and_weights(prefect, pai_home):
+    from flows import lottery_ticket
+    from flows.env import tracking_uri
+
+    spec = tiny_spec(experiment="tracking-test")
+    summary = lottery_ticket(spec=spec)
+    client = MlflowClient(tracking_uri())
+    assert tracking_uri().startswith("sqlite:///" + str(pai_home))
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.params["prune.rate"] == "0.2" and parent.data.params["model.name"] == "lenet_300_100"
+    assert parent.info.status == "FINISHED"
+    assert "spec.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    exp = client.get_experiment_by_name("tracking-test")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["dense", "round 1", "round 2"]
+    r2 = next(c for c in children if c.info.run_name == "round 2")
+    assert r2.data.metrics["sparsity"] == pytest.approx(0.36, abs=1e-4)
+    history = client.get_metric_history(r2.info.run_id, "epoch/val_acc")
+    assert len(history) == spec.retrain_spec.epochs and all(0 <= m.value <= 1 for m in history)
+    assert {"mask.pt", "weights.pt", "sparsity_report.json"} <= {a.path for a in client.list_artifacts(r2.info.run_id)}

@@ -1,0 +1,75 @@
+"""Specs validate everything before compute, with one line naming the field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import ROOT, tiny_raw
+from flows.cli import app
+from pai_core.specs import SpecError, apply_overrides, load_spec, parse_spec
+
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_example_config_validates(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem
+
+
+def test_lth_config_states_its_round_sparsities():
+    spec = load_spec(ROOT / "configs/lth/lenet300_mnist.yaml")
+    assert [round(1 - d, 6) for d in spec.prune.round_densities()] == [0.2, 0.36, 0.488]
+
+
+@pytest.mark.parametrize("change, field, allowed", [
+    ({"model": {"name": "lenet_300_100", "width": 2}}, "model.width", "allowed: name"),
+    ({"prune": {"schedule": "one_shot", "sparsity": 1.5}}, "prune.sparsity", "less than 1"),
+    ({"prune": {"criterion": "nope", "sparsity": 0.5}}, "prune.criterion", "allowed: magnitude, random"),
+    ({"model": {"name": "resnet1000"}}, "model.name", "allowed: "),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset", "allowed: "),
+    ({"train": {"optimizer": "lbfgs", "lr": 0.1, "epochs": 1}}, "train.optimizer", "'sgd' or 'adam'"),
+    ({"bogus": 1}, "bogus", "allowed: name, experiment, flow"),
+    ({"prune": {"schedule": "iterative", "rate": 0.2, "rounds": 2, "rewind_iter": 10_000}}, "prune.rewind_iter", "< the"),
+    ({"prune": {"schedule": "iterative", "rate": 0.2, "rounds": 2, "sparsity": 0.5}}, "rate 0.2 over 2 rounds", ""),
+    ({"train": {"lr": 0.1}}, "set exactly one of epochs or iterations", ""),
+])
+def test_bad_spec_is_one_line_naming_the_field(change, field, allowed):
+    raw = tiny_raw()
+    raw.update(change)
+    with pytest.raises(SpecError) as e:
+        parse_spec(raw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert field in msg and allowed in msg
+
+
+def test_overrides_are_typed_and_nested():
+    raw = apply_overrides(tiny_raw(), ["prune.rate=0.5", "train.epochs=3", "retrain.lr=0.01", "retrain.epochs=1"])
+    spec = parse_spec(raw)
+    assert spec.prune.rate == 0.5 and spec.train.epochs == 3 and spec.retrain.lr == 0.01
+    with pytest.raises(SpecError, match="field.path=value"):
+        apply_overrides(tiny_raw(), ["prune.rate"])
+
+
+def test_cli_validate_exit_codes_and_writes_nothing(tmp_path, pai_home):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(tiny_raw()))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", str(good)])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["validate", str(good), "prune.rate=1.5"])
+    assert bad.exit_code == 2
+    assert "prune.rate" in bad.output and "less than 1" in bad.output
+    bad_run = runner.invoke(app, ["run", str(good), "prune.criterion=nope"])
+    assert bad_run.exit_code == 2 and "prune.criterion" in bad_run.output
+    assert not Path(pai_home).exists(), "a rejected spec must not write anything"
+
+
+def test_spec_is_frozen():
+    spec = parse_spec(tiny_raw())
+    with pytest.raises(Exception):
+        spec.seed = 3
