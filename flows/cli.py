@@ -82,6 +82,7 @@ def run(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> 
     """Run the spec's flow (Prefect's temporary server unless PREFECT_API_URL is set)."""
     s = _spec(spec, overrides)
     t0 = time.perf_counter()
+    _log_pai_core()
     from flows import FLOWS
 
     pai_progress.set_progress(RichProgress(console))
@@ -111,11 +112,24 @@ def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg)
     console.print(table)
 
 
+def _log_pai_core() -> None:
+    """Show pai_core's own messages (reuse, recompute, resume) beside Prefect's."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("pai_core")
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=console, show_path=False))
+        logger.setLevel(logging.INFO)
+
+
 def _print_rounds(rows: list[dict[str, Any]], title: str) -> None:
-    table = Table("round", "sparsity", "val acc", "test acc", title=title)
+    table = Table("round", "sparsity", "val acc", "test acc")
     for r in rows:
         table.add_row(r["round"], f"{r['sparsity']:.4f}", f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}")
     console.print(table)
+    console.print(title, highlight=False)
 
 
 class RichProgress:

@@ -8,6 +8,7 @@ the steps an uninterrupted run would take.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from pai_core.masks import Mask, MaskEnforcer
 from pai_core.progress import get_progress
 from pai_core.specs import TrainSpec
 from pai_core.store import atomic_write, to_bytes
+
+log = logging.getLogger("pai_core.training")
 
 PROGRESS_EVERY = 50  # iterations between progress-bar updates
 
@@ -121,6 +124,7 @@ def train(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         it, history = state["iteration"], state["history"]
+        log.info("%s: resuming from checkpoint at iteration %d of %d", label, it, stop)
     enforcer.after_step()  # the starting point itself is masked: w' = m ⊙ w
 
     progress = get_progress()
