@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,11 +31,22 @@ PROGRESS_EVERY = 50  # iterations between progress-bar updates
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto` = CUDA when present. On CUDA, deterministic kernels are switched on: resuming
+    and rewinding are only exact if the same steps give the same numbers."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+        _deterministic_cuda()
     return torch.device(name)
+
+
+def _deterministic_cuda() -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def epoch_order(n: int, order_seed: int, epoch: int) -> torch.Tensor:
