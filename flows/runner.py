@@ -47,7 +47,8 @@ def execute(spec: ExperimentSpec, plan: Plan) -> dict[str, Any]:
                 reused = state == "Cached" or not refs[node.key].computed
                 round_reused &= reused
                 stages.append({"stage": node.stage, "role": node.role, "round": rnd.name, "key": node.key,
-                               "status": "reused" if reused else "computed", "prefect_state": state})
+                               "status": "reused" if reused else "computed", "prefect_state": state,
+                               "seconds": 0.0 if reused else refs[node.key].info.get("seconds", 0.0)})
                 log.info("%-9s %-14s %s %s", node.role, rnd.name, node.key, stages[-1]["status"])
             tracker.log_round(rnd, refs, round_reused)
             ev = refs[rnd.evaluate.key].info

@@ -47,7 +47,6 @@ class ModelSpec(Frozen):
 class DataSpec(Frozen):
     dataset: str
     batch_size: int = Field(60, gt=0)
-    eval_batch_size: int = Field(1000, gt=0)
     val_size: int | None = Field(None, ge=0, description="held out of train; None = dataset default")
     split_seed: int = 0
     order_seed: int | None = Field(None, description="data-order seed; None = experiment seed")

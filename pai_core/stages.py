@@ -7,6 +7,7 @@ stored artifact if there is one, otherwise compute, store atomically, and return
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -143,7 +144,9 @@ def run(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> Ref:
         log.info("%s %s: reused", node.role, node.key)
         return hit
     log.info("%s %s: computing", node.role, node.key)
+    start = time.perf_counter()
     payload, info = STAGES[node.stage](node, inputs, rt)
+    info["seconds"] = round(time.perf_counter() - start, 3)  # provenance, not part of the key
     rt.computed.append(f"{node.stage}/{node.key}")
     provenance = {"role": node.role, "fields": node.fields, "inputs": {k: r.key for k, r in inputs.items()}}
     return rt.store.put(node.stage, node.key, payload, info, provenance)

@@ -63,7 +63,7 @@ def test_seed_changes_everything_and_name_or_device_nothing():
     base = roles(LTH)
     reseeded = roles(LTH, "seed=1")
     assert all(reseeded[k] != v for k, v in base.items())
-    assert roles(LTH, "name=other", "device=cpu", "experiment=x", "data.eval_batch_size=10") == base
+    assert roles(LTH, "name=other", "device=cpu", "experiment=x") == base
 
 
 def test_sparsity_sweep_shares_everything_before_the_mask():
