@@ -41,7 +41,11 @@ def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) 
     (refresh_cache) so a deleted or corrupt artifact is recomputed, never trusted.
     """
     t = TASKS[node.role]
-    if default_store().get(node.stage, node.key) is None:
+    current = default_store().get(node.stage, node.key)
+    if current is None:
         t = t.with_options(refresh_cache=True)
     state: State = t(node, inputs, label, device, return_state=True)
-    return state.result(), state.name
+    ref: Ref = state.result()
+    # A cache record can predate a recompute done outside Prefect (a notebook): when the
+    # store holds the artifact, its own verified metadata is what the flow goes on with.
+    return (current or ref), state.name

@@ -68,3 +68,18 @@ def test_mlflow_gets_params_metrics_masks_and_weights(prefect, pai_home):
     history = client.get_metric_history(r2.info.run_id, "epoch/val_acc")
     assert len(history) == spec.retrain_spec.epochs and all(0 <= m.value <= 1 for m in history)
     assert {"mask.pt", "weights.pt", "sparsity_report.json"} <= {a.path for a in client.list_artifacts(r2.info.run_id)}
+
+
+def test_store_outranks_a_stale_prefect_record(prefect, pai_home):
+    """An artifact rewritten outside Prefect (a notebook recompute) leaves Prefect's cache
+    record pointing at old bytes: the flow must use the store's artifact, not crash on it."""
+    from flows import lottery_ticket
+
+    spec = tiny_spec()
+    lottery_ticket(spec=spec)
+    store = Store(pai_home / "store")
+    node = build_plan(spec).rounds[0].evaluate
+    info = {**store.get("evaluate", node.key).info, "test_acc": 0.123}
+    store.put("evaluate", node.key, {}, info)
+    again = lottery_ticket(spec=spec)
+    assert again["computed"] == 0 and again["rounds"][0]["test_acc"] == 0.123
