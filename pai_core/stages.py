@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from pai_core import data as data_lib
-from pai_core.criteria import get_criterion
+from pai_core.criteria import ScoreInputs, get_criterion
 from pai_core.masks import Mask, apply_mask, dense_mask, density_report, sparsity
 from pai_core.models import build_model
 from pai_core.plan import Node
 from pai_core.selection import select
 from pai_core.specs import TrainSpec
 from pai_core.store import Ref, Store
-from pai_core.training import best_val, evaluate, resolve_device, train
+from pai_core.training import best_val, epoch_order, evaluate, resolve_device, train
 
 log = logging.getLogger("pai_core.stages")
 
@@ -98,15 +98,25 @@ def score_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model, f["prune_biases"])
     apply_mask(model, mask)
     crit = get_criterion(f["criterion"])
-    batches = None
+    arch = weights.info["arch"]
+    ctx = ScoreInputs(torch.Generator().manual_seed(int(node.key[:15], 16)),
+                          tuple(arch["in_shape"]), arch["num_classes"])
     if crit.needs_data:
-        d = f["data"]
-        b = bundle_for(d, rt)
-        batches = ((b.train.x[i:i + d["batch_size"]], b.train.y[i:i + d["batch_size"]])
-                   for i in range(0, len(b.train), d["batch_size"]))
-    gen = torch.Generator().manual_seed(int(node.key[:15], 16))
-    scores = crit.score(model, mask, batches, crit.Params(**f["params"]), gen)
+        ctx.batches = _first_batches(f["data"], rt)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scores = crit.score(model, mask, ctx, crit.Params(**f["params"]))
+    if any(not torch.equal(p, before[n]) for n, p in model.named_parameters()):
+        raise RuntimeError(f"criterion {crit.name} changed the weights it scored")
     return {"scores": {n: s.detach().cpu() for n, s in scores.items()}}, {}
+
+
+def _first_batches(d: Mapping[str, Any], rt: Runtime):
+    """Training batches in the order training itself would see them first (epoch 0)."""
+    b = bundle_for(d, rt)
+    order = epoch_order(len(b.train), d["order_seed"], 0).to(b.train.x.device)
+    for i in range(0, len(order), d["batch_size"]):
+        idx = order[i:i + d["batch_size"]]
+        yield b.train.x[idx], b.train.y[idx]
 
 
 def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:

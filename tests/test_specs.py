@@ -28,7 +28,7 @@ def test_lth_config_states_its_round_sparsities():
 @pytest.mark.parametrize("change, field, allowed", [
     ({"model": {"name": "lenet_300_100", "width": 2}}, "model.width", "allowed: name"),
     ({"prune": {"schedule": "one_shot", "sparsity": 1.5}}, "prune.sparsity", "less than 1"),
-    ({"prune": {"criterion": "nope", "sparsity": 0.5}}, "prune.criterion", "allowed: magnitude, random"),
+    ({"prune": {"criterion": "nope", "sparsity": 0.5}}, "prune.criterion", "allowed: grasp, magnitude, random, snip, synflow"),
     ({"model": {"name": "resnet1000"}}, "model.name", "allowed: "),
     ({"data": {"dataset": "imagenet"}}, "data.dataset", "allowed: "),
     ({"train": {"optimizer": "lbfgs", "lr": 0.1, "epochs": 1}}, "train.optimizer", "'sgd' or 'adam'"),

@@ -7,6 +7,6 @@ from pai_core.criteria.registry import register
 
 
 @register("magnitude")
-def magnitude(model, mask, batches, params, generator) -> dict[str, torch.Tensor]:
+def magnitude(model, mask, inputs, params) -> dict[str, torch.Tensor]:
     named = dict(model.named_parameters())
     return {n: named[n].detach().abs().clone() for n in mask}

@@ -7,6 +7,6 @@ from pai_core.criteria.registry import register
 
 
 @register("random", stochastic=True)
-def random_scores(model, mask, batches, params, generator) -> dict[str, torch.Tensor]:
+def random_scores(model, mask, inputs, params) -> dict[str, torch.Tensor]:
     named = dict(model.named_parameters())
-    return {n: torch.rand(named[n].shape, generator=generator) for n in mask}
+    return {n: torch.rand(named[n].shape, generator=inputs.generator) for n in mask}

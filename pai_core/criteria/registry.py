@@ -1,7 +1,9 @@
 """Criteria registry: a pruning criterion is one file and one `@register` line.
 
-A criterion maps a model (weights at k1, masked), its current mask and, if it needs them,
-a few data batches to one score tensor per prunable parameter. Higher score = keep.
+A criterion maps a model (weights at k1, already masked), its current mask and a
+`ScoreInputs` (data batches if it needs them, a seeded generator, the input shape) to one
+score tensor per prunable parameter. Higher score = keep: a criterion that prunes the
+largest values negates inside its own file. Scoring must not change the model's weights.
 Its parameters are its own pydantic model, so a spec's `prune.params` is validated
 against it before anything runs.
 """
@@ -17,7 +19,17 @@ from torch import nn
 from pai_core.masks import Mask
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-ScoreFn = Callable[[nn.Module, Mask, Batches | None, BaseModel, torch.Generator], dict[str, torch.Tensor]]
+
+
+@dataclass
+class ScoreInputs:
+    generator: torch.Generator  # seeded from the score stage's key
+    in_shape: tuple[int, ...]
+    num_classes: int
+    batches: Batches | None = None  # train batches in epoch-0 order, if the criterion needs data
+
+
+ScoreFn = Callable[[nn.Module, Mask, ScoreInputs, BaseModel], dict[str, torch.Tensor]]
 
 
 class NoParams(BaseModel):
