@@ -74,7 +74,8 @@ def show(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) ->
             stored = store.get(n.stage, n.key) is not None
             table.add_row(rnd.name, n.stage, n.role, n.key, "[green]stored[/green]" if stored else "to run")
     console.print(table)
-    console.print("round densities: " + ", ".join(f"{d:.4f}" for d in s.prune.round_densities()))
+    d = [f"{x:.4f}" for x in s.prune.round_densities()]
+    console.print("round densities: " + ", ".join(d if len(d) <= 8 else d[:3] + ["…"] + d[-3:]))
 
 
 @app.command()

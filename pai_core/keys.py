@@ -20,6 +20,7 @@ SALTS: dict[str, int] = {
     "train": 1,
     "score": 1,
     "mask": 1,
+    "iterative_mask": 1,
     "evaluate": 1,
 }
 

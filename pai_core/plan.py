@@ -116,6 +116,15 @@ def mask_node(spec: ExperimentSpec, scores: Node, previous: Node | None, density
     return Node("mask", "mask", fields, {"scores": scores} | ({"previous": previous} if previous else {}))
 
 
+def iterative_mask_node(spec: ExperimentSpec, weights: Node, densities: list[float]) -> Node:
+    """Score and prune repeatedly at fixed weights, keeping only the final mask: a 100-round
+    schedule is one artifact, not 200."""
+    score = score_node(spec, weights, None)
+    fields = {**score.fields, "densities": densities, "scope": spec.prune.scope,
+              "min_density": spec.prune.min_density}
+    return Node("iterative_mask", "prune_at_init", fields, {"weights": weights})
+
+
 def evaluate_node(spec: ExperimentSpec, weights: Node, mask: Node | None) -> Node:
     return Node("evaluate", "evaluate", {"data": _data_fields(spec)},
                 {"weights": weights} | ({"mask": mask} if mask else {}))
@@ -157,7 +166,23 @@ def prune_after_training(spec: ExperimentSpec) -> Plan:
     return Plan("prune_after_training", rounds)
 
 
-PLANS = {"lottery_ticket": lottery_ticket, "prune_after_training": prune_after_training}
+def prune_at_init(spec: ExperimentSpec) -> Plan:
+    """SNIP, GraSP, SynFlow, random, magnitude at init: k1 = k2 = 0, f3 = train from scratch.
+    One-shot scores once; iterative scores and prunes `rounds` times at the init. The dense
+    round is the same node as LTH's and PaT's pretrain, so it is shared, not retrained."""
+    init, dense = _dense_round(spec)
+    densities = spec.prune.round_densities()
+    if spec.prune.schedule == "one_shot":
+        mask = mask_node(spec, score_node(spec, init, None), None, densities[-1])
+    else:
+        mask = iterative_mask_node(spec, init, densities)
+    trained = train_node(spec, "sparse_train", init, spec.train, mask=mask)
+    return Plan("prune_at_init", [dense, Round(1, spec.prune.criterion, densities[-1], mask, trained,
+                                                evaluate_node(spec, trained, mask))])
+
+
+PLANS = {"lottery_ticket": lottery_ticket, "prune_after_training": prune_after_training,
+         "prune_at_init": prune_at_init}
 
 
 def build_plan(spec: ExperimentSpec) -> Plan:

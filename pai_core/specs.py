@@ -20,7 +20,6 @@ from pydantic import (
     model_validator,
 )
 
-FLOWS = ("lottery_ticket", "prune_after_training")
 
 
 class SpecError(ValueError):
@@ -175,13 +174,15 @@ class PruneSpec(Frozen):
 class ExperimentSpec(Frozen):
     name: str = "experiment"
     experiment: str = Field("pai-flow", description="MLflow experiment name")
-    flow: Literal["lottery_ticket", "prune_after_training"]
+    flow: Literal["lottery_ticket", "prune_after_training", "prune_at_init"]
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec
     data: DataSpec
     train: TrainSpec
     retrain: TrainSpec | None = Field(None, description="LTH: defaults to train; PaT: the fine-tune schedule")
+    # prune_at_init: `prune.rounds` are score-and-prune iterations at the init (SynFlow's
+    # exponential schedule is rounds=100 with the final sparsity), then one training.
     prune: PruneSpec
 
     @model_validator(mode="after")
@@ -194,6 +195,10 @@ class ExperimentSpec(Frozen):
                 raise ValueError("prune_after_training needs retrain (the fine-tune schedule)")
             if self.prune.rewind_iter or self.prune.reinit_control:
                 raise ValueError("rewind_iter and reinit_control are lottery_ticket options")
+        if self.flow == "prune_at_init":
+            if self.retrain is not None or self.prune.rewind_iter or self.prune.reinit_control:
+                raise ValueError("prune_at_init trains once from the init: retrain, rewind_iter and "
+                                 "reinit_control do not apply")
         if self.flow == "lottery_ticket":
             if self.prune.schedule != "iterative":
                 raise ValueError("lottery_ticket prunes iteratively; set prune.schedule: iterative")

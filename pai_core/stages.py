@@ -93,21 +93,49 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
 
 
 def score_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
+    weights = inputs["weights"]
+    model = model_from(weights, rt.store.load(weights), rt)
+    mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model, node.fields["prune_biases"])
+    scores = _score(model, mask, node, weights.info["arch"], _generator(node), rt)
+    return {"scores": scores}, {}
+
+
+def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
+    """Score and prune at fixed weights, round after round: only survivors are re-scored
+    (on the net masked so far) and re-ranked."""
     f, weights = node.fields, inputs["weights"]
     model = model_from(weights, rt.store.load(weights), rt)
-    mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model, f["prune_biases"])
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mask = dense_mask(model, f["prune_biases"])
+    gen, per_round = _generator(node), []
+    for density in f["densities"]:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(original[n])
+        scores = _score(model, mask, node, weights.info["arch"], gen, rt)
+        mask = select(scores, mask, density, f["scope"], f["min_density"])
+        per_round.append(sparsity(mask))
+    return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "per_round": per_round}
+
+
+def _generator(node: Node) -> torch.Generator:
+    return torch.Generator().manual_seed(int(node.key[:15], 16))
+
+
+def _score(model: nn.Module, mask: Mask, node: Node, arch: Mapping[str, Any], gen: torch.Generator,
+           rt: Runtime) -> dict[str, torch.Tensor]:
+    """The criterion's scores of the masked model; refuses a criterion that moved a weight."""
+    f = node.fields
     apply_mask(model, mask)
     crit = get_criterion(f["criterion"])
-    arch = weights.info["arch"]
-    ctx = ScoreInputs(torch.Generator().manual_seed(int(node.key[:15], 16)),
-                          tuple(arch["in_shape"]), arch["num_classes"])
+    ctx = ScoreInputs(gen, tuple(arch["in_shape"]), arch["num_classes"])
     if crit.needs_data:
         ctx.batches = _first_batches(f["data"], rt)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scores = crit.score(model, mask, ctx, crit.Params(**f["params"]))
     if any(not torch.equal(p, before[n]) for n, p in model.named_parameters()):
         raise RuntimeError(f"criterion {crit.name} changed the weights it scored")
-    return {"scores": {n: s.detach().cpu() for n, s in scores.items()}}, {}
+    return {n: s.detach().cpu() for n, s in scores.items()}
 
 
 def _first_batches(d: Mapping[str, Any], rt: Runtime):
@@ -143,7 +171,7 @@ def evaluate_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[
 
 STAGES: dict[str, Callable[[Node, Mapping[str, Ref], Runtime], tuple[dict, dict]]] = {
     "init": init_stage, "train": train_stage, "score": score_stage,
-    "mask": mask_stage, "evaluate": evaluate_stage,
+    "mask": mask_stage, "iterative_mask": iterative_mask_stage, "evaluate": evaluate_stage,
 }
 
 

@@ -17,7 +17,7 @@ def test_list_names_every_registry():
     out = runner.invoke(app, ["list"], terminal_width=200)
     assert out.exit_code == 0
     for name in ("lenet_300_100", "resnet20", "mnist", "fashion_mnist", "synthetic", "magnitude", "random",
-                 "lottery_ticket", "prune_after_training"):
+                 "lottery_ticket", "prune_after_training", "prune_at_init", "snip", "grasp", "synflow"):
         assert name in out.output
 
 

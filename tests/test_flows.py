@@ -83,3 +83,15 @@ def test_store_outranks_a_stale_prefect_record(prefect, pai_home):
     store.put("evaluate", node.key, {}, info)
     again = lottery_ticket(spec=spec)
     assert again["computed"] == 0 and again["rounds"][0]["test_acc"] == 0.123
+
+
+def test_prune_at_init_flow_reuses_the_lth_init_and_dense_round(prefect, pai_home):
+    from flows import lottery_ticket, prune_at_init
+
+    lottery_ticket(spec=tiny_spec())
+    out = prune_at_init(spec=tiny_spec("prune_at_init", prune={"criterion": "snip", "schedule": "one_shot",
+                                                                "sparsity": 0.9, "rate": None, "rounds": 1}))
+    st = statuses(out)
+    assert st[("dense", "init")][0] == st[("dense", "pretrain")][0] == "reused"
+    assert st[("snip", "sparse_train")][0] == "computed"
+    assert out["rounds"][1]["sparsity"] == pytest.approx(0.9, abs=1e-4)

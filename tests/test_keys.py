@@ -77,3 +77,11 @@ def test_sparsity_sweep_shares_everything_before_the_mask():
 def test_unknown_stage_is_refused():
     with pytest.raises(ValueError, match="allowed: init"):
         stage_key("prune", {}, {})
+
+
+def test_prune_at_init_shares_the_init_with_lth():
+    snip = roles(ROOT / "configs/prune_at_init/snip_lenet300_mnist.yaml")
+    assert snip[("dense", "init")] == roles(LTH)[("dense", "init")]
+    assert snip[("dense", "pretrain")] == roles(LTH, "train.epochs=15")[("dense", "pretrain")]
+    synflow = roles(ROOT / "configs/prune_at_init/synflow_lenet300_mnist.yaml")
+    assert synflow[("dense", "pretrain")] == snip[("dense", "pretrain")]
