@@ -18,7 +18,7 @@ from typing import Any
 SALTS: dict[str, int] = {
     "init": 1,
     "train": 1,
-    "score": 1,
+    "score": 2,  # 2: the score artifact records the architecture (for the collapse check)
     "mask": 1,
     "iterative_mask": 1,
     "evaluate": 1,

@@ -112,7 +112,8 @@ def score_node(spec: ExperimentSpec, weights: Node, mask: Node | None) -> Node:
 
 
 def mask_node(spec: ExperimentSpec, scores: Node, previous: Node | None, density: float) -> Node:
-    fields = {"density": density, "scope": spec.prune.scope, "min_density": spec.prune.min_density}
+    fields = {"density": density, "scope": spec.prune.scope, "min_density": spec.prune.min_density,
+              "on_collapse": spec.prune.on_collapse}
     return Node("mask", "mask", fields, {"scores": scores} | ({"previous": previous} if previous else {}))
 
 
@@ -121,7 +122,7 @@ def iterative_mask_node(spec: ExperimentSpec, weights: Node, densities: list[flo
     schedule is one artifact, not 200."""
     score = score_node(spec, weights, None)
     fields = {**score.fields, "densities": densities, "scope": spec.prune.scope,
-              "min_density": spec.prune.min_density}
+              "min_density": spec.prune.min_density, "on_collapse": spec.prune.on_collapse}
     return Node("iterative_mask", "prune_at_init", fields, {"weights": weights})
 
 

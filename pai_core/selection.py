@@ -1,6 +1,8 @@
 """From scores to a mask: keep the highest-scoring surviving weights.
 
-Conventions (DESIGN.md §1): higher score = keep; only weights still alive are ranked, so
+Scopes: `global` ranks all layers together, `layerwise` keeps the same fraction of every
+layer, `erk` gives each layer the Erdős–Rényi-kernel share. Conventions (DESIGN.md §1):
+higher score = keep; only weights still alive are ranked, so
 a later round can only remove more; ties go to the lower flat index (a stable sort), so
 the same scores always give the same mask. The kept count is rounded from the density
 target of *this* round, not accumulated from per-round rounding, so round r of an
@@ -31,7 +33,7 @@ def select(
     scores: dict[str, torch.Tensor],
     previous: Mask,
     density: float,
-    scope: Literal["global", "layerwise"] = "global",
+    scope: Literal["global", "layerwise", "erk"] = "global",
     min_density: float = 0.0,
 ) -> Mask:
     """Mask keeping `density` of the weights in `previous`'s layers (see module doc)."""
@@ -49,12 +51,37 @@ def select(
     # from what remains, per layer or across all layers. A floor can exceed the target.
     floor = [_top_k(s, a, min(math.ceil(min_density * n), int(a.sum())))
              for s, a, n in zip(flat_scores, flat_alive, sizes)]
-    if scope == "layerwise":
-        kept = [f | _top_k(s, a & ~f, round(n * density) - int(f.sum()))
-                for f, s, a, n in zip(floor, flat_scores, flat_alive, sizes)]
+    if scope in ("layerwise", "erk"):
+        targets = ([round(n * density) for n in sizes] if scope == "layerwise"
+                   else erk_counts([tuple(previous[n].shape) for n in names], density))
+        kept = [f | _top_k(s, a & ~f, t - int(f.sum()))
+                for f, s, a, t in zip(floor, flat_scores, flat_alive, targets)]
     else:
         rest = round(sum(sizes) * density) - sum(int(f.sum()) for f in floor)
         extra = _top_k(torch.cat(flat_scores).double(),
                        torch.cat([a & ~f for a, f in zip(flat_alive, floor)]), rest)
         kept = [f | e for f, e in zip(floor, torch.split(extra, sizes))]
     return {n: k.reshape(previous[n].shape) for n, k in zip(names, kept)}
+
+
+def erk_counts(shapes: list[tuple[int, ...]], density: float) -> list[int]:
+    """Erdős–Rényi-kernel budget (Evci et al. 2020): layer l keeps a density ∝ Σ dims / Π dims,
+    scaled so the total is `density`; a layer that would exceed 1 is kept dense and the rest
+    re-solved. Counts are rounded by largest remainder so they sum to round(N · density)."""
+    sizes = [math.prod(s) for s in shapes]
+    raw = [sum(s) / math.prod(s) for s in shapes]
+    total = round(sum(sizes) * density)
+    dense: set[int] = set()
+    while True:
+        free = [i for i in range(len(sizes)) if i not in dense]
+        eps = (total - sum(sizes[i] for i in dense)) / sum(raw[i] * sizes[i] for i in free)
+        over = {i for i in free if eps * raw[i] > 1}
+        if not over:
+            break
+        dense |= over
+    exact = [sizes[i] if i in dense else eps * raw[i] * sizes[i] for i in range(len(sizes))]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts

@@ -119,9 +119,10 @@ class PruneSpec(Frozen):
     sparsity: float | None = Field(None, ge=0, lt=1, description="final fraction of prunable weights removed")
     rate: float | None = Field(None, gt=0, lt=1, description="per round, fraction of the remaining weights")
     rounds: int = Field(1, gt=0)
-    scope: Literal["global", "layerwise"] = "global"
+    scope: Literal["global", "layerwise", "erk"] = "global"
     min_density: float = Field(0.0, ge=0, le=1, description="per-layer floor on the kept fraction")
     prune_biases: bool = False
+    on_collapse: Literal["error", "warn"] = Field("error", description="a mask that empties a layer or cuts every path")
     rewind_iter: int = Field(0, ge=0, description="LTH: 0 = original init, k = late rewinding to iteration k")
     reinit_control: bool = Field(False, description="LTH: also train each mask from a fresh random init")
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pai_core import data as data_lib
+from pai_core.collapse import LayerCollapse, collapse_report, describe
 from pai_core.criteria import ScoreInputs, get_criterion
 from pai_core.masks import Mask, apply_mask, dense_mask, density_report, sparsity
 from pai_core.models import build_model
@@ -97,7 +98,7 @@ def score_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     model = model_from(weights, rt.store.load(weights), rt)
     mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model, node.fields["prune_biases"])
     scores = _score(model, mask, node, weights.info["arch"], _generator(node), rt)
-    return {"scores": scores}, {}
+    return {"scores": scores}, {"arch": weights.info["arch"]}
 
 
 def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
@@ -107,7 +108,7 @@ def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> 
     model = model_from(weights, rt.store.load(weights), rt)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     mask = dense_mask(model, f["prune_biases"])
-    gen, per_round = _generator(node), []
+    gen, per_round, best = _generator(node), [], 0.0
     for density in f["densities"]:
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -115,7 +116,25 @@ def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> 
         scores = _score(model, mask, node, weights.info["arch"], gen, rt)
         mask = select(scores, mask, density, f["scope"], f["min_density"])
         per_round.append(sparsity(mask))
-    return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "per_round": per_round}
+        report = _check_collapse(mask, weights.info["arch"], f["on_collapse"], best)
+        if not report["collapsed"]:
+            best = per_round[-1]
+    return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "per_round": per_round,
+                            "collapse": report, "max_sparsity_without_collapse": best}
+
+
+def _check_collapse(mask: Mask, arch: Mapping[str, Any], policy: str, best: float | None) -> dict[str, Any]:
+    """Diagnose the mask; refuse it (raise) or warn, as `prune.on_collapse` says."""
+    model = build_model(arch["model"]["name"], tuple(arch["in_shape"]), arch["num_classes"], seed=0)
+    report = collapse_report(model, mask, tuple(arch["in_shape"]))
+    if report["collapsed"]:
+        msg = f"mask at sparsity {sparsity(mask):.4f} collapses the network: {describe(report)}"
+        if best is not None:
+            msg += f"; the highest sparsity reached without collapse was {best:.4f}"
+        if policy == "error":
+            raise LayerCollapse(msg + ". Lower the sparsity, set prune.min_density, or prune.on_collapse: warn")
+        log.warning(msg)
+    return report
 
 
 def _generator(node: Node) -> torch.Generator:
@@ -153,7 +172,8 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
     previous: Mask = (rt.store.load(inputs["previous"])["mask"] if "previous" in inputs
                       else {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()})
     mask = select(scores, previous, f["density"], f["scope"], f["min_density"])
-    return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask)}
+    report = _check_collapse(mask, inputs["scores"].info["arch"], f["on_collapse"], None)
+    return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "collapse": report}
 
 
 def evaluate_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:

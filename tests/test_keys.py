@@ -26,11 +26,11 @@ def test_keys_are_pinned():
     k = roles(LTH)
     assert k[("dense", "init")] == "8cc42ad981beb3a24757"
     assert k[("dense", "pretrain")] == "7b675c79ac8bec9a76eb"
-    assert k[("round 1", "score")] == "b3b65c0b4a64a573ea99"
-    assert k[("round 1", "mask")] == "a3d3dcb96a6a99b5daa9"
-    assert k[("round 1", "retrain")] == "2ddc927a6f5e7cbc632a"
-    assert k[("round 3", "evaluate")] == "780484c8941b47f4fc89"
-    assert k[("round 2 reinit", "reinit")] == "da52e523b4962436d723"
+    assert k[("round 1", "score")] == "98eecfb1e40c697cc7ed"
+    assert k[("round 1", "mask")] == "69d98d67b4c09565a055"
+    assert k[("round 1", "retrain")] == "edd09c2df5e2bcd146f2"
+    assert k[("round 3", "evaluate")] == "fd76fb0e8ba1f9b6bc6d"
+    assert k[("round 2 reinit", "reinit")] == "eb9ac6c276c8266cf10e"
 
 
 def test_key_is_sha256_of_canonical_stage_fields_and_upstream():

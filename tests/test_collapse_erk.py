@@ -1,0 +1,79 @@
+"""ERK budgets and the layer-collapse check."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_spec
+from pai_core.collapse import LayerCollapse, collapse_report
+from pai_core.masks import dense_mask
+from pai_core.models import build_model
+from pai_core.plan import build_plan
+from pai_core.selection import erk_counts, select
+from pai_core.stages import Runtime, run_plan
+from pai_core.store import Store
+
+
+def test_erk_counts_by_hand():
+    # raw = Σdims/Πdims = 0.2 and 0.11; total 550; ε = 550 / (0.2·100 + 0.11·1000) = 4.2308:
+    # 84.62 and 465.38 → floors 84 + 465 = 549, the larger remainder (layer 0) gets the last one.
+    assert erk_counts([(10, 10), (100, 10)], 0.5) == [85, 465]
+
+
+def test_erk_keeps_a_small_layer_dense_and_the_total_exact():
+    counts = erk_counts([(2, 2), (300, 784), (10, 300)], 0.1)
+    assert counts[0] == 4 and sum(counts) == round((4 + 300 * 784 + 3000) * 0.1)
+
+
+def test_select_with_erk_scope_uses_the_erk_budget():
+    model = build_model("conv4", (3, 32, 32), 10, seed=0)
+    mask = dense_mask(model)
+    scores = {n: p.detach().abs() for n, p in model.named_parameters() if n in mask}
+    new = select(scores, mask, 0.05, scope="erk")
+    assert [int(m.sum()) for m in new.values()] == erk_counts([tuple(m.shape) for m in mask.values()], 0.05)
+
+
+def test_collapse_report_finds_empty_layers_and_cut_paths():
+    model = build_model("lenet_300_100", (1, 28, 28), 10, seed=0)
+    mask = dense_mask(model)
+    assert collapse_report(model, mask, (1, 28, 28)) == {"empty_layers": [], "connected": True, "collapsed": False}
+    cut = {n: torch.zeros_like(m) for n, m in mask.items()}
+    cut["fc1.weight"][0, 0] = True   # input 0 → hidden unit 0
+    cut["fc2.weight"][0, 1] = True   # hidden unit 1 → second layer unit 0: unit 1 has no input
+    cut["fc3.weight"][0, 0] = True
+    report = collapse_report(model, cut, (1, 28, 28))
+    assert report["empty_layers"] == [] and not report["connected"] and report["collapsed"]
+    cut["fc2.weight"][0, 0] = True   # now 0 → 0 → 0 is a path
+    assert collapse_report(model, cut, (1, 28, 28))["connected"]
+
+
+def test_skip_connections_keep_a_resnet_connected():
+    model = build_model("resnet20", (3, 32, 32), 10, seed=0)
+    mask = dense_mask(model)
+    mask["layer1.0.conv1.weight"].zero_()
+    report = collapse_report(model, mask, (3, 32, 32))
+    assert report["connected"] and report["empty_layers"] == ["layer1.0.conv1.weight"]
+
+
+def at_init(criterion, schedule, on_collapse):
+    return tiny_spec("prune_at_init", prune={"criterion": criterion, "rate": None, "sparsity": 0.9995,
+                                             "on_collapse": on_collapse, **schedule})
+
+
+def test_magnitude_at_init_collapses_and_is_refused_or_recorded(tmp_path):
+    spec = at_init("magnitude", {"schedule": "one_shot", "rounds": 1}, "error")
+    with pytest.raises(LayerCollapse, match="fc1.weight"):
+        run_plan(build_plan(spec).nodes, Runtime(Store(tmp_path / "a"), "cpu"))
+    spec = at_init("magnitude", {"schedule": "one_shot", "rounds": 1}, "warn")
+    plan = build_plan(spec)
+    refs = run_plan(plan.nodes, Runtime(Store(tmp_path / "b"), "cpu"))
+    assert refs[plan.rounds[1].mask.key].info["collapse"]["collapsed"]
+
+
+def test_iterative_synflow_reaches_the_same_sparsity_without_collapse(tmp_path):
+    spec = at_init("synflow", {"schedule": "iterative", "rounds": 100}, "error")
+    plan = build_plan(spec)
+    refs = run_plan(plan.nodes, Runtime(Store(tmp_path), "cpu"))
+    info = refs[plan.rounds[1].mask.key].info
+    assert not info["collapse"]["collapsed"]
+    assert info["max_sparsity_without_collapse"] == pytest.approx(info["sparsity"]) and info["sparsity"] > 0.9994
