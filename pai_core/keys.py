@@ -21,6 +21,7 @@ SALTS: dict[str, int] = {
     "score": 2,  # 2: the score artifact records the architecture (for the collapse check)
     "mask": 1,
     "iterative_mask": 1,
+    "shuffle_mask": 1,
     "evaluate": 1,
 }
 

@@ -182,8 +182,36 @@ def prune_at_init(spec: ExperimentSpec) -> Plan:
                                                 evaluate_node(spec, trained, mask))])
 
 
+def sanity_checks(spec: ExperimentSpec) -> Plan:
+    """One round's mask of the base paradigm beside three controls, each trained exactly as
+    the original: a fresh random init under the same mask (reinit), the mask shuffled within
+    each layer (same layer-wise densities), and the mask chosen from inverted scores. The
+    base plan's nodes are the very nodes a standalone base run has, so they are reused."""
+    base_spec = spec.model_copy(update={"flow": spec.sanity.base, "sanity": None})
+    base = PLANS[spec.sanity.base](base_spec)
+    pruned = [r for r in base.rounds if r.mask is not None and not r.name.endswith("reinit")]
+    orig = pruned[-1] if spec.sanity.round is None else pruned[spec.sanity.round - 1]
+    t = orig.trained
+    rounds = [Round(orig.index, "original", orig.density, orig.mask, t, orig.evaluate)]
+
+    def branch(name: str, mask: Node, start: Node) -> None:
+        trained = Node("train", name, t.fields, {"start": start, "mask": mask})
+        rounds.append(Round(orig.index, name, orig.density, mask, trained, evaluate_node(spec, trained, mask)))
+
+    for check in spec.sanity.checks:
+        if check == "reinit":
+            branch("reinit", orig.mask, init_node(spec, seed=spec.seed + REINIT_SEED_OFFSET))
+        elif check == "shuffle":
+            branch("shuffle", Node("shuffle_mask", "shuffle", {"seed": spec.seed}, {"mask": orig.mask}),
+                   t.inputs["start"])
+        else:
+            inverted = Node(orig.mask.stage, "invert", {**orig.mask.fields, "invert": True}, orig.mask.inputs)
+            branch("invert", inverted, t.inputs["start"])
+    return Plan("sanity_checks", rounds)
+
+
 PLANS = {"lottery_ticket": lottery_ticket, "prune_after_training": prune_after_training,
-         "prune_at_init": prune_at_init}
+         "prune_at_init": prune_at_init, "sanity_checks": sanity_checks}
 
 
 def build_plan(spec: ExperimentSpec) -> Plan:

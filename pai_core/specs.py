@@ -172,10 +172,17 @@ class PruneSpec(Frozen):
         return 1 - self.round_densities()[-1]
 
 
+class SanitySpec(Frozen):
+    """Sanity checks (Frankle et al. 2021; Su et al. 2020) on one round's mask of a base paradigm."""
+    base: Literal["lottery_ticket", "prune_after_training", "prune_at_init"]
+    round: int | None = Field(None, ge=1, description="which pruning round's mask; None = the last")
+    checks: tuple[Literal["reinit", "shuffle", "invert"], ...] = ("reinit", "shuffle", "invert")
+
+
 class ExperimentSpec(Frozen):
     name: str = "experiment"
     experiment: str = Field("pai-flow", description="MLflow experiment name")
-    flow: Literal["lottery_ticket", "prune_after_training", "prune_at_init"]
+    flow: Literal["lottery_ticket", "prune_after_training", "prune_at_init", "sanity_checks"]
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec
@@ -185,22 +192,29 @@ class ExperimentSpec(Frozen):
     # prune_at_init: `prune.rounds` are score-and-prune iterations at the init (SynFlow's
     # exponential schedule is rounds=100 with the final sparsity), then one training.
     prune: PruneSpec
+    sanity: SanitySpec | None = Field(None, description="sanity_checks: the base paradigm and its round")
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
         total = self.train.total_iterations(self.data.iterations_per_epoch)
         if self.prune.rewind_iter >= total:
             raise ValueError(f"prune.rewind_iter must be < the {total} training iterations")
-        if self.flow == "prune_after_training":
+        if (self.flow == "sanity_checks") != (self.sanity is not None):
+            raise ValueError("sanity is set exactly when flow is sanity_checks")
+        flow = self.sanity.base if self.sanity else self.flow
+        if self.sanity and self.sanity.round is not None and self.sanity.round > (
+                1 if flow == "prune_at_init" else self.prune.rounds):
+            raise ValueError("sanity.round is beyond the base paradigm's pruning rounds")
+        if flow == "prune_after_training":
             if self.retrain is None:
                 raise ValueError("prune_after_training needs retrain (the fine-tune schedule)")
             if self.prune.rewind_iter or self.prune.reinit_control:
                 raise ValueError("rewind_iter and reinit_control are lottery_ticket options")
-        if self.flow == "prune_at_init":
+        if flow == "prune_at_init":
             if self.retrain is not None or self.prune.rewind_iter or self.prune.reinit_control:
                 raise ValueError("prune_at_init trains once from the init: retrain, rewind_iter and "
                                  "reinit_control do not apply")
-        if self.flow == "lottery_ticket":
+        if flow == "lottery_ticket":
             if self.prune.schedule != "iterative":
                 raise ValueError("lottery_ticket prunes iteratively; set prune.schedule: iterative")
             if self.retrain is not None and self.prune.rewind_iter and self.retrain.optimizer != self.train.optimizer:

@@ -114,6 +114,8 @@ def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> 
             for n, p in model.named_parameters():
                 p.copy_(original[n])
         scores = _score(model, mask, node, weights.info["arch"], gen, rt)
+        if f.get("invert"):
+            scores = {n: -v for n, v in scores.items()}
         mask = select(scores, mask, density, f["scope"], f["min_density"])
         per_round.append(sparsity(mask))
         report = _check_collapse(mask, weights.info["arch"], f["on_collapse"], best)
@@ -171,9 +173,19 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
     scores: dict[str, torch.Tensor] = rt.store.load(inputs["scores"])["scores"]
     previous: Mask = (rt.store.load(inputs["previous"])["mask"] if "previous" in inputs
                       else {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()})
+    if f.get("invert"):
+        scores = {n: -v for n, v in scores.items()}
     mask = select(scores, previous, f["density"], f["scope"], f["min_density"])
     report = _check_collapse(mask, inputs["scores"].info["arch"], f["on_collapse"], None)
     return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "collapse": report}
+
+
+def shuffle_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
+    """Permute each layer's mask at random: same layer-wise densities, structure destroyed."""
+    mask: Mask = rt.store.load(inputs["mask"])["mask"]
+    gen = _generator(node)
+    shuffled = {n: m.reshape(-1)[torch.randperm(m.numel(), generator=gen)].reshape(m.shape) for n, m in mask.items()}
+    return {"mask": shuffled}, {"sparsity": sparsity(shuffled), "layers": density_report(shuffled)}
 
 
 def evaluate_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
@@ -191,7 +203,8 @@ def evaluate_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[
 
 STAGES: dict[str, Callable[[Node, Mapping[str, Ref], Runtime], tuple[dict, dict]]] = {
     "init": init_stage, "train": train_stage, "score": score_stage,
-    "mask": mask_stage, "iterative_mask": iterative_mask_stage, "evaluate": evaluate_stage,
+    "mask": mask_stage, "iterative_mask": iterative_mask_stage, "shuffle_mask": shuffle_mask_stage,
+    "evaluate": evaluate_stage,
 }
 
 
