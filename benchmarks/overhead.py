@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from pai_core import data as data_lib  # noqa: E402
 from pai_core.models import build_model  # noqa: E402
 from pai_core.plan import REINIT_SEED_OFFSET  # noqa: E402
-from pai_core.specs import load_spec  # noqa: E402
+from pai_core.spec_io import load_spec  # noqa: E402
 
 CONFIG = ROOT / "configs/lth/lenet300_mnist.yaml"
 

@@ -19,7 +19,8 @@ from rich.table import Table
 from pai_core import progress as pai_progress
 from pai_core.paths import pai_home
 from pai_core.plan import build_plan
-from pai_core.specs import ExperimentSpec, SpecError, load_spec
+from pai_core.spec_io import SpecError, load_spec
+from pai_core.specs import ExperimentSpec
 from pai_core.store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

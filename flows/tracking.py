@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 from flows.env import tracking_uri
 from pai_core.paths import pai_home
 from pai_core.plan import Round
-from pai_core.specs import ExperimentSpec, flatten
+from pai_core.spec_io import flatten
+from pai_core.specs import ExperimentSpec
 from pai_core.store import Ref, Store
 
 HISTORY_METRICS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
@@ -64,11 +65,12 @@ class Tracker:
                                   if i == 0 else [])
         self.client.log_dict(rid, ev["layers"], "sparsity_report.json")
         with tempfile.TemporaryDirectory() as tmp:
-            weights = self.store.load(trained)["model"]
-            torch.save(weights, Path(tmp) / "weights.pt")
+            payload = self.store.load(trained)
+            torch.save(payload["model"], Path(tmp) / "weights.pt")
             self.client.log_artifact(rid, str(Path(tmp) / "weights.pt"))
-            if rnd.mask is not None:
-                mask = self.store.load(refs[rnd.mask.key])["mask"]
+            # A dynamic run's final mask travels with its weights; otherwise the round's mask.
+            mask = payload.get("mask") or (self.store.load(refs[rnd.mask.key])["mask"] if rnd.mask else None)
+            if mask is not None:
                 torch.save(mask, Path(tmp) / "mask.pt")
                 self.client.log_artifact(rid, str(Path(tmp) / "mask.pt"))
         self.client.set_terminated(rid)

@@ -182,6 +182,19 @@ def prune_at_init(spec: ExperimentSpec) -> Plan:
                                                 evaluate_node(spec, trained, mask))])
 
 
+def dynamic_sparse(spec: ExperimentSpec) -> Plan:
+    """SET / RigL: an initial mask at init (random, ERK by default), then one training that
+    moves weights between the pruned and the kept set; evaluation uses the final mask."""
+    init, dense = _dense_round(spec)
+    density = spec.prune.round_densities()[-1]
+    start_mask = mask_node(spec, score_node(spec, init, None), None, density)
+    trained = train_node(spec, "sparse_train", init, spec.train, mask=start_mask)
+    trained = Node("train", "sparse_train", {**trained.fields, "dynamic": spec.dynamic.model_dump(mode="json")},
+                   trained.inputs)
+    return Plan("dynamic_sparse", [dense, Round(1, spec.dynamic.method, density, start_mask, trained,
+                                                 evaluate_node(spec, trained, None))])
+
+
 def sanity_checks(spec: ExperimentSpec) -> Plan:
     """One round's mask of the base paradigm beside three controls, each trained exactly as
     the original: a fresh random init under the same mask (reinit), the mask shuffled within
@@ -211,7 +224,7 @@ def sanity_checks(spec: ExperimentSpec) -> Plan:
 
 
 PLANS = {"lottery_ticket": lottery_ticket, "prune_after_training": prune_after_training,
-         "prune_at_init": prune_at_init, "sanity_checks": sanity_checks}
+         "prune_at_init": prune_at_init, "sanity_checks": sanity_checks, "dynamic_sparse": dynamic_sparse}
 
 
 def build_plan(spec: ExperimentSpec) -> Plan:

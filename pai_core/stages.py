@@ -7,6 +7,7 @@ stored artifact if there is one, otherwise compute, store atomically, and return
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from torch import nn
 from pai_core import data as data_lib
 from pai_core.collapse import LayerCollapse, collapse_report, describe
 from pai_core.criteria import ScoreInputs, get_criterion
+from pai_core.dynamic import DynamicSparsity
 from pai_core.masks import Mask, apply_mask, dense_mask, density_report, sparsity
 from pai_core.models import build_model
 from pai_core.plan import Node
@@ -77,6 +79,12 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     model = model_from(start, payload, rt)
     mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else None
     resume = f["mode"] == "continue"
+    updater = None
+    if f.get("dynamic"):
+        d, total = f["dynamic"], TrainSpec(**f["train"]).total_iterations(
+            math.ceil(len(bundle_for(f["data"], rt).train) / f["data"]["batch_size"]))
+        updater = DynamicSparsity(d["method"], d["update_interval"], d["drop_fraction"],
+                                  int(d["end_fraction"] * total), int(node.key[:12], 16))
     outcome = train(
         model, bundle_for(f["data"], rt), TrainSpec(**f["train"]),
         batch_size=f["data"]["batch_size"], order_seed=f["data"]["order_seed"], mask=mask,
@@ -84,13 +92,17 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
         stop_iter=f["stop_iter"],
         optimizer_state=payload.get("optimizer") if resume else None,
         checkpoint=rt.store.checkpoint_path(node.stage, node.key),
-        label=node.role,
+        label=node.role, mask_updater=updater,
     )
     info = {"arch": start.info["arch"], "iteration": outcome.iteration, "history": outcome.history,
             "best": best_val(outcome.history)}
-    if mask is not None:
-        info["sparsity"] = sparsity(mask)
-    return {"model": model.state_dict(), "optimizer": outcome.optimizer_state}, info
+    payload = {"model": model.state_dict(), "optimizer": outcome.optimizer_state}
+    if updater is not None:  # the mask moved: the final one is part of the result
+        payload["mask"] = outcome.mask
+        info["mask_updates"] = updater.updates
+    if outcome.mask is not None:
+        info["sparsity"] = sparsity(outcome.mask)
+    return payload, info
 
 
 def score_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
@@ -190,8 +202,9 @@ def shuffle_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tu
 
 def evaluate_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
     f, weights = node.fields, inputs["weights"]
-    model = model_from(weights, rt.store.load(weights), rt)
-    mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model)
+    payload = rt.store.load(weights)
+    model = model_from(weights, payload, rt)
+    mask = payload.get("mask") or (rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model))
     apply_mask(model, mask)
     b = bundle_for(f["data"], rt)
     metrics = {f"{split}_{k}": v for split in ("val", "test") for k, v in evaluate(model, getattr(b, split)).items()}

@@ -51,7 +51,7 @@ def _deterministic_cuda() -> None:
 
 def epoch_order(n: int, order_seed: int, epoch: int) -> torch.Tensor:
     """The example order of one epoch: depends on (seed, epoch) only, never on history."""
-    g = torch.Generator().manual_seed(order_seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed((order_seed * 1_000_003 + epoch) % 2**63)
     return torch.randperm(n, generator=g)
 
 
@@ -99,6 +99,7 @@ class TrainOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
     optimizer_state: dict[str, Any] | None = None
     iteration: int = 0
+    mask: Mask | None = None
 
 
 def train(
@@ -116,11 +117,14 @@ def train(
     eval_batch_size: int = 1000,
     label: str = "train",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    mask_updater: Callable[[int, nn.Module, torch.optim.Optimizer, Mask], Mask] | None = None,
 ) -> TrainOutcome:
     """Train from `start_iter` to `stop_iter` (default: the spec's length), masked.
 
     `data` must already be on the model's device. With `checkpoint`, the state is saved
     atomically at every epoch boundary and a run that finds one resumes from it.
+    A `mask_updater` (dynamic sparse training) may replace the mask when it is `due`; it
+    runs after backward, so it sees dense gradients, and before the masked step.
     """
     ipe = math.ceil(len(data.train) / batch_size)
     total = spec.total_iterations(ipe)
@@ -136,6 +140,8 @@ def train(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         it, history = state["iteration"], state["history"]
+        mask = state.get("mask", mask)
+        enforcer = MaskEnforcer(model, mask)
         log.info("%s: resuming from checkpoint at iteration %d of %d", label, it, stop)
     enforcer.after_step()  # the starting point itself is masked: w' = m ⊙ w
 
@@ -155,6 +161,9 @@ def train(
         loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if mask_updater is not None and mask_updater.due(it):
+            mask = mask_updater(it, model, opt, mask)
+            enforcer = MaskEnforcer(model, mask)
         enforcer.before_step()
         opt.step()
         enforcer.after_step()
@@ -173,12 +182,12 @@ def train(
             running, seen = torch.zeros_like(running), 0
             if checkpoint is not None and it < stop:
                 atomic_write(checkpoint, to_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                   "iteration": it, "history": history}))
+                                                   "iteration": it, "history": history, "mask": mask}))
             if on_epoch:
                 on_epoch(row)
             progress.update(it, val_acc=row["val_acc"])
     progress.finish()
-    return TrainOutcome(history=history, optimizer_state=opt.state_dict(), iteration=it)
+    return TrainOutcome(history=history, optimizer_state=opt.state_dict(), iteration=it, mask=mask)
 
 
 def best_val(history: list[dict[str, float]]) -> dict[str, float]:

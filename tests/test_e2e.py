@@ -14,7 +14,7 @@ import yaml
 
 from conftest import ROOT, tiny_raw
 from pai_core.plan import build_plan
-from pai_core.specs import load_spec
+from pai_core.spec_io import load_spec
 from pai_core.store import Store
 
 pytestmark = pytest.mark.slow

@@ -42,7 +42,7 @@ def test_mask_from_init_then_train_from_that_init(tmp_path, criterion, schedule)
 
 
 def test_prune_at_init_refuses_lth_options():
-    from pai_core.specs import SpecError
+    from pai_core.spec_io import SpecError
 
     with pytest.raises(SpecError, match="prune_at_init trains once"):
         tiny_spec("prune_at_init", prune={"reinit_control": True})

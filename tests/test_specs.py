@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_raw
 from flows.cli import app
-from pai_core.specs import SpecError, apply_overrides, load_spec, parse_spec
+from pai_core.spec_io import SpecError, apply_overrides, load_spec, parse_spec
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
