@@ -160,6 +160,14 @@ def prune_after_training(spec: ExperimentSpec) -> Plan:
     """PaT: train; prune by the criterion; fine-tune the survivors; repeat for iterative."""
     _, dense = _dense_round(spec)
     rounds, weights, mask = [dense], dense.trained, None
+    if spec.prune.schedule == "gradual":  # the mask is grown inside the fine-tune itself
+        p = spec.prune
+        ft = train_node(spec, "finetune", weights, spec.retrain_spec, mode="finetune")
+        ft = Node("train", "finetune", {**ft.fields, "gradual": {
+            **p.gradual.model_dump(mode="json"), "sparsity": p.sparsity, "scope": p.scope,
+            "min_density": p.min_density, "prune_biases": p.prune_biases}}, ft.inputs)
+        return Plan("prune_after_training", [dense, Round(1, "gradual", 1 - p.sparsity, None, ft,
+                                                          evaluate_node(spec, ft, None))])
     for r, density in enumerate(spec.prune.round_densities(), start=1):
         mask = mask_node(spec, score_node(spec, weights, mask), mask, density)
         weights = train_node(spec, "finetune", weights, spec.retrain_spec, mask=mask, mode="finetune")

@@ -98,10 +98,23 @@ class TrainSpec(Frozen):
         return tuple(m * unit for m in self.milestones)
 
 
+class GradualSpec(Frozen):
+    """Zhu & Gupta's cubic ramp, as fractions of the fine-tune schedule."""
+    every: int = Field(100, gt=0, description="iterations between pruning steps")
+    start: float = Field(0.0, ge=0, lt=1, description="ramp begins at this fraction of training")
+    end: float = Field(0.75, gt=0, le=1, description="target sparsity reached at this fraction")
+
+    @model_validator(mode="after")
+    def _order(self) -> GradualSpec:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
 class PruneSpec(Frozen):
     criterion: str = "magnitude"
     params: dict[str, Any] = Field(default_factory=dict, description="the criterion's own parameters")
-    schedule: Literal["one_shot", "iterative"] = "one_shot"
+    schedule: Literal["one_shot", "iterative", "gradual"] = "one_shot"
     sparsity: float | None = Field(None, ge=0, lt=1, description="final fraction of prunable weights removed")
     rate: float | None = Field(None, gt=0, lt=1, description="per round, fraction of the remaining weights")
     rounds: int = Field(1, gt=0)
@@ -111,6 +124,7 @@ class PruneSpec(Frozen):
     on_collapse: Literal["error", "warn"] = Field("error", description="a mask that empties a layer or cuts every path")
     rewind_iter: int = Field(0, ge=0, description="LTH: 0 = original init, k = late rewinding to iteration k")
     reinit_control: bool = Field(False, description="LTH: also train each mask from a fresh random init")
+    gradual: GradualSpec = Field(default_factory=GradualSpec, description="schedule: gradual (PaT)")
 
     @field_validator("criterion")
     @classmethod
@@ -126,9 +140,11 @@ class PruneSpec(Frozen):
         from pai_core.criteria import get_criterion
 
         get_criterion(self.criterion).Params(**self.params)  # reject unknown/ill-typed params now
-        if self.schedule == "one_shot":
+        if self.schedule in ("one_shot", "gradual"):
             if self.rounds != 1:
-                raise ValueError("one_shot prunes in exactly 1 round; use schedule: iterative")
+                raise ValueError(f"{self.schedule} prunes in exactly 1 round; use schedule: iterative")
+            if self.schedule == "gradual" and (self.sparsity is None or self.criterion != "magnitude"):
+                raise ValueError("gradual needs sparsity and criterion magnitude (Zhu & Gupta)")
             if self.sparsity is None and self.rate is None:
                 raise ValueError("one_shot needs sparsity")
         else:
@@ -204,6 +220,8 @@ class ExperimentSpec(Frozen):
         if self.sanity and self.sanity.round is not None and self.sanity.round > (
                 1 if flow == "prune_at_init" else self.prune.rounds):
             raise ValueError("sanity.round is beyond the base paradigm's pruning rounds")
+        if self.prune.schedule == "gradual" and flow != "prune_after_training":
+            raise ValueError("schedule gradual is a prune_after_training schedule")
         if flow == "prune_after_training":
             if self.retrain is None:
                 raise ValueError("prune_after_training needs retrain (the fine-tune schedule)")

@@ -21,6 +21,7 @@ from pai_core import data as data_lib
 from pai_core.collapse import LayerCollapse, collapse_report, describe
 from pai_core.criteria import ScoreInputs, get_criterion
 from pai_core.dynamic import DynamicSparsity
+from pai_core.gradual import GradualMagnitude
 from pai_core.masks import Mask, apply_mask, dense_mask, density_report, sparsity
 from pai_core.models import build_model
 from pai_core.plan import Node
@@ -80,11 +81,17 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else None
     resume = f["mode"] == "continue"
     updater = None
+    total = TrainSpec(**f["train"]).total_iterations(
+        math.ceil(len(bundle_for(f["data"], rt).train) / f["data"]["batch_size"]))
     if f.get("dynamic"):
-        d, total = f["dynamic"], TrainSpec(**f["train"]).total_iterations(
-            math.ceil(len(bundle_for(f["data"], rt).train) / f["data"]["batch_size"]))
+        d = f["dynamic"]
         updater = DynamicSparsity(d["method"], d["update_interval"], d["drop_fraction"],
                                   int(d["end_fraction"] * total), int(node.key[:12], 16))
+    if f.get("gradual"):
+        g = f["gradual"]
+        updater = GradualMagnitude(g["sparsity"], int(g["start"] * total), int(g["end"] * total), g["every"],
+                                   g["scope"], g["min_density"])
+        mask = mask if mask is not None else dense_mask(model, g["prune_biases"])
     outcome = train(
         model, bundle_for(f["data"], rt), TrainSpec(**f["train"]),
         batch_size=f["data"]["batch_size"], order_seed=f["data"]["order_seed"], mask=mask,
