@@ -80,20 +80,12 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     model = model_from(start, payload, rt)
     mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else None
     resume = f["mode"] == "continue"
-    updater = None
-    total = TrainSpec(**f["train"]).total_iterations(
-        math.ceil(len(bundle_for(f["data"], rt).train) / f["data"]["batch_size"]))
-    if f.get("dynamic"):
-        d = f["dynamic"]
-        updater = DynamicSparsity(d["method"], d["update_interval"], d["drop_fraction"],
-                                  int(d["end_fraction"] * total), int(node.key[:12], 16))
-    if f.get("gradual"):
-        g = f["gradual"]
-        updater = GradualMagnitude(g["sparsity"], int(g["start"] * total), int(g["end"] * total), g["every"],
-                                   g["scope"], g["min_density"])
-        mask = mask if mask is not None else dense_mask(model, g["prune_biases"])
+    data, spec = bundle_for(f["data"], rt), TrainSpec(**f["train"])
+    updater = _mask_updater(node, spec.total_iterations(math.ceil(len(data.train) / f["data"]["batch_size"])))
+    if f.get("gradual") and mask is None:
+        mask = dense_mask(model, f["gradual"]["prune_biases"])
     outcome = train(
-        model, bundle_for(f["data"], rt), TrainSpec(**f["train"]),
+        model, data, spec,
         batch_size=f["data"]["batch_size"], order_seed=f["data"]["order_seed"], mask=mask,
         start_iter=start.info.get("iteration", 0) if resume else 0,
         stop_iter=f["stop_iter"],
@@ -110,6 +102,17 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     if outcome.mask is not None:
         info["sparsity"] = sparsity(outcome.mask)
     return payload, info
+
+
+def _mask_updater(node: Node, total: int) -> DynamicSparsity | GradualMagnitude | None:
+    """The mask changes during this training: SET/RigL regrowth or a gradual ramp."""
+    if d := node.fields.get("dynamic"):
+        return DynamicSparsity(d["method"], d["update_interval"], d["drop_fraction"],
+                               int(d["end_fraction"] * total), int(node.key[:12], 16))
+    if g := node.fields.get("gradual"):
+        return GradualMagnitude(g["sparsity"], int(g["start"] * total), int(g["end"] * total), g["every"],
+                                g["scope"], g["min_density"])
+    return None
 
 
 def score_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
