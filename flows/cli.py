@@ -59,7 +59,8 @@ def list_cmd() -> None:
 def validate(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a spec; exit 0, or exit 2 with a one-line error naming the field."""
     s = _spec(spec, overrides)
-    console.print(f"ok: {s.name} ({s.flow}, final sparsity {s.prune.final_sparsity:.4f})")
+    target = f"final sparsity {s.prune.final_sparsity:.4f}" if s.prune else f"{s.selection.method} selection"
+    console.print(f"ok: {s.name} ({s.flow}, {target})")
 
 
 @app.command()
@@ -75,8 +76,9 @@ def show(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) ->
             stored = store.get(n.stage, n.key) is not None
             table.add_row(rnd.name, n.stage, n.role, n.key, "[green]stored[/green]" if stored else "to run")
     console.print(table)
-    d = [f"{x:.4f}" for x in s.prune.round_densities()]
-    console.print("round densities: " + ", ".join(d if len(d) <= 8 else d[:3] + ["…"] + d[-3:]))
+    if s.prune:
+        d = [f"{x:.4f}" for x in s.prune.round_densities()]
+        console.print("round densities: " + ", ".join(d if len(d) <= 8 else d[:3] + ["…"] + d[-3:]))
 
 
 @app.command()

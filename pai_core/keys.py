@@ -22,6 +22,7 @@ SALTS: dict[str, int] = {
     "mask": 1,
     "iterative_mask": 1,
     "shuffle_mask": 1,
+    "select": 1,
     "evaluate": 1,
 }
 

@@ -203,6 +203,20 @@ def dynamic_sparse(spec: ExperimentSpec) -> Plan:
                                                  evaluate_node(spec, trained, None))])
 
 
+def supermask(spec: ExperimentSpec) -> Plan:
+    """edge-popup / supermask: k1 = k2 = 0, f2 = f3 = identity. The mask is learned over
+    frozen weights. No dense round: `train` here is the score schedule (supermasks want a
+    learning rate that would wreck weight training); compare with another paradigm's."""
+    init = init_node(spec)
+    sel = spec.selection
+    fields = {"selection": {**sel.model_dump(mode="json"), "weights": sel.frozen_weights},
+              "data": {**_data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed},
+              "train": spec.train.model_dump(mode="json")}
+    select = Node("select", "select", fields, {"init": init})
+    density = sel.keep if sel.method == "edge_popup" else float("nan")
+    return Plan("supermask", [Round(1, sel.method, density, None, select, evaluate_node(spec, select, None))])
+
+
 def sanity_checks(spec: ExperimentSpec) -> Plan:
     """One round's mask of the base paradigm beside three controls, each trained exactly as
     the original: a fresh random init under the same mask (reinit), the mask shuffled within
@@ -232,7 +246,8 @@ def sanity_checks(spec: ExperimentSpec) -> Plan:
 
 
 PLANS = {"lottery_ticket": lottery_ticket, "prune_after_training": prune_after_training,
-         "prune_at_init": prune_at_init, "sanity_checks": sanity_checks, "dynamic_sparse": dynamic_sparse}
+         "prune_at_init": prune_at_init, "sanity_checks": sanity_checks, "dynamic_sparse": dynamic_sparse,
+         "supermask": supermask}
 
 
 def build_plan(spec: ExperimentSpec) -> Plan:

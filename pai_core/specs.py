@@ -189,10 +189,24 @@ class DynamicSpec(Frozen):
     end_fraction: float = Field(0.75, gt=0, le=1, description="no updates after this fraction of training")
 
 
+class SelectionSpec(Frozen):
+    """Sparse selection: learn a mask over frozen weights (the `train` section trains the scores)."""
+    method: Literal["edge_popup", "supermask"]
+    keep: float = Field(0.5, gt=0, le=1, description="edge_popup: fraction of each layer kept")
+    evaluation: Literal["sampled", "expected"] = Field("sampled", description="supermask: how it is evaluated")
+    weights: Literal["signed_constant", "init"] | None = Field(
+        None, description="None = the paper's: signed Kaiming constant for edge_popup, the init for supermask")
+
+    @property
+    def frozen_weights(self) -> str:
+        return self.weights or ("signed_constant" if self.method == "edge_popup" else "init")
+
+
 class ExperimentSpec(Frozen):
     name: str = "experiment"
     experiment: str = Field("pai-flow", description="MLflow experiment name")
-    flow: Literal["lottery_ticket", "prune_after_training", "prune_at_init", "sanity_checks", "dynamic_sparse"]
+    flow: Literal["lottery_ticket", "prune_after_training", "prune_at_init", "sanity_checks", "dynamic_sparse",
+                  "supermask"]
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec
@@ -201,19 +215,26 @@ class ExperimentSpec(Frozen):
     retrain: TrainSpec | None = Field(None, description="LTH: defaults to train; PaT: the fine-tune schedule")
     # prune_at_init: `prune.rounds` are score-and-prune iterations at the init (SynFlow's
     # exponential schedule is rounds=100 with the final sparsity), then one training.
-    prune: PruneSpec
+    prune: PruneSpec | None = Field(None, description="every flow but supermask")
+    selection: SelectionSpec | None = Field(None, description="supermask: edge-popup or Zhou's supermask")
     sanity: SanitySpec | None = Field(None, description="sanity_checks: the base paradigm and its round")
     dynamic: DynamicSpec | None = Field(None, description="dynamic_sparse: SET or RigL settings")
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
+        for section, flow_name in (("sanity", "sanity_checks"), ("dynamic", "dynamic_sparse"),
+                                   ("selection", "supermask")):
+            if (self.flow == flow_name) != (getattr(self, section) is not None):
+                raise ValueError(f"{section} is set exactly when flow is {flow_name}")
+        if self.flow == "supermask":
+            if self.prune is not None or self.retrain is not None:
+                raise ValueError("supermask learns its mask: prune and retrain do not apply")
+            return self
+        if self.prune is None:
+            raise ValueError(f"prune is required for flow {self.flow}")
         total = self.train.total_iterations(self.data.iterations_per_epoch)
         if self.prune.rewind_iter >= total:
             raise ValueError(f"prune.rewind_iter must be < the {total} training iterations")
-        if (self.flow == "sanity_checks") != (self.sanity is not None):
-            raise ValueError("sanity is set exactly when flow is sanity_checks")
-        if (self.flow == "dynamic_sparse") != (self.dynamic is not None):
-            raise ValueError("dynamic is set exactly when flow is dynamic_sparse")
         if self.flow == "dynamic_sparse" and (self.prune.schedule != "one_shot" or self.retrain is not None):
             raise ValueError("dynamic_sparse starts from a one_shot mask at init and trains once")
         flow = self.sanity.base if self.sanity else self.flow

@@ -22,10 +22,11 @@ from pai_core.collapse import LayerCollapse, collapse_report, describe
 from pai_core.criteria import ScoreInputs, get_criterion
 from pai_core.dynamic import DynamicSparsity
 from pai_core.gradual import GradualMagnitude
-from pai_core.masks import Mask, apply_mask, dense_mask, density_report, sparsity
+from pai_core.masks import Mask, apply_mask, dense_mask, density_report, prunable_names, sparsity
 from pai_core.models import build_model
 from pai_core.plan import Node
 from pai_core.selection import select
+from pai_core.supermask import Selector, signed_kaiming_constant
 from pai_core.specs import TrainSpec
 from pai_core.store import Ref, Store
 from pai_core.training import best_val, epoch_order, evaluate, resolve_device, train
@@ -202,6 +203,28 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
     return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "collapse": report}
 
 
+def select_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
+    """Train scores over frozen weights (edge-popup / supermask); store weights, mask, scores."""
+    f, init = node.fields, inputs["init"]
+    sel = f["selection"]
+    model = model_from(init, rt.store.load(init), rt)
+    names = prunable_names(model)
+    if sel["weights"] == "signed_constant":
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in names:
+                    p.copy_(signed_kaiming_constant(p))
+    selector = Selector(model, names, sel["method"], sel["keep"], sel["evaluation"], seed=int(node.key[:12], 16))
+    outcome = train(selector, bundle_for(f["data"], rt), TrainSpec(**f["train"]),
+                    batch_size=f["data"]["batch_size"], order_seed=f["data"]["order_seed"],
+                    checkpoint=rt.store.checkpoint_path(node.stage, node.key), label=node.role)
+    state, mask = selector.result()
+    scores = {n: selector.scores[str(i)].detach().cpu() for i, n in enumerate(names)}
+    info = {"arch": init.info["arch"], "iteration": outcome.iteration, "history": outcome.history,
+            "best": best_val(outcome.history), "sparsity": sparsity(mask)}
+    return {"model": state, "mask": mask, "scores": scores}, info
+
+
 def shuffle_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:
     """Permute each layer's mask at random: same layer-wise densities, structure destroyed."""
     mask: Mask = rt.store.load(inputs["mask"])["mask"]
@@ -227,6 +250,7 @@ def evaluate_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[
 STAGES: dict[str, Callable[[Node, Mapping[str, Ref], Runtime], tuple[dict, dict]]] = {
     "init": init_stage, "train": train_stage, "score": score_stage,
     "mask": mask_stage, "iterative_mask": iterative_mask_stage, "shuffle_mask": shuffle_mask_stage,
+    "select": select_stage,
     "evaluate": evaluate_stage,
 }
 

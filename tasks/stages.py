@@ -31,7 +31,7 @@ def _task(role: str) -> Task:
 
 TASKS: dict[str, Task] = {role: _task(role) for role in (
     "init", "pretrain", "rewind", "score", "mask", "prune_at_init", "retrain", "finetune", "reinit",
-    "sparse_train", "shuffle", "invert", "evaluate")}
+    "sparse_train", "shuffle", "invert", "select", "evaluate")}
 
 
 def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) -> tuple[Ref, str]:
