@@ -77,3 +77,19 @@ def test_iterative_synflow_reaches_the_same_sparsity_without_collapse(tmp_path):
     info = refs[plan.rounds[1].mask.key].info
     assert not info["collapse"]["collapsed"]
     assert info["max_sparsity_without_collapse"] == pytest.approx(info["sparsity"]) and info["sparsity"] > 0.9994
+
+
+def test_synflow_reaches_maximum_compression_on_lenet_300_100(tmp_path):
+    """Keep 3 of 266,200 weights, one per layer: the most a 3-layer net can be compressed
+    and still carry a signal. Iterative SynFlow gets there without emptying a layer."""
+    from pai_core.spec_io import load_spec
+    from conftest import ROOT
+
+    spec = load_spec(ROOT / "configs/prune_at_init/synflow_lenet300_mnist.yaml",
+                     [f"prune.sparsity={1 - 3 / 266_200}", "device=cpu"])
+    mask_node = build_plan(spec).rounds[1].mask
+    refs = run_plan([mask_node.inputs["weights"], mask_node], Runtime(Store(tmp_path), "cpu"))
+    info = refs[mask_node.key].info
+    assert info["layers"]["total"]["kept"] == 3
+    assert [info["layers"][n]["kept"] for n in ("fc1.weight", "fc2.weight", "fc3.weight")] == [1, 1, 1]
+    assert info["collapse"] == {"empty_layers": [], "connected": True, "collapsed": False}
