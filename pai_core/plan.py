@@ -114,6 +114,8 @@ def score_node(spec: ExperimentSpec, weights: Node, mask: Node | None) -> Node:
 def mask_node(spec: ExperimentSpec, scores: Node, previous: Node | None, density: float) -> Node:
     fields = {"density": density, "scope": spec.prune.scope, "min_density": spec.prune.min_density,
               "on_collapse": spec.prune.on_collapse}
+    if spec.prune.structure == "filter":
+        fields |= {"structure": "filter", "filter_norm": spec.prune.filter_norm}
     return Node("mask", "mask", fields, {"scores": scores} | ({"previous": previous} if previous else {}))
 
 

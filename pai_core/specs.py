@@ -125,6 +125,8 @@ class PruneSpec(Frozen):
     rewind_iter: int = Field(0, ge=0, description="LTH: 0 = original init, k = late rewinding to iteration k")
     reinit_control: bool = Field(False, description="LTH: also train each mask from a fresh random init")
     gradual: GradualSpec = Field(default_factory=GradualSpec, description="schedule: gradual (PaT)")
+    structure: Literal["unstructured", "filter"] = Field("unstructured", description="filter: whole filters/neurons")
+    filter_norm: Literal["l1", "l2"] = Field("l1", description="structure filter: how a filter's scores combine")
 
     @field_validator("criterion")
     @classmethod
@@ -241,6 +243,14 @@ class ExperimentSpec(Frozen):
         if self.sanity and self.sanity.round is not None and self.sanity.round > (
                 1 if flow == "prune_at_init" else self.prune.rounds):
             raise ValueError("sanity.round is beyond the base paradigm's pruning rounds")
+        if self.prune.structure == "filter":
+            from pai_core.structured import CHAIN_MODELS
+
+            if flow != "prune_after_training" or self.prune.schedule == "gradual":
+                raise ValueError("structure filter is a prune_after_training option (one_shot or iterative)")
+            if self.model.name not in CHAIN_MODELS or self.prune.scope != "layerwise":
+                raise ValueError("structure filter needs scope layerwise and a chain-shaped model; "
+                                 f"allowed: {', '.join(CHAIN_MODELS)}")
         if self.prune.schedule == "gradual" and flow != "prune_after_training":
             raise ValueError("schedule gradual is a prune_after_training schedule")
         if flow == "prune_after_training":

@@ -25,6 +25,7 @@ from pai_core.gradual import GradualMagnitude
 from pai_core.masks import Mask, apply_mask, dense_mask, density_report, prunable_names, sparsity
 from pai_core.models import build_model
 from pai_core.plan import Node
+from pai_core import structured
 from pai_core.selection import select
 from pai_core.supermask import Selector, signed_kaiming_constant
 from pai_core.specs import TrainSpec
@@ -198,9 +199,17 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
                       else {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()})
     if f.get("invert"):
         scores = {n: -v for n, v in scores.items()}
-    mask = select(scores, previous, f["density"], f["scope"], f["min_density"])
-    report = _check_collapse(mask, inputs["scores"].info["arch"], f["on_collapse"], None)
-    return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "collapse": report}
+    arch = inputs["scores"].info["arch"]
+    info: dict[str, Any] = {}
+    if f.get("structure") == "filter":
+        in_shape = tuple(arch["in_shape"])
+        model = build_model(arch["model"]["name"], in_shape, arch["num_classes"], seed=0)
+        mask = structured.select_filters(model, scores, previous, f["density"], f["filter_norm"], f["min_density"])
+        info["structured"] = structured.costs(model, mask, in_shape)
+    else:
+        mask = select(scores, previous, f["density"], f["scope"], f["min_density"])
+    report = _check_collapse(mask, arch, f["on_collapse"], None)
+    return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "collapse": report, **info}
 
 
 def select_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, dict]:

@@ -1,0 +1,75 @@
+"""Structured pruning: whole filters and their dependent channels go, and the physically
+smaller net computes what the masked one does."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_spec
+from pai_core.data import load
+from pai_core.models import build_model
+from pai_core.plan import build_plan
+from pai_core.spec_io import SpecError
+from pai_core.stages import Runtime, run_plan
+from pai_core.store import Store
+from pai_core.structured import chain, cost, filter_mask, physically_prune
+
+
+@pytest.mark.parametrize("name, shape", [("vgg11", (3, 32, 32)), ("lenet5", (1, 28, 28)), ("conv4", (3, 32, 32))])
+def test_physically_pruned_net_equals_the_masked_one(name, shape):
+    model = build_model(name, shape, 10, seed=0).eval()
+    for m in model.modules():  # non-trivial norm statistics, so a leaking channel would show
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    g = torch.Generator().manual_seed(0)
+    keep = {n: torch.rand(layer.weight.shape[0], generator=g) > 0.5 for n, layer in chain(model)[:-1]}
+    mask = filter_mask(model, keep)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in masked.named_parameters():
+            if n in mask:
+                p.mul_(mask[n])
+    small = physically_prune(model, mask).eval()
+    x = torch.randn(8, *shape, generator=g)
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+    for n, layer in chain(small)[:-1]:
+        assert layer.weight.shape[0] == int(keep[n].sum())
+    assert cost(small, shape)["weights"] == cost(model, shape, mask)["weights"] < cost(model, shape)["weights"]
+    assert cost(small, shape)["flops"] == cost(model, shape, mask)["flops"]
+
+
+def test_structured_pat_removes_whole_filters(tmp_path):
+    spec = tiny_spec("prune_after_training", model={"name": "conv2"},
+                     prune={"schedule": "one_shot", "sparsity": 0.5, "rate": None, "rounds": 1, "scope": "layerwise",
+                            "structure": "filter", "filter_norm": "l2"})
+    plan = build_plan(spec)
+    rt = Runtime(Store(tmp_path), "cpu")
+    refs = run_plan(plan.nodes, rt)
+    mask = rt.store.load(refs[plan.rounds[1].mask.key])["mask"]
+    for name in ("features.conv1.weight", "features.conv2.weight", "fc1.weight", "fc2.weight"):
+        rows = mask[name].flatten(1)
+        assert rows.any(1).sum() == rows.shape[0] // 2, "half of the filters"
+    # A kept filter of conv2 reads exactly the kept filters of conv1, all 3×3 of each.
+    kept_in = mask["features.conv1.weight"].flatten(1).any(1)
+    conv2 = mask["features.conv2.weight"]
+    for row in conv2[conv2.flatten(1).any(1)]:
+        assert torch.equal(row, kept_in[:, None, None].expand_as(row))
+    info = refs[plan.rounds[1].mask.key].info["structured"]
+    assert info["pruned"]["flops"] < info["dense"]["flops"] / 2
+    trained = rt.store.load(refs[plan.rounds[1].trained.key])["model"]
+    model = build_model("conv2", (1, 16, 16), 10, seed=0)
+    model.load_state_dict(trained)
+    data = load("synthetic")
+    small = physically_prune(model, mask)
+    torch.testing.assert_close(small(data.test.x), model(data.test.x), rtol=1e-4, atol=1e-5)
+
+
+def test_structured_needs_a_chain_model_and_layerwise_scope():
+    with pytest.raises(SpecError, match="chain-shaped"):
+        tiny_spec("prune_after_training", model={"name": "resnet20"},
+                  prune={"schedule": "one_shot", "sparsity": 0.5, "rate": None, "rounds": 1, "scope": "layerwise",
+                         "structure": "filter"})
