@@ -137,6 +137,14 @@ class PruneSpec(Frozen):
             raise ValueError(f"unknown criterion {v!r}; allowed: {', '.join(criterion_names())}")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _synflow_default(cls, data: Any) -> Any:
+        """SynFlow's own default: 100 score-and-prune rounds on the exponential schedule."""
+        if isinstance(data, dict) and data.get("criterion") == "synflow" and "schedule" not in data:
+            data = {**data, "schedule": "iterative", "rounds": data.get("rounds", 100)}
+        return data
+
     @model_validator(mode="after")
     def _schedule(self) -> PruneSpec:
         from pai_core.criteria import get_criterion

@@ -73,3 +73,11 @@ def test_spec_is_frozen():
     spec = parse_spec(tiny_raw())
     with pytest.raises(Exception):
         spec.seed = 3
+
+
+def test_synflow_defaults_to_100_iterative_rounds():
+    raw = tiny_raw("prune_at_init")
+    raw["prune"] = {"criterion": "synflow", "sparsity": 0.9}
+    p = parse_spec(raw).prune
+    assert (p.schedule, p.rounds) == ("iterative", 100)
+    assert p.round_densities()[-1] == pytest.approx(0.1) and p.round_densities()[0] == pytest.approx(0.1 ** 0.01)
