@@ -10,6 +10,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pai_core.criteria import criterion_names, get_criterion
+from pai_core.data import dataset_info, dataset_names
+from pai_core.models import model_names
+from pai_core.structured import CHAIN_MODELS
+
+
+
+def _registered(value: str, names: list[str], what: str) -> str:
+    if value not in names:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(names)}")
+    return value
 
 
 class Frozen(BaseModel):
@@ -22,11 +33,7 @@ class ModelSpec(Frozen):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from pai_core.models import model_names
-
-        if v not in model_names():
-            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(model_names())}")
-        return v
+        return _registered(v, model_names(), "model")
 
 
 class DataSpec(Frozen):
@@ -39,16 +46,10 @@ class DataSpec(Frozen):
     @field_validator("dataset")
     @classmethod
     def _known(cls, v: str) -> str:
-        from pai_core.data import dataset_names
-
-        if v not in dataset_names():
-            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(dataset_names())}")
-        return v
+        return _registered(v, dataset_names(), "dataset")
 
     @model_validator(mode="after")
     def _val_fits(self) -> DataSpec:
-        from pai_core.data import dataset_info
-
         info = dataset_info(self.dataset)
         if self.val_size is not None and self.val_size >= info.train_size:
             raise ValueError(f"val_size must be < {info.train_size} for {self.dataset}")
@@ -56,8 +57,6 @@ class DataSpec(Frozen):
 
     @property
     def train_examples(self) -> int:
-        from pai_core.data import dataset_info
-
         info = dataset_info(self.dataset)
         val = info.default_val_size if self.val_size is None else self.val_size
         return info.train_size - val
@@ -131,11 +130,7 @@ class PruneSpec(Frozen):
     @field_validator("criterion")
     @classmethod
     def _known(cls, v: str) -> str:
-        from pai_core.criteria import criterion_names
-
-        if v not in criterion_names():
-            raise ValueError(f"unknown criterion {v!r}; allowed: {', '.join(criterion_names())}")
-        return v
+        return _registered(v, criterion_names(), "criterion")
 
     @model_validator(mode="before")
     @classmethod
@@ -147,8 +142,6 @@ class PruneSpec(Frozen):
 
     @model_validator(mode="after")
     def _schedule(self) -> PruneSpec:
-        from pai_core.criteria import get_criterion
-
         get_criterion(self.criterion).Params(**self.params)  # reject unknown/ill-typed params now
         if self.schedule in ("one_shot", "gradual"):
             if self.rounds != 1:
@@ -252,8 +245,6 @@ class ExperimentSpec(Frozen):
                 1 if flow == "prune_at_init" else self.prune.rounds):
             raise ValueError("sanity.round is beyond the base paradigm's pruning rounds")
         if self.prune.structure == "filter":
-            from pai_core.structured import CHAIN_MODELS
-
             if flow != "prune_after_training" or self.prune.schedule == "gradual":
                 raise ValueError("structure filter is a prune_after_training option (one_shot or iterative)")
             if self.model.name not in CHAIN_MODELS or self.prune.scope != "layerwise":
