@@ -129,8 +129,10 @@ def iterative_mask_node(spec: ExperimentSpec, weights: Node, densities: list[flo
 
 
 def evaluate_node(spec: ExperimentSpec, weights: Node, mask: Node | None) -> Node:
-    return Node("evaluate", "evaluate", {"data": _data_fields(spec)},
-                {"weights": weights} | ({"mask": mask} if mask else {}))
+    fields: dict[str, Any] = {"data": _data_fields(spec)}
+    if mask is not None and spec.prune is not None and spec.prune.physical:
+        fields["physical"] = True  # also build and evaluate the physically smaller net
+    return Node("evaluate", "evaluate", fields, {"weights": weights} | ({"mask": mask} if mask else {}))
 
 
 def _dense_round(spec: ExperimentSpec) -> tuple[Node, Round]:

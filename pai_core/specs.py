@@ -126,6 +126,7 @@ class PruneSpec(Frozen):
     gradual: GradualSpec = Field(default_factory=GradualSpec, description="schedule: gradual (PaT)")
     structure: Literal["unstructured", "filter"] = Field("unstructured", description="filter: whole filters/neurons")
     filter_norm: Literal["l1", "l2"] = Field("l1", description="structure filter: how a filter's scores combine")
+    physical: bool = Field(False, description="structure filter: also build and evaluate the smaller dense net")
 
     @field_validator("criterion")
     @classmethod
@@ -244,6 +245,8 @@ class ExperimentSpec(Frozen):
         if self.sanity and self.sanity.round is not None and self.sanity.round > (
                 1 if flow == "prune_at_init" else self.prune.rounds):
             raise ValueError("sanity.round is beyond the base paradigm's pruning rounds")
+        if self.prune.physical and self.prune.structure != "filter":
+            raise ValueError("prune.physical removes whole filters: it needs structure filter")
         if self.prune.structure == "filter":
             if flow != "prune_after_training" or self.prune.schedule == "gradual":
                 raise ValueError("structure filter is a prune_after_training option (one_shot or iterative)")

@@ -252,8 +252,18 @@ def evaluate_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[
     metrics = {f"{split}_{k}": v for split in ("val", "test") for k, v in evaluate(model, getattr(b, split)).items()}
     # Density of the weights themselves, so a mask that failed to hold would show here.
     live = {n: p.detach().ne(0).cpu() for n, p in model.named_parameters() if n in mask}
-    return {}, {**metrics, "sparsity": sparsity(live), "layers": density_report(live),
-                "best": weights.info.get("best", {}), "iteration": weights.info.get("iteration")}
+    info = {**metrics, "sparsity": sparsity(live), "layers": density_report(live),
+            "best": weights.info.get("best", {}), "iteration": weights.info.get("iteration")}
+    if not f.get("physical"):
+        return {}, info
+    # The smaller dense net itself: its own accuracy, counts and weights. Rebuild it with
+    # structured.physically_prune(build_model(arch), mask) before load_state_dict.
+    small = structured.physically_prune(model, mask)
+    for split in ("val", "test"):
+        for k, v in evaluate(small, getattr(b, split)).items():
+            info[f"physical_{split}_{k}"] = v
+    info["physical"] = structured.cost(small, tuple(weights.info["arch"]["in_shape"]))
+    return {"model": small.state_dict()}, info
 
 
 STAGES: dict[str, Callable[[Node, Mapping[str, Ref], Runtime], tuple[dict, dict]]] = {

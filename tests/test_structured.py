@@ -45,7 +45,7 @@ def test_physically_pruned_net_equals_the_masked_one(name, shape):
 def test_structured_pat_removes_whole_filters(tmp_path):
     spec = tiny_spec("prune_after_training", model={"name": "conv2"},
                      prune={"schedule": "one_shot", "sparsity": 0.5, "rate": None, "rounds": 1, "scope": "layerwise",
-                            "structure": "filter", "filter_norm": "l2"})
+                            "structure": "filter", "filter_norm": "l2", "physical": True})
     plan = build_plan(spec)
     rt = Runtime(Store(tmp_path), "cpu")
     refs = run_plan(plan.nodes, rt)
@@ -66,6 +66,12 @@ def test_structured_pat_removes_whole_filters(tmp_path):
     data = load("synthetic")
     small = physically_prune(model, mask)
     torch.testing.assert_close(small(data.test.x), model(data.test.x), rtol=1e-4, atol=1e-5)
+    # The evaluate stage built the same smaller net, and it scores what the masked one does.
+    ev = refs[plan.rounds[1].evaluate.key]
+    assert abs(ev.info["physical_test_acc"] - ev.info["test_acc"]) <= 1 / 300  # at most a near-tie flips
+    assert ev.info["physical"]["parameters"] == sum(p.numel() for p in small.parameters())
+    stored = rt.store.load(ev)["model"]
+    assert all(torch.equal(stored[k], v) for k, v in small.state_dict().items())
 
 
 def test_structured_needs_a_chain_model_and_layerwise_scope():
