@@ -6,7 +6,6 @@ batches (one call per round, DESIGN.md §6: 30x cheaper than single calls).
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -80,7 +79,3 @@ class Tracker:
             self.client.log_dict(self.parent, summary, "summary.json")
             self.client.set_tag(self.parent, "pai.computed_stages", str(summary.get("computed", "")))
         self.client.set_terminated(self.parent, "FAILED" if failed else "FINISHED")
-
-
-def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=str)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pai_core import data as data_lib
+from pai_core import structured
 from pai_core.collapse import LayerCollapse, collapse_report, describe
 from pai_core.criteria import ScoreInputs, get_criterion
 from pai_core.dynamic import DynamicSparsity
@@ -25,7 +26,6 @@ from pai_core.gradual import GradualMagnitude
 from pai_core.masks import Mask, apply_mask, dense_mask, density_report, prunable_names, sparsity
 from pai_core.models import build_model
 from pai_core.plan import Node
-from pai_core import structured
 from pai_core.selection import select
 from pai_core.supermask import Selector, signed_kaiming_constant
 from pai_core.specs import TrainSpec
@@ -142,17 +142,17 @@ def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> 
             scores = {n: -v for n, v in scores.items()}
         mask = select(scores, mask, density, f["scope"], f["min_density"])
         per_round.append(sparsity(mask))
-        report = _check_collapse(mask, weights.info["arch"], f["on_collapse"], best)
+        report = _check_collapse(mask, model, tuple(weights.info["arch"]["in_shape"]), f["on_collapse"], best)
         if not report["collapsed"]:
             best = per_round[-1]
     return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "per_round": per_round,
                             "collapse": report, "max_sparsity_without_collapse": best}
 
 
-def _check_collapse(mask: Mask, arch: Mapping[str, Any], policy: str, best: float | None) -> dict[str, Any]:
+def _check_collapse(mask: Mask, model: nn.Module, in_shape: tuple[int, ...], policy: str,
+                    best: float | None) -> dict[str, Any]:
     """Diagnose the mask; refuse it (raise) or warn, as `prune.on_collapse` says."""
-    model = build_model(arch["model"]["name"], tuple(arch["in_shape"]), arch["num_classes"], seed=0)
-    report = collapse_report(model, mask, tuple(arch["in_shape"]))
+    report = collapse_report(model, mask, in_shape)
     if report["collapsed"]:
         msg = f"mask at sparsity {sparsity(mask):.4f} collapses the network: {describe(report)}"
         if best is not None:
@@ -200,15 +200,15 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
     if f.get("invert"):
         scores = {n: -v for n, v in scores.items()}
     arch = inputs["scores"].info["arch"]
+    in_shape = tuple(arch["in_shape"])
+    model = build_model(arch["model"]["name"], in_shape, arch["num_classes"], seed=0)  # the shape, not weights
     info: dict[str, Any] = {}
     if f.get("structure") == "filter":
-        in_shape = tuple(arch["in_shape"])
-        model = build_model(arch["model"]["name"], in_shape, arch["num_classes"], seed=0)
         mask = structured.select_filters(model, scores, previous, f["density"], f["filter_norm"], f["min_density"])
         info["structured"] = structured.costs(model, mask, in_shape)
     else:
         mask = select(scores, previous, f["density"], f["scope"], f["min_density"])
-    report = _check_collapse(mask, arch, f["on_collapse"], None)
+    report = _check_collapse(mask, model, in_shape, f["on_collapse"], None)
     return {"mask": mask}, {"sparsity": sparsity(mask), "layers": density_report(mask), "collapse": report, **info}
 
 

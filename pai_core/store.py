@@ -103,9 +103,6 @@ class Store:
             return None
         return Ref(stage=stage, key=key, sha256=meta["sha256"], info=meta.get("info", {}))
 
-    def has(self, stage: str, key: str) -> bool:
-        return self.get(stage, key) is not None
-
     def load(self, ref: Ref) -> Any:
         """Load a payload, checking its bytes against the ref's sha256 (one read, one hash)."""
         data = self.payload_path(ref.stage, ref.key).read_bytes()

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,13 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> dict[str
     return {"loss": loss.item() / n, "acc": correct.item() / n}
 
 
+class MaskUpdater(Protocol):
+    """Changes the mask during training (SET/RigL regrowth, a gradual pruning ramp)."""
+
+    def due(self, it: int) -> bool: ...
+    def __call__(self, it: int, model: nn.Module, opt: torch.optim.Optimizer, mask: Mask) -> Mask: ...
+
+
 @dataclass
 class TrainOutcome:
     history: list[dict[str, float]] = field(default_factory=list)
@@ -117,7 +124,7 @@ def train(
     eval_batch_size: int = 1000,
     label: str = "train",
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-    mask_updater: Callable[[int, nn.Module, torch.optim.Optimizer, Mask], Mask] | None = None,
+    mask_updater: MaskUpdater | None = None,
 ) -> TrainOutcome:
     """Train from `start_iter` to `stop_iter` (default: the spec's length), masked.
 

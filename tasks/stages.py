@@ -6,6 +6,9 @@ tensors; results are the ref, which Prefect persists so a reused stage shows `Ca
 """
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
+
 from prefect import Task, task
 from prefect.states import State
 
@@ -17,7 +20,14 @@ from tasks.cache import STAGE_KEY
 
 
 def default_store() -> Store:
-    return Store(pai_home() / "store")
+    """One Store per root and process, so an artifact verified once is not re-hashed by
+    the next call that looks at it (its cache is keyed on mtime and size)."""
+    return _store_at(pai_home() / "store")
+
+
+@lru_cache(maxsize=8)
+def _store_at(root: Path) -> Store:
+    return Store(root)
 
 
 def _stage(node: Node, inputs: dict[str, Ref], label: str, device: str) -> Ref:
