@@ -119,7 +119,7 @@ def main(overrides: list[str], repeat: int) -> None:
     t = time.perf_counter()
     from prefect import flow
 
-    from flows import lottery_ticket
+    from flows.lottery_ticket import lottery_ticket
     t_import = time.perf_counter() - t
 
     @flow(name="noop")

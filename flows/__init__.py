@@ -1,17 +1,24 @@
-"""Prefect flows, one per paradigm, over the shared stage tasks."""
+"""Prefect flows, one per paradigm, over the shared stage tasks; plus sweep and report.
+
+Importing the package applies pai-flow's environment defaults and nothing heavier: the
+flows themselves (and so Prefect) load on first use of `FLOWS`, which keeps `pai server
+status` and `pai validate` fast.
+"""
+from __future__ import annotations
+
+from typing import Any
+
 from flows.env import apply_defaults
 
 apply_defaults()
 
-from flows.dynamic_sparse import dynamic_sparse  # noqa: E402
-from flows.lottery_ticket import lottery_ticket  # noqa: E402
-from flows.prune_after_training import prune_after_training  # noqa: E402
-from flows.prune_at_init import prune_at_init  # noqa: E402
-from flows.sanity_checks import sanity_checks  # noqa: E402
-from flows.supermask import supermask  # noqa: E402
+PARADIGMS = ("lottery_ticket", "prune_after_training", "prune_at_init", "sanity_checks", "dynamic_sparse",
+             "supermask")
 
-FLOWS = {"lottery_ticket": lottery_ticket, "prune_after_training": prune_after_training,
-         "prune_at_init": prune_at_init, "sanity_checks": sanity_checks, "dynamic_sparse": dynamic_sparse,
-         "supermask": supermask}
 
-__all__ = ["FLOWS", "dynamic_sparse", "lottery_ticket", "prune_after_training", "prune_at_init", "sanity_checks", "supermask"]
+def __getattr__(name: str) -> Any:
+    if name == "FLOWS":
+        import importlib
+
+        return {p: getattr(importlib.import_module(f"flows.{p}"), p) for p in PARADIGMS}
+    raise AttributeError(name)

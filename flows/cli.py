@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.cli_server import app as server_app
+from flows.cli_server import deploy as deploy_cmd
 from pai_core import progress as pai_progress
 from pai_core.paths import pai_home
 from pai_core.plan import build_plan
@@ -25,6 +27,8 @@ from pai_core.store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pai-flow: declarative pruning experiments on Prefect, tracked in MLflow.")
+app.add_typer(server_app, name="server")
+app.command("deploy")(deploy_cmd)
 console = Console()
 err_console = Console(stderr=True)
 

@@ -1,5 +1,10 @@
 """Quiet, offline-friendly defaults, applied before Prefect or MLflow read their settings.
-Each is only a default: a value the user exported wins."""
+Each is only a default: a value the user exported wins.
+
+When `pai server up` has recorded servers under PAI_HOME and they answer, clients (the
+CLI, a worker's flow runs, a notebook importing `flows`) use them; otherwise Prefect runs
+its temporary server and MLflow writes SQLite under PAI_HOME, with no server at all.
+"""
 from __future__ import annotations
 
 import os
@@ -20,8 +25,18 @@ def apply_defaults() -> None:
         os.environ.setdefault(k, v)
     # Prefect's cache records sit beside the artifacts they point to.
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(pai_home() / "prefect-results"))
+    from flows.servers import client_env, read_state
+
+    if read_state():
+        for k, v in client_env().items():
+            os.environ.setdefault(k, v)
 
 
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` if set, else a SQLite database under PAI_HOME (no server needed)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{pai_home() / 'mlflow.db'}"
+
+
+def local_tracking() -> bool:
+    """True when MLflow writes its database directly (no tracking server in between)."""
+    return tracking_uri().startswith("sqlite:")

@@ -16,27 +16,50 @@ import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from flows.env import tracking_uri
+from flows.env import local_tracking, tracking_uri
 from pai_core.paths import pai_home
 from pai_core.plan import Round
 from pai_core.spec_io import flatten
 from pai_core.specs import ExperimentSpec
+from pai_core.sweep import SweepSpec
 from pai_core.store import Ref, Store
 
 HISTORY_METRICS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
 MAX_PARAMS_PER_BATCH = 100
 
 
+def experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    # With no server, artifacts go under PAI_HOME; a server decides for itself (its
+    # --artifacts-destination), so a remote worker never writes to its own disk.
+    location = (pai_home() / "mlartifacts").as_uri() if local_tracking() else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def sweep_run(sweep: SweepSpec, flow_run_id: str | None) -> str:
+    """The MLflow run a sweep's specs nest under; it also carries the sweep's report."""
+    client = MlflowClient(tracking_uri=tracking_uri())
+    exp = experiment_id(client, sweep.base[0].experiment)
+    tags = {"pai.flow": "sweep", "pai.spec": sweep.name} | ({"prefect.flow_run_id": flow_run_id} if flow_run_id else {})
+    run = client.create_run(exp, run_name=f"sweep {sweep.name}", tags=tags).info.run_id
+    client.log_batch(run, params=[Param(f"grid.{k}", str(v)[:500]) for k, v in sweep.grid.items()])
+    client.log_text(run, yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False), "sweep.yaml")
+    return run
+
+
 class Tracker:
-    def __init__(self, spec: ExperimentSpec, store: Store, flow_run_id: str | None = None):
+    def __init__(self, spec: ExperimentSpec, store: Store, flow_run_id: str | None = None,
+                 parent_run_id: str | None = None):
         self.spec, self.store = spec, store
         self.client = MlflowClient(tracking_uri=tracking_uri())
-        exp = self.client.get_experiment_by_name(spec.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
-            spec.experiment, artifact_location=(pai_home() / "mlartifacts").as_uri())
+        self.experiment_id = experiment_id(self.client, spec.experiment)
         tags = {"pai.flow": spec.flow, "pai.spec": spec.name}
         if flow_run_id:
             tags["prefect.flow_run_id"] = flow_run_id
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
         self.parent = self.client.create_run(self.experiment_id, run_name=spec.name, tags=tags).info.run_id
         params = [Param(k, str(v)) for k, v in flatten(spec).items()]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):

@@ -23,7 +23,8 @@ def statuses(summary):
 
 
 def test_lth_rerun_computes_nothing_and_pat_reuses_the_pretrain(prefect, pai_home):
-    from flows import lottery_ticket, prune_after_training
+    from flows.lottery_ticket import lottery_ticket
+    from flows.prune_after_training import prune_after_training
 
     spec = tiny_spec(prune={"reinit_control": True})
     first = lottery_ticket(spec=spec)
@@ -49,7 +50,7 @@ def test_lth_rerun_computes_nothing_and_pat_reuses_the_pretrain(prefect, pai_hom
 
 
 def test_mlflow_gets_params_metrics_masks_and_weights(prefect, pai_home):
-    from flows import lottery_ticket
+    from flows.lottery_ticket import lottery_ticket
     from flows.env import tracking_uri
 
     spec = tiny_spec(experiment="tracking-test")
@@ -73,7 +74,7 @@ def test_mlflow_gets_params_metrics_masks_and_weights(prefect, pai_home):
 def test_store_outranks_a_stale_prefect_record(prefect, pai_home):
     """An artifact rewritten outside Prefect (a notebook recompute) leaves Prefect's cache
     record pointing at old bytes: the flow must use the store's artifact, not crash on it."""
-    from flows import lottery_ticket
+    from flows.lottery_ticket import lottery_ticket
 
     spec = tiny_spec()
     lottery_ticket(spec=spec)
@@ -86,7 +87,8 @@ def test_store_outranks_a_stale_prefect_record(prefect, pai_home):
 
 
 def test_prune_at_init_flow_reuses_the_lth_init_and_dense_round(prefect, pai_home):
-    from flows import lottery_ticket, prune_at_init
+    from flows.lottery_ticket import lottery_ticket
+    from flows.prune_at_init import prune_at_init
 
     lottery_ticket(spec=tiny_spec())
     out = prune_at_init(spec=tiny_spec("prune_at_init", prune={"criterion": "snip", "schedule": "one_shot",

@@ -1,0 +1,128 @@
+"""Sweeps: specs × criteria × sparsities × seeds on a Dask cluster, each shared stage run once.
+
+Before anything is submitted, every spec's plan is built and the stages are deduplicated by
+stage key; stages already in the store are not submitted at all. What is left goes to Dask
+through prefect-dask, each stage a Prefect task whose upstream futures Dask resolves, so a
+worker starts a stage as soon as its inputs exist. Then every spec is tracked in MLflow
+(nested under one sweep run) and the report is built and published.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from contextlib import nullcontext
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.context import get_run_context
+
+# from flows.report import publish_report
+from flows.tracking import Tracker, sweep_run
+from pai_core.plan import Node
+from pai_core.store import Ref
+from pai_core.sweep import DaskSpec, SweepSpec, plans_for, unique_nodes
+from tasks.stages import TASKS, default_store, run_stage_task
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("flows.sweep")
+
+
+def _label(node: Node, owner: dict[str, str]) -> str:
+    return f"{node.role} · {owner[node.key]}"
+
+
+def dask_runner(spec: DaskSpec) -> Any:
+    """A DaskTaskRunner: a LocalCluster here (each worker a process whose torch uses its share
+    of the cores), or the scheduler at `spec.address`, whose workers were started elsewhere."""
+    from prefect.client.orchestration import get_client
+    from prefect_dask import DaskTaskRunner
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # not a line per worker event
+    if spec.address:
+        return DaskTaskRunner(address=spec.address)
+    threads = max(1, (os.cpu_count() or 1) // (spec.workers * spec.threads_per_worker))
+    with get_client(sync_client=True) as client:  # the server this flow reports to, even a temporary one
+        api = str(client.api_url)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": spec.workers, "threads_per_worker": spec.threads_per_worker, "processes": True,
+        "dashboard_address": None, "resources": dict(spec.resources) or None,
+        "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PREFECT_API_URL": api}})
+
+
+def run_on_dask(pending: list[Node], refs: dict[str, Ref], spec: DaskSpec, devices: dict[str, str],
+                owner: dict[str, str]) -> dict[str, Ref]:
+    import dask
+
+    runner = dask_runner(spec)
+    claim = dask.annotate(resources=dict(spec.resources)) if spec.resources else nullcontext()
+    with runner, claim:
+        futures: dict[str, Any] = {}
+        for node in pending:  # upstream first, so every input is a ref or an earlier future
+            inputs = {k: futures.get(n.key) or refs[n.key] for k, n in node.inputs.items()}
+            task = TASKS[node.role].with_options(refresh_cache=True)  # pending = not in the store
+            futures[node.key] = runner.submit(task, parameters={
+                "node": node, "inputs": inputs, "label": _label(node, owner), "device": devices[node.key]})
+        return {k: f.result() for k, f in futures.items()}
+
+
+def run_in_order(pending: list[Node], refs: dict[str, Ref], devices: dict[str, str],
+                 owner: dict[str, str]) -> dict[str, Ref]:
+    out: dict[str, Ref] = {}
+    for node in pending:
+        inputs = {k: out.get(n.key) or refs[n.key] for k, n in node.inputs.items()}
+        out[node.key], _ = run_stage_task(node, inputs, _label(node, owner), devices[node.key])
+    return out
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(sweep: SweepSpec, sequential: bool = False) -> dict[str, Any]:
+    """Run every spec of the sweep; `sequential` runs the stages one by one in this process
+    (the baseline `benchmarks/sweep.py` compares the Dask run with)."""
+    log, store = _logger(), default_store()
+    specs = sweep.expand()
+    plans = plans_for(specs)
+    nodes = unique_nodes(plans)
+    devices, owner = {}, {}
+    for spec, plan in zip(specs, plans):
+        for n in plan.nodes:
+            devices.setdefault(n.key, spec.device)
+            owner.setdefault(n.key, spec.name)
+    refs: dict[str, Ref] = {n.key: r for n in nodes if (r := store.get(n.stage, n.key)) is not None}
+    pending = [n for n in nodes if n.key not in refs]
+    total = sum(len(p.nodes) for p in plans)
+    log.info("%s: %d specs, %d stages in their plans, %d distinct; %d already stored, %d to run on %s",
+             sweep.name, len(specs), total, len(nodes), len(refs), len(pending),
+             "this process" if sequential else (sweep.dask.address or f"a LocalCluster of {sweep.dask.workers}"))
+    if pending:
+        refs |= (run_in_order(pending, refs, devices, owner) if sequential
+                 else run_on_dask(pending, refs, sweep.dask, devices, owner))
+    executed = Counter(n.role for n in pending)
+    try:
+        flow_run_id = str(get_run_context().flow_run.id)
+    except Exception:
+        flow_run_id = None
+    parent = sweep_run(sweep, flow_run_id)
+    rows, ran = [], {n.key for n in pending}
+    for spec, plan in zip(specs, plans):
+        tracker = Tracker(spec, store, flow_run_id, parent_run_id=parent)
+        for rnd in plan.rounds:
+            tracker.log_round(rnd, refs, reused=not {rnd.trained.key, rnd.evaluate.key} & ran)
+            ev = refs[rnd.evaluate.key].info
+            rows.append({"spec": spec.name, "round": rnd.name, "sparsity": ev["sparsity"], "test_acc": ev["test_acc"]})
+        tracker.finish({"spec": spec.name})
+    summary = {"sweep": sweep.name, "specs": len(specs), "stages_in_plans": total, "distinct_stages": len(nodes),
+               "executed": dict(executed), "reused": len(nodes) - len(pending), "rows": rows,
+               "mlflow_run_id": parent}
+    summary["report"] = None  # publish_report(specs, store, sweep.name, parent, summary)
+    log.info("executed per stage role: %s", dict(executed) or "nothing (all stored)")
+    return summary
+
+
+def run_sweep(spec: SweepSpec, sequential: bool = False) -> dict[str, Any]:
+    return sweep(sweep=spec, sequential=sequential)
+

@@ -1,0 +1,113 @@
+"""Sweeps: base specs × a grid of dotted overrides, expanded and validated before anything runs,
+then reduced to the stages they actually need.
+
+Stage keys make sharing free: nine specs that differ only in criterion and sparsity have one
+init and one pretrain between them, so `unique_nodes` runs each shared stage once however
+many specs ask for it. A notebook user gets the same deduplication without Prefect.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+
+from pai_core.plan import Node, Plan, build_plan
+from pai_core.spec_io import SpecError, _one_line, apply_overrides, load_spec, parse_spec
+from pai_core.specs import ExperimentSpec, Frozen
+
+
+class DaskSpec(Frozen):
+    """Where a sweep's stages run. Here: a LocalCluster of `workers` processes. In production:
+    the `address` of a Dask scheduler whose workers sit on GPU machines, one per GPU."""
+    address: str | None = Field(None, description="tcp://scheduler:8786; None = a LocalCluster on this machine")
+    workers: int = Field(2, ge=1, description="LocalCluster worker processes")
+    threads_per_worker: int = Field(1, ge=1, description="stages one worker runs at once")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="what each stage claims, e.g. {GPU: 1}: a worker started with `--resources GPU=1` "
+                    "then runs one stage at a time, whatever its thread count")
+
+
+class SweepSpec(Frozen):
+    name: str = "sweep"
+    base: list[ExperimentSpec] = Field(min_length=1, description="the specs the grid varies")
+    grid: dict[str, list[Any]] = Field(default_factory=dict,
+                                       description="dotted field -> values, e.g. prune.sparsity: [0.5, 0.9]")
+    dask: DaskSpec = DaskSpec()
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for k, values in grid.items():
+            if not values:
+                raise ValueError(f"grid.{k}: give at least one value")
+        return grid
+
+    def expand(self) -> list[ExperimentSpec]:
+        """Every base × grid point, validated; a bad point raises SpecError naming it.
+        Identical specs (a grid value equal to the base's) are kept once."""
+        keys = list(self.grid)
+        out: dict[str, ExperimentSpec] = {}
+        for base in self.base:
+            raw = base.model_dump(mode="json")
+            for values in itertools.product(*(self.grid[k] for k in keys)):
+                point = dict(zip(keys, values))
+                tag = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
+                overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in point.items()]
+                try:
+                    spec = parse_spec(apply_overrides(raw, overrides) | ({"name": f"{base.name}[{tag}]"} if tag else {}))
+                except SpecError as e:
+                    raise SpecError(f"sweep {self.name}, base {base.name}, grid point {point}: {e}") from None
+                out.setdefault(spec.model_dump_json(exclude={"name"}), spec)
+        return list(out.values())
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """A sweep YAML; `base` entries may be spec paths (relative to the sweep file) or inline specs."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such sweep file") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a sweep must be a mapping with base and grid")
+    raw.setdefault("name", path.stem)
+    bases = raw.get("base")
+    bases = bases if isinstance(bases, list) else [bases]
+    resolved = []
+    for b in bases:
+        if isinstance(b, str):
+            resolved.append(load_spec(path.parent / b).model_dump(mode="json"))
+        else:
+            resolved.append(b)
+    raw["base"] = resolved
+    try:
+        sweep = SweepSpec.model_validate(raw)
+    except Exception as err:
+        raise SpecError(f"{path}: " + (_one_line(err, SweepSpec) if hasattr(err, "errors") else str(err))) from None
+    sweep.expand()  # every grid point is checked now, before anything is submitted
+    return sweep
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "grid" in raw and "base" in raw
+
+
+def unique_nodes(plans: list[Plan]) -> list[Node]:
+    """Every stage the plans need, once per stage key, upstream before downstream."""
+    seen: dict[str, Node] = {}
+    for plan in plans:
+        for node in plan.nodes:
+            seen.setdefault(node.key, node)
+    return list(seen.values())
+
+
+def plans_for(specs: list[ExperimentSpec]) -> list[Plan]:
+    return [build_plan(s) for s in specs]
