@@ -7,6 +7,7 @@ its temporary server and MLflow writes SQLite under PAI_HOME, with no server at 
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from pai_core.paths import pai_home
@@ -17,12 +18,16 @@ DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
+    # pai_core's own messages (reused, recomputed, resuming from checkpoint) in the run's logs
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pai_core",
 }
 
 
 def apply_defaults() -> None:
     for k, v in DEFAULTS.items():
         os.environ.setdefault(k, v)
+    if logging.getLogger("pai_core").level == logging.NOTSET:  # else the root's WARNING drops them
+        logging.getLogger("pai_core").setLevel(logging.INFO)
     # Prefect's cache records sit beside the artifacts they point to.
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(pai_home() / "prefect-results"))
     from flows.servers import client_env, read_state

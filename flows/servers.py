@@ -24,12 +24,13 @@ from typing import Any
 
 import psutil
 
+from flows.env import DEFAULTS
 from pai_core.paths import pai_home
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"prefect": 4200, "mlflow": 5000}
-QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-         "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
+# pai-flow's defaults, so a worker's flow runs get them before Prefect configures logging
+QUIET = {**DEFAULTS, "PREFECT_SERVER_LOGGING_LEVEL": "WARNING"}
 
 
 class ServerError(RuntimeError):
