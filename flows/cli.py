@@ -120,6 +120,60 @@ def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg)
     console.print(table)
 
 
+@app.command()
+def sweep(path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps/criteria_lenet300.yaml"),
+          sequential: bool = typer.Option(False, help="run stages one by one in this process, not on Dask"),
+          workers: Optional[int] = typer.Option(None, help="LocalCluster workers (overrides dask.workers)"),
+          address: Optional[str] = typer.Option(None, help="Dask scheduler address (overrides dask.address)")) -> None:
+    """Every spec of the sweep, each shared stage once, on Dask; then the report."""
+    from pai_core.sweep import load_sweep
+
+    try:
+        sw = load_sweep(path)
+    except SpecError as e:
+        err_console.print(f"[red]invalid sweep[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    dask = sw.dask.model_copy(update={k: v for k, v in (("workers", workers), ("address", address)) if v})
+    sw = sw.model_copy(update={"dask": dask})
+    t0 = time.perf_counter()
+    from flows.sweep import sweep as sweep_flow
+
+    summary = sweep_flow(sweep=sw, sequential=sequential)
+    console.print(f"{sw.name}: {summary['specs']} specs, {summary['stages_in_plans']} stages in their plans, "
+                  f"{summary['distinct_stages']} distinct, executed {summary['executed'] or 'none'}, "
+                  f"{time.perf_counter() - t0:.1f} s", highlight=False)
+    console.print(Path(summary["report"]["markdown"]).read_text().split("\n![", 1)[0])
+    console.print(f"report: {summary['report']['dir']}")
+
+
+@app.command()
+def report(paths: list[Path] = typer.Argument(..., help="a sweep YAML or experiment spec YAMLs"),
+           name: Optional[str] = typer.Option(None, help="report name (default: the sweep's or the first spec's)")) -> None:
+    """Accuracy-vs-density and per-layer plots plus a table from stored results; logged to
+    MLflow and published as Prefect artifacts."""
+    from pai_core.sweep import is_sweep_file, load_sweep
+
+    try:
+        if len(paths) == 1 and is_sweep_file(paths[0]):
+            sw = load_sweep(paths[0])
+            specs, name = sw.expand(), name or sw.name
+        else:
+            specs = [load_spec(p) for p in paths]
+            name = name or specs[0].name
+    except SpecError as e:
+        err_console.print(f"[red]invalid spec[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    from flows.report import report as report_flow
+
+    try:
+        out = report_flow(specs=specs, name=name)
+    except ValueError as e:
+        err_console.print(f"[red]{e}[/red]", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(Path(out["markdown"]).read_text().split("\n![", 1)[0])
+    console.print(f"plots: {out['accuracy_png']}, {out['layers_png']}; MLflow run {out['mlflow_run_id']}")
+
+
 def _log_pai_core() -> None:
     """Show pai_core's own messages (reuse, recompute, resume) beside Prefect's."""
     import logging

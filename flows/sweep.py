@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 
-# from flows.report import publish_report
+from flows.report import publish_report
 from flows.tracking import Tracker, sweep_run
 from pai_core.plan import Node
 from pai_core.store import Ref
@@ -118,7 +118,7 @@ def sweep(sweep: SweepSpec, sequential: bool = False) -> dict[str, Any]:
     summary = {"sweep": sweep.name, "specs": len(specs), "stages_in_plans": total, "distinct_stages": len(nodes),
                "executed": dict(executed), "reused": len(nodes) - len(pending), "rows": rows,
                "mlflow_run_id": parent}
-    summary["report"] = None  # publish_report(specs, store, sweep.name, parent, summary)
+    summary["report"] = publish_report(specs, store, sweep.name, parent, summary)
     log.info("executed per stage role: %s", dict(executed) or "nothing (all stored)")
     return summary
 

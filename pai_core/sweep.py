@@ -57,12 +57,20 @@ class SweepSpec(Frozen):
                 point = dict(zip(keys, values))
                 tag = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
                 overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in point.items()]
+                point_raw = apply_overrides(raw, overrides)
+                if _criterion_changed(base, point):  # params belong to a criterion: take the new one's defaults
+                    point_raw["prune"]["params"] = {}
                 try:
-                    spec = parse_spec(apply_overrides(raw, overrides) | ({"name": f"{base.name}[{tag}]"} if tag else {}))
+                    spec = parse_spec(point_raw | ({"name": f"{base.name}[{tag}]"} if tag else {}))
                 except SpecError as e:
                     raise SpecError(f"sweep {self.name}, base {base.name}, grid point {point}: {e}") from None
                 out.setdefault(spec.model_dump_json(exclude={"name"}), spec)
         return list(out.values())
+
+
+def _criterion_changed(base: ExperimentSpec, point: dict[str, Any]) -> bool:
+    return (base.prune is not None and "prune.params" not in point
+            and point.get("prune.criterion", base.prune.criterion) != base.prune.criterion)
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
