@@ -50,7 +50,7 @@ def dask_runner(spec: DaskSpec) -> Any:
         api = str(client.api_url)
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": spec.workers, "threads_per_worker": spec.threads_per_worker, "processes": True,
-        "dashboard_address": None, "resources": dict(spec.resources) or None,
+        "dashboard_address": ":0", "resources": dict(spec.resources) or None,
         "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PREFECT_API_URL": api}})
 
 
@@ -67,7 +67,18 @@ def run_on_dask(pending: list[Node], refs: dict[str, Ref], spec: DaskSpec, devic
             task = TASKS[node.role].with_options(refresh_cache=True)  # pending = not in the store
             futures[node.key] = runner.submit(task, parameters={
                 "node": node, "inputs": inputs, "label": _label(node, owner), "device": devices[node.key]})
-        return {k: f.result() for k, f in futures.items()}
+        from distributed import as_completed
+
+        by_future = {f.wrapped_future: (k, f) for k, f in futures.items()}
+        nodes = {n.key: n for n in pending}
+        out: dict[str, Ref] = {}
+        with runner.client.as_current():  # as_completed looks for the current Dask client
+            for i, done in enumerate(as_completed(list(by_future)), start=1):  # progress as stages finish
+                key, future = by_future[done]
+                out[key] = future.result()
+                _logger().info("[%d/%d] %s done (%.1f s, pid %s)", i, len(pending), _label(nodes[key], owner),
+                               out[key].info.get("seconds", 0.0), out[key].info.get("computed_by", {}).get("pid"))
+        return out
 
 
 def run_in_order(pending: list[Node], refs: dict[str, Ref], devices: dict[str, str],

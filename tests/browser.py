@@ -25,8 +25,7 @@ TIMEOUT = 60.0  # the SPAs load slowly on 2 cores
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--window-size=1600,1000")
-# For each of arguments[0]: the visible elements whose whole (whitespace-normalised) text it is,
-# innermost first. One DOM pass per call: pages are slow while their run timelines animate.
+# Per text in arguments[0], the innermost visible elements whose whole text it is (one DOM pass).
 _FIND_JS = """const norm = s => (s || '').replace(/\\s+/g, ' ').trim();
 const all = [...document.querySelectorAll('body *')].map(e => [e, norm(e.textContent)]);
 return arguments[0].map(want => {
@@ -49,26 +48,25 @@ def chromium(screenshot_dir: Path) -> Iterator[WebDriver]:
         options.binary_location = CHROMIUM
         for flag in (*FLAGS, f"--user-data-dir={profile}"):
             options.add_argument(flag)
-        # Own session: chromium's children share chromedriver's process group; the XDG dirs put
-        # the crash handler's database, hence the profile, on its command line too.
+        # Own process group for chromium's children; XDG dirs put the profile on crashpad's command line.
         env = {**os.environ, "XDG_CONFIG_HOME": f"{profile}/config", "XDG_CACHE_HOME": f"{profile}/cache"}
         service = Service(executable_path=CHROMEDRIVER, env=env, popen_kw={"start_new_session": True},
                           log_output=str(screenshot_dir / "chromedriver.log"))
+        stack.callback(_reap, service, profile)
         driver = webdriver.Chrome(service=service, options=options)
-        stack.callback(_reap, service.process.pid, profile)
         stack.callback(driver.quit)
-        driver.set_page_load_timeout(2 * TIMEOUT)
         yield driver
 
 
-def _reap(pgid: int, profile: str) -> None:
+def _reap(service: Service, profile: str) -> None:
     """Give chromedriver's and chromium's processes 5 s to exit, then SIGKILL those left."""
+    pgid = service.process.pid if getattr(service, "process", None) else -1  # -1: it never started
     def ours(proc: Path) -> bool:
         with suppress(OSError, ValueError):
             state, _, group = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:3]
-            return state != "Z" and (int(group) == pgid or profile.encode() in (proc / "cmdline").read_bytes())
+            return state != "Z" and (int(group) == pgid
+                                     or profile.encode() in (proc / "cmdline").read_bytes())
         return False
-
     start = time.monotonic()
     while pids := [int(proc.name) for proc in Path("/proc").glob("[0-9]*") if ours(proc)]:
         if time.monotonic() - start > 10:
@@ -88,18 +86,17 @@ def _missing(driver: WebDriver, texts: Sequence[str]) -> list[str]:
 
 
 def _wait(driver: WebDriver, until: Callable[[WebDriver], object], shots: Path, step: str,
-          message: Callable[[], str], timeout: float = TIMEOUT) -> None:
+          message: Callable[[], str]) -> None:
     """Wait for `until`; else save a screenshot and the page text, and fail naming both."""
-    try:
-        WebDriverWait(driver, timeout, poll_frequency=0.5).until(until)
+    with suppress(TimeoutException):
+        WebDriverWait(driver, TIMEOUT, poll_frequency=0.5).until(until)
         return
-    except TimeoutException:
-        text = f"{step}: {message()} after {timeout:.0f}s at {driver.current_url}"
     png, txt = shots / f"FAILED-{step}.png", shots / f"FAILED-{step}.txt"
     with suppress(WebDriverException):
         driver.save_screenshot(str(png))
-        txt.write_text(f"{driver.current_url}\n{driver.title}\n\n{driver.find_element('tag name', 'body').text}")
-    raise AssertionError(f"{text} (see {png} and {txt})")
+        body = driver.find_element("tag name", "body").text
+        txt.write_text(f"{driver.current_url}\n{driver.title}\n\n{body}")
+    raise AssertionError(f"{step}: {message()} after {TIMEOUT:.0f}s, {driver.current_url} ({png}, {txt})")
 
 
 def _wait_shown(driver: WebDriver, texts: Sequence[str], shots: Path, step: str) -> None:
@@ -110,8 +107,7 @@ def _wait_shown(driver: WebDriver, texts: Sequence[str], shots: Path, step: str)
 
 def _click(driver: WebDriver, *labels: str) -> bool:
     """Click the first visible element with each label (by JS where an overlay intercepts it)."""
-    hits = [els[0] for els in _find(driver, labels) if els]
-    for el in hits:
+    for el in (hits := [els[0] for els in _find(driver, labels) if els]):
         try:
             el.click()
         except WebDriverException:
@@ -143,9 +139,8 @@ def _get_json(url: str, body: dict | None = None) -> dict:
 def check_prefect_ui(driver: WebDriver, base_url: str, deployment_name: str, flow_run_id: str,
                      flow_run_name: str, stage_names: Sequence[str], shots: Path,
                      ui: str | None = None) -> None:
-    """The deployments list shows the deployment; the flow run's page shows it Completed and, on
-    its Task Runs tab, a task run named after each stage. `ui`: 'v1', 'v2', None: the server's
-    default (v2 since Prefect 3.9; v1 serves the plain paths, `/runs/flow-run/<id>`)."""
+    """The deployments list shows the deployment; the flow run page shows its name, deployment, state
+    Completed and, on its Task Runs tab, each stage's task run. `ui`: 'v1' (plain paths), 'v2', None: the server's default."""
     base = base_url.rstrip("/")
     settings = _get_json(f"{base}/ui-settings")
     # `prefect server start --port N` leaves the UI's API at :4200 unless PREFECT_UI_API_URL is set
@@ -157,7 +152,7 @@ def check_prefect_ui(driver: WebDriver, base_url: str, deployment_name: str, flo
     _search_list(driver, [deployment_name], shots, "prefect-deployments")
     driver.save_screenshot(str(shots / "prefect-deployments.png"))
     driver.get(f"{base}{prefix}/runs/flow-run/{flow_run_id}")
-    _wait_shown(driver, [flow_run_name, "Completed", "Task Runs"], shots, "prefect-flow-run")
+    _wait_shown(driver, [flow_run_name, deployment_name, "Completed", "Task Runs"], shots, "prefect-flow-run")
     def task_runs_tab(d: WebDriver) -> bool:  # open: ARIA says so, or the URL (v1 UI)
         url = parse.unquote_plus(d.current_url).replace(" ", "").lower()
         return _click(d, "Task Runs") and ("tab=taskruns" in url or d.execute_script(
@@ -183,24 +178,21 @@ def check_mlflow_ui(driver: WebDriver, base_url: str, experiment_name: str, run_
     assert runs, f"MLflow has no run {run_name!r} in experiment {experiment_name!r}"
     driver.get(f"{base}/#/experiments")
     _search_list(driver, [experiment_name], shots, "mlflow-experiments")
-    # MLflow 3 opens an experiment in its GenAI view, with an assistant panel: ask for the runs
-    # table (URL, stored preferences), else click the "Model training" toggle (or type chooser).
+    # MLflow 3 opens experiments in a GenAI view, with an assistant panel: ask for the runs table.
     driver.execute_script("localStorage.setItem('mlflow.workflowType_v1', '\"machine_learning\"');"
                           "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
     driver.get(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
     driver.refresh()  # the app reads the preferences when it starts
     with suppress(TimeoutException):
         WebDriverWait(driver, TIMEOUT / 2, 0.5).until(lambda d: not _missing(d, [run_name]))
-    if _missing(driver, [run_name]):
-        _click(driver, *_POPUPS)
-        _click(driver, "Model training", "Machine learning", "Machine Learning")
+    if _missing(driver, [run_name]):  # a modal, or still the GenAI view
+        _click(driver, *_POPUPS, "Model training", "Machine learning", "Machine Learning")
     _wait_shown(driver, [experiment_name, run_name], shots, "mlflow-experiment")
     _click(driver, *_POPUPS)
     driver.save_screenshot(str(shots / "mlflow-experiment.png"))
     driver.get(f"{base}/#/experiments/{exp_id}/runs/{runs[0]['info']['run_id']}")
     _wait_shown(driver, [run_name], shots, "mlflow-run")
     _search_list(driver, metric_names, shots, "mlflow-run")
-    _click(driver, *_POPUPS)
     for hits in _find(driver, metric_names[:1]):
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", hits[0])
     driver.save_screenshot(str(shots / "mlflow-run.png"))
