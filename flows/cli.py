@@ -90,7 +90,6 @@ def run(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> 
     """Run the spec's flow (Prefect's temporary server unless PREFECT_API_URL is set)."""
     s = _spec(spec, overrides)
     t0 = time.perf_counter()
-    _log_pai_core()
     from flows import FLOWS
 
     pai_progress.set_progress(RichProgress(console))
@@ -172,18 +171,6 @@ def report(paths: list[Path] = typer.Argument(..., help="a sweep YAML or experim
         raise typer.Exit(1) from None
     console.print(Path(out["markdown"]).read_text().split("\n![", 1)[0])
     console.print(f"plots: {out['accuracy_png']}, {out['layers_png']}; MLflow run {out['mlflow_run_id']}")
-
-
-def _log_pai_core() -> None:
-    """Show pai_core's own messages (reuse, recompute, resume) beside Prefect's."""
-    import logging
-
-    from rich.logging import RichHandler
-
-    logger = logging.getLogger("pai_core")
-    if not logger.handlers:
-        logger.addHandler(RichHandler(console=console, show_path=False))
-        logger.setLevel(logging.INFO)
 
 
 def _print_rounds(rows: list[dict[str, Any]], title: str) -> None:

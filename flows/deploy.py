@@ -1,7 +1,7 @@
 """Deployments built from the example specs: configs/ stays the single source of truth.
 
 Each YAML becomes one deployment of its paradigm's flow whose one parameter, `spec`, is the
-validated spec itself. Prefect derives the parameter's JSON schema from the pydantic model,
+validated spec itself (a sweep file: the `sweep` flow, parameter `sweep`). Prefect derives the parameter's JSON schema from the pydantic model,
 so the UI's "Run" form shows every field with its allowed values and the server checks a
 custom run against it; the flow validates it again with pydantic before any stage runs.
 
@@ -21,7 +21,9 @@ from prefect.flows import EntrypointType
 from prefect.workers.process import ProcessWorker
 
 from flows import FLOWS
+from flows.sweep import sweep as sweep_flow
 from pai_core.spec_io import load_spec
+from pai_core.sweep import is_sweep_file, load_sweep
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_POOL = "local-cpu"
@@ -36,8 +38,17 @@ class Deployed:
 
 
 def spec_files(root: Path = CONFIGS) -> list[Path]:
-    """Every experiment spec under configs/ (sweep specs live in configs/sweeps/)."""
-    return sorted(p for p in root.rglob("*.yaml") if "sweeps" not in p.relative_to(root).parts)
+    """Every spec under configs/: experiments, and the sweeps in configs/sweeps/."""
+    return sorted(root.rglob("*.yaml"))
+
+
+def _load(path: Path) -> tuple[str, str, dict]:
+    """(flow name, deployment name, parameters) for an experiment or a sweep file."""
+    if is_sweep_file(path):
+        sw = load_sweep(path)
+        return "sweep", sw.name, {"sweep": sw.model_dump(mode="json")}
+    spec = load_spec(path)
+    return spec.flow, spec.name, {"spec": spec.model_dump(mode="json")}
 
 
 def description(path: Path) -> str:
@@ -72,22 +83,22 @@ def deploy(paths: list[Path], pool: str = DEFAULT_POOL, cron: str | None = None,
            paused: bool = False) -> list[Deployed]:
     """Validate every spec first (nothing is registered if one is wrong), then deploy each."""
     require_server()
-    specs = [(p, load_spec(p)) for p in paths]
-    names = [f"{s.flow}/{s.name}" for _, s in specs]
+    specs = [(p, *_load(p)) for p in paths]
+    names = [f"{flow}/{name}" for _, flow, name, _ in specs]
     if dup := sorted({n for n in names if names.count(n) > 1}):
         raise RuntimeError(f"two specs would share the deployment name {dup[0]}: give one a different `name`")
     ensure_pool(pool)
     out = []
-    for path, spec in specs:
-        name = spec.name  # the file's stem unless the spec names itself
+    for path, flow_name, name, parameters in specs:  # name: the file's stem unless the spec names itself
         schedules = None
         if cron:
             from prefect.schedules import Cron
 
             schedules = [Cron(cron, timezone=timezone)]
-        dep = FLOWS[spec.flow].to_deployment(
-            name=name, parameters={"spec": spec.model_dump(mode="json")}, schedules=schedules, paused=paused,
-            description=description(path), tags=["pai-flow", spec.flow], work_pool_name=pool,
+        flow = sweep_flow if flow_name == "sweep" else FLOWS[flow_name]
+        dep = flow.to_deployment(
+            name=name, parameters=parameters, schedules=schedules, paused=paused,
+            description=description(path), tags=["pai-flow", flow_name], work_pool_name=pool,
             entrypoint_type=EntrypointType.MODULE_PATH, enforce_parameter_schema=True)
-        out.append(Deployed(f"{spec.flow}/{name}", str(dep.apply()), str(path), cron))
+        out.append(Deployed(f"{flow_name}/{name}", str(dep.apply()), str(path), cron))
     return out

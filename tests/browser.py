@@ -99,7 +99,7 @@ def _wait(driver: WebDriver, until: Callable[[WebDriver], object], shots: Path, 
     raise AssertionError(f"{step}: {message()} after {TIMEOUT:.0f}s, {driver.current_url} ({png}, {txt})")
 
 
-def _wait_shown(driver: WebDriver, texts: Sequence[str], shots: Path, step: str) -> None:
+def wait_shown(driver: WebDriver, texts: Sequence[str], shots: Path, step: str) -> None:
     """Each text is the whole text of some visible element (so 'Completed' is not 'Completed()')."""
     _wait(driver, lambda d: not _missing(d, texts), shots, step,
           lambda: f"not shown: {_missing(driver, texts)}")
@@ -115,7 +115,7 @@ def _click(driver: WebDriver, *labels: str) -> bool:
     return bool(hits)
 
 
-def _search_list(driver: WebDriver, names: Sequence[str], shots: Path, step: str) -> None:
+def search_list(driver: WebDriver, names: Sequence[str], shots: Path, step: str) -> None:
     """Wait for a list to show `names`, typing those not on its first page into its search box."""
     with suppress(TimeoutException):  # the list has loaded once one name shows
         WebDriverWait(driver, TIMEOUT / 2, 0.5).until(lambda d: len(_missing(d, names)) < len(names))
@@ -125,7 +125,7 @@ def _search_list(driver: WebDriver, names: Sequence[str], shots: Path, step: str
     for name in missing:
         if boxes:
             driver.execute_script(_TYPE_JS, boxes[0], name)
-        _wait_shown(driver, [name], shots, step)
+        wait_shown(driver, [name], shots, step)
     if boxes:
         driver.execute_script(_TYPE_JS, boxes[0], "")
 
@@ -139,8 +139,8 @@ def _get_json(url: str, body: dict | None = None) -> dict:
 def check_prefect_ui(driver: WebDriver, base_url: str, deployment_name: str, flow_run_id: str,
                      flow_run_name: str, stage_names: Sequence[str], shots: Path,
                      ui: str | None = None) -> None:
-    """The deployments list shows the deployment; the flow run page shows its name, deployment, state
-    Completed and, on its Task Runs tab, each stage's task run. `ui`: 'v1' (plain paths), 'v2', None: the server's default."""
+    """The deployments list shows the deployment; the run page its name, deployment, state Completed
+    and (Task Runs tab) each stage's task run. `ui`: 'v1' (plain paths), 'v2', None: server default."""
     base = base_url.rstrip("/")
     settings = _get_json(f"{base}/ui-settings")
     # `prefect server start --port N` leaves the UI's API at :4200 unless PREFECT_UI_API_URL is set
@@ -149,16 +149,16 @@ def check_prefect_ui(driver: WebDriver, base_url: str, deployment_name: str, flo
     prefix = (settings.get(f"{ui or settings.get('default_ui') or 'v1'}_base_url") or "").rstrip("/")
 
     driver.get(f"{base}{prefix}/deployments")
-    _search_list(driver, [deployment_name], shots, "prefect-deployments")
+    search_list(driver, [deployment_name], shots, "prefect-deployments")
     driver.save_screenshot(str(shots / "prefect-deployments.png"))
     driver.get(f"{base}{prefix}/runs/flow-run/{flow_run_id}")
-    _wait_shown(driver, [flow_run_name, deployment_name, "Completed", "Task Runs"], shots, "prefect-flow-run")
+    wait_shown(driver, [flow_run_name, deployment_name, "Completed", "Task Runs"], shots, "prefect-flow-run")
     def task_runs_tab(d: WebDriver) -> bool:  # open: ARIA says so, or the URL (v1 UI)
         url = parse.unquote_plus(d.current_url).replace(" ", "").lower()
         return _click(d, "Task Runs") and ("tab=taskruns" in url or d.execute_script(
             "return arguments[0].some(e => e.closest('[aria-selected=true]'))", _find(d, ["Task Runs"])[0]))
     _wait(driver, task_runs_tab, shots, "prefect-flow-run", lambda: "could not open the Task Runs tab")
-    _search_list(driver, stage_names, shots, "prefect-flow-run")
+    search_list(driver, stage_names, shots, "prefect-flow-run")
     driver.execute_script("window.scrollTo(0, 0)")
     driver.save_screenshot(str(shots / "prefect-flow-run.png"))  # state badge, timeline
     driver.execute_script("arguments[0].scrollIntoView()", _find(driver, ["Task Runs"])[0][0])
@@ -177,7 +177,7 @@ def check_mlflow_ui(driver: WebDriver, base_url: str, experiment_name: str, run_
         "order_by": ["attributes.start_time DESC"], "max_results": 1}).get("runs")
     assert runs, f"MLflow has no run {run_name!r} in experiment {experiment_name!r}"
     driver.get(f"{base}/#/experiments")
-    _search_list(driver, [experiment_name], shots, "mlflow-experiments")
+    search_list(driver, [experiment_name], shots, "mlflow-experiments")
     # MLflow 3 opens experiments in a GenAI view, with an assistant panel: ask for the runs table.
     driver.execute_script("localStorage.setItem('mlflow.workflowType_v1', '\"machine_learning\"');"
                           "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
@@ -187,12 +187,12 @@ def check_mlflow_ui(driver: WebDriver, base_url: str, experiment_name: str, run_
         WebDriverWait(driver, TIMEOUT / 2, 0.5).until(lambda d: not _missing(d, [run_name]))
     if _missing(driver, [run_name]):  # a modal, or still the GenAI view
         _click(driver, *_POPUPS, "Model training", "Machine learning", "Machine Learning")
-    _wait_shown(driver, [experiment_name, run_name], shots, "mlflow-experiment")
+    wait_shown(driver, [experiment_name, run_name], shots, "mlflow-experiment")
     _click(driver, *_POPUPS)
     driver.save_screenshot(str(shots / "mlflow-experiment.png"))
     driver.get(f"{base}/#/experiments/{exp_id}/runs/{runs[0]['info']['run_id']}")
-    _wait_shown(driver, [run_name], shots, "mlflow-run")
-    _search_list(driver, metric_names, shots, "mlflow-run")
+    wait_shown(driver, [run_name], shots, "mlflow-run")
+    search_list(driver, metric_names, shots, "mlflow-run")
     for hits in _find(driver, metric_names[:1]):
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", hits[0])
     driver.save_screenshot(str(shots / "mlflow-run.png"))

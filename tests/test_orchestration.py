@@ -137,6 +137,61 @@ def test_deploy_with_schedule_then_trigger_a_changed_parameter(stack):
             assert child.data.metrics["sparsity"] == pytest.approx(1 - 0.5 ** int(child.info.run_name[-1]), abs=1e-3)
 
 
+def test_report_is_published_to_mlflow_and_prefect(stack):
+    # The spec of the run triggered above, with its changed rate: the report reads the store.
+    ran = stack["raw"] | {"prune": {**stack["raw"]["prune"], "rate": 0.5}}
+    path = stack["home"].parent / "tiny_lth_rate05.yaml"
+    path.write_text(yaml.safe_dump(ran))
+    out = _pai(stack["env"], "report", str(path))
+    assert "| LTH |" in out.stdout and "| dense |" in out.stdout
+    with _client(stack) as client:
+        stack["artifacts"] = {a.key: str(a.id) for a in client.read_artifacts()}
+    assert {"pai-report-tiny-lth", "pai-report-tiny-lth-accuracy", "pai-report-tiny-lth-layers"} <= set(
+        stack["artifacts"])
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(stack["mlflow"])
+    exp = mlflow.get_experiment_by_name("pai-e2e")
+    (run,) = mlflow.search_runs([exp.experiment_id], "tags.`pai.flow` = 'report'")
+    assert {a.path for a in mlflow.list_artifacts(run.info.run_id, "report")} == {
+        "report/accuracy.png", "report/layers.png", "report/report.md"}
+
+
+def test_browser_sees_deployment_run_stages_report_and_mlflow(stack):
+    """Headless Debian Chromium through chromium-driver; screenshots in test-outputs/screenshots."""
+    if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
+        if os.environ.get("PAI_REQUIRE_BROWSER"):
+            pytest.fail("PAI_REQUIRE_BROWSER is set but Debian's chromium / chromium-driver are not installed")
+        pytest.skip("needs Debian's chromium and chromium-driver (apt install chromium chromium-driver)")
+    from browser import check_mlflow_ui, check_prefect_ui, chromium, search_list, wait_shown
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    run_id, run_name, _ = stack["runs"]["first"]
+    ui = stack["prefect"].removesuffix("/api")
+    with chromium(SHOTS) as driver:
+        check_prefect_ui(driver, ui, "tiny_lth", run_id, run_name,
+                         ["init", "pretrain", "retrain · round 1", "evaluate · round 2"], SHOTS)
+        driver.get(f"{ui}/artifacts/artifact/{stack['artifacts']['pai-report-tiny-lth']}")  # the table
+        wait_shown(driver, ["LTH", "dense"], SHOTS, "prefect-report")
+        driver.save_screenshot(str(SHOTS / "prefect-report.png"))
+        driver.get(f"{ui}/artifacts/artifact/{stack['artifacts']['pai-report-tiny-lth-accuracy']}")  # the plot
+        WebDriverWait(driver, 60).until(lambda d: d.execute_script(
+            "return [...document.images].some(i => i.src.startsWith('data:image/png') && i.naturalWidth > 500)"))
+        driver.save_screenshot(str(SHOTS / "prefect-report-plot.png"))
+        check_mlflow_ui(driver, stack["mlflow"], "pai-e2e", "tiny_lth", [], SHOTS)  # experiment, parent run
+        mlflow, exp, parent = _mlflow_parent(stack, run_id)
+        (child,) = mlflow.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                           "and attributes.run_name = 'round 1'")
+        driver.get(f"{stack['mlflow']}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}")
+        wait_shown(driver, ["round 1"], SHOTS, "mlflow-round")
+        search_list(driver, ["test_acc", "sparsity"], SHOTS, "mlflow-round")  # its metrics
+        driver.save_screenshot(str(SHOTS / "mlflow-round.png"))
+    for shot in ("prefect-deployments", "prefect-flow-run", "prefect-report", "prefect-report-plot",
+                 "mlflow-experiment", "mlflow-run",
+                 "mlflow-round"):
+        assert (SHOTS / f"{shot}.png").stat().st_size > 10_000
+
+
 def _by_flow_run(run_id) -> Any:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
