@@ -137,12 +137,21 @@ def sweep(path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps
     t0 = time.perf_counter()
     from flows.sweep import sweep as sweep_flow
 
-    summary = sweep_flow(sweep=sw, sequential=sequential)
+    state = sweep_flow(sweep=sw, sequential=sequential, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):  # failed before it could summarise
+        err_console.print(f"[red]sweep failed[/red]: {state.message}", highlight=False)
+        raise typer.Exit(1)
     console.print(f"{sw.name}: {summary['specs']} specs, {summary['stages_in_plans']} stages in their plans, "
                   f"{summary['distinct_stages']} distinct, executed {summary['executed'] or 'none'}, "
                   f"{time.perf_counter() - t0:.1f} s", highlight=False)
-    console.print(Path(summary["report"]["markdown"]).read_text().split("\n![", 1)[0])
-    console.print(f"report: {summary['report']['dir']}")
+    if summary["report"]:
+        console.print(Path(summary["report"]["markdown"]).read_text().split("\n![", 1)[0])
+        console.print(f"report: {summary['report']['dir']}")
+    for name, why in summary["failed"].items():
+        err_console.print(f"[red]failed[/red] {name}: {why}", highlight=False)
+    if summary["failed"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -16,7 +16,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.context import get_run_context
+from prefect.states import Failed
 
+from mlflow.tracking import MlflowClient
+
+from flows.env import tracking_uri
 from flows.report import publish_report
 from flows.tracking import Tracker, sweep_run
 from pai_core.plan import Node
@@ -54,12 +58,18 @@ def dask_runner(spec: DaskSpec) -> Any:
         "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PREFECT_API_URL": api}})
 
 
+Outcome = tuple[dict[str, Ref], dict[str, str]]  # computed refs; failed stage key -> why
+
+
 def run_on_dask(pending: list[Node], refs: dict[str, Ref], spec: DaskSpec, devices: dict[str, str],
-                owner: dict[str, str]) -> dict[str, Ref]:
+                owner: dict[str, str]) -> Outcome:
     import dask
+    from distributed import as_completed
 
     runner = dask_runner(spec)
     claim = dask.annotate(resources=dict(spec.resources)) if spec.resources else nullcontext()
+    out: dict[str, Ref] = {}
+    failed: dict[str, str] = {}
     with runner, claim:
         futures: dict[str, Any] = {}
         for node in pending:  # upstream first, so every input is a ref or an earlier future
@@ -67,33 +77,45 @@ def run_on_dask(pending: list[Node], refs: dict[str, Ref], spec: DaskSpec, devic
             task = TASKS[node.role].with_options(refresh_cache=True)  # pending = not in the store
             futures[node.key] = runner.submit(task, parameters={
                 "node": node, "inputs": inputs, "label": _label(node, owner), "device": devices[node.key]})
-        from distributed import as_completed
-
         by_future = {f.wrapped_future: (k, f) for k, f in futures.items()}
         nodes = {n.key: n for n in pending}
-        out: dict[str, Ref] = {}
         with runner.client.as_current():  # as_completed looks for the current Dask client
             for i, done in enumerate(as_completed(list(by_future)), start=1):  # progress as stages finish
                 key, future = by_future[done]
-                out[key] = future.result()
-                _logger().info("[%d/%d] %s done (%.1f s, pid %s)", i, len(pending), _label(nodes[key], owner),
+                label = _label(nodes[key], owner)
+                try:
+                    out[key] = future.result()
+                except Exception as e:  # this stage and what needs it fail; the rest goes on
+                    failed[key] = f"{type(e).__name__}: {e}"
+                    _logger().error("[%d/%d] %s failed: %s", i, len(pending), label, failed[key])
+                    continue
+                _logger().info("[%d/%d] %s done (%.1f s, pid %s)", i, len(pending), label,
                                out[key].info.get("seconds", 0.0), out[key].info.get("computed_by", {}).get("pid"))
-        return out
+    return out, failed
 
 
 def run_in_order(pending: list[Node], refs: dict[str, Ref], devices: dict[str, str],
-                 owner: dict[str, str]) -> dict[str, Ref]:
+                 owner: dict[str, str]) -> Outcome:
     out: dict[str, Ref] = {}
+    failed: dict[str, str] = {}
     for node in pending:
+        if bad := [n.key for n in node.inputs.values() if n.key in failed]:
+            failed[node.key] = f"upstream stage {bad[0]} failed"
+            continue
         inputs = {k: out.get(n.key) or refs[n.key] for k, n in node.inputs.items()}
-        out[node.key], _ = run_stage_task(node, inputs, _label(node, owner), devices[node.key])
-    return out
+        try:
+            out[node.key], _ = run_stage_task(node, inputs, _label(node, owner), devices[node.key])
+        except Exception as e:
+            failed[node.key] = f"{type(e).__name__}: {e}"
+    return out, failed
 
 
 @flow(name="sweep", log_prints=True)
-def sweep(sweep: SweepSpec, sequential: bool = False) -> dict[str, Any]:
+def sweep(sweep: SweepSpec, sequential: bool = False) -> Any:
     """Run every spec of the sweep; `sequential` runs the stages one by one in this process
-    (the baseline `benchmarks/sweep.py` compares the Dask run with)."""
+    (the baseline `benchmarks/sweep.py` compares the Dask run with). A spec whose stage fails
+    (a collapsed mask, say) is reported missing; the others finish, are tracked and reported,
+    and the run ends Failed, naming it."""
     log, store = _logger(), default_store()
     specs = sweep.expand()
     plans = plans_for(specs)
@@ -109,31 +131,40 @@ def sweep(sweep: SweepSpec, sequential: bool = False) -> dict[str, Any]:
     log.info("%s: %d specs, %d stages in their plans, %d distinct; %d already stored, %d to run on %s",
              sweep.name, len(specs), total, len(nodes), len(refs), len(pending),
              "this process" if sequential else (sweep.dask.address or f"a LocalCluster of {sweep.dask.workers}"))
-    if pending:
-        refs |= (run_in_order(pending, refs, devices, owner) if sequential
-                 else run_on_dask(pending, refs, sweep.dask, devices, owner))
-    executed = Counter(n.role for n in pending)
+    computed, failed = ({}, {}) if not pending else (
+        run_in_order(pending, refs, devices, owner) if sequential
+        else run_on_dask(pending, refs, sweep.dask, devices, owner))
+    refs |= computed
+    executed = Counter(n.role for n in pending if n.key in computed)
     try:
         flow_run_id = str(get_run_context().flow_run.id)
     except Exception:
         flow_run_id = None
     parent = sweep_run(sweep, flow_run_id)
-    rows, ran = [], {n.key for n in pending}
+    rows, broken = [], {}
     for spec, plan in zip(specs, plans):
+        if lost := [n for n in plan.nodes if n.key not in refs]:
+            broken[spec.name] = next((f"{n.role}: {failed[n.key]}" for n in lost if n.key in failed), "not run")
+            continue
         tracker = Tracker(spec, store, flow_run_id, parent_run_id=parent)
         for rnd in plan.rounds:
-            tracker.log_round(rnd, refs, reused=not {rnd.trained.key, rnd.evaluate.key} & ran)
+            tracker.log_round(rnd, refs, reused=not {rnd.trained.key, rnd.evaluate.key} & computed.keys())
             ev = refs[rnd.evaluate.key].info
             rows.append({"spec": spec.name, "round": rnd.name, "sparsity": ev["sparsity"], "test_acc": ev["test_acc"]})
         tracker.finish({"spec": spec.name})
     summary = {"sweep": sweep.name, "specs": len(specs), "stages_in_plans": total, "distinct_stages": len(nodes),
-               "executed": dict(executed), "reused": len(nodes) - len(pending), "rows": rows,
+               "executed": dict(executed), "reused": len(nodes) - len(pending), "failed": broken, "rows": rows,
                "mlflow_run_id": parent}
-    summary["report"] = publish_report(specs, store, sweep.name, parent, summary)
+    if rows:
+        summary["report"] = publish_report(specs, store, sweep.name, parent, summary)
+    else:
+        summary["report"] = None
+        MlflowClient(tracking_uri=tracking_uri()).set_terminated(parent, "FAILED")
     log.info("executed per stage role: %s", dict(executed) or "nothing (all stored)")
+    if broken:
+        for name, why in broken.items():
+            log.error("%s: %s", name, why)
+        return Failed(message=f"{len(broken)} of {len(specs)} specs failed, first {next(iter(broken))}: "
+                              f"{next(iter(broken.values()))}", data=summary)
     return summary
-
-
-def run_sweep(spec: SweepSpec, sequential: bool = False) -> dict[str, Any]:
-    return sweep(sweep=spec, sequential=sequential)
 

@@ -62,7 +62,8 @@ def test_dedup_leaves_one_init_and_one_pretrain_for_nine_specs():
 
 def test_example_sweep_config_loads():
     specs = load_sweep("configs/sweeps/criteria_lenet300.yaml").expand()
-    assert len(specs) == 18 and Counter(n.role for n in unique_nodes(plans_for(specs)))["pretrain"] == 2
+    roles = Counter(n.role for n in unique_nodes(plans_for(specs)))
+    assert len(specs) == 18 and roles["pretrain"] == 2 and roles["init"] == 2 and roles["sparse_train"] == 18
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +120,21 @@ def test_sweep_on_dask_trains_dense_once_and_reports(prefect, pai_home):
 
     again = sweep(sweep=sweep_spec())
     assert again["executed"] == {} and again["reused"] == 33
+
+
+@pytest.mark.slow
+def test_a_failing_point_fails_alone_and_is_reported_missing(prefect, pai_home):
+    from flows.sweep import sweep
+
+    # One-shot magnitude at init empties fc1 at 99.95 % (tests/test_collapse_erk.py): that
+    # spec fails; the 50 % one is trained, tracked and reported; the run ends Failed, naming it.
+    sw = SweepSpec.model_validate({"name": "collapse", "base": [base_raw()],
+                                   "grid": {"prune.criterion": ["magnitude"], "prune.sparsity": [0.5, 0.9995]}})
+    state = sweep(sweep=sw, sequential=True, return_state=True)
+    assert state.is_failed() and "1 of 2 specs failed" in state.message
+    summary = state.result(raise_on_failure=False)
+    (name, why), = summary["failed"].items()
+    assert "sparsity=0.9995" in name and "LayerCollapse" in why
+    assert summary["executed"]["sparse_train"] == 1
+    table = open(summary["report"]["markdown"]).read()
+    assert "| magnitude | 0.5000 |" in table and "Not computed yet (1)" in table
