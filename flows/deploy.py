@@ -82,8 +82,8 @@ def ensure_pool(name: str) -> None:
 def deploy(paths: list[Path], pool: str = DEFAULT_POOL, cron: str | None = None, timezone: str = "UTC",
            paused: bool = False) -> list[Deployed]:
     """Validate every spec first (nothing is registered if one is wrong), then deploy each."""
+    specs = [(p, *_load(p)) for p in paths]  # a bad spec is refused before the server is touched
     require_server()
-    specs = [(p, *_load(p)) for p in paths]
     names = [f"{flow}/{name}" for _, flow, name, _ in specs]
     if dup := sorted({n for n in names if names.count(n) > 1}):
         raise RuntimeError(f"two specs would share the deployment name {dup[0]}: give one a different `name`")
