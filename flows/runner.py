@@ -18,7 +18,8 @@ from pai_core.store import Ref
 from tasks.stages import default_store, run_stage_task
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger (its lines reach the UI), or a plain one outside a run."""
     try:
         return get_run_logger()
     except Exception:
@@ -26,7 +27,7 @@ def _logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def execute(spec: ExperimentSpec, plan: Plan) -> dict[str, Any]:
-    log, store = _logger(), default_store()
+    log, store = run_logger(), default_store()
     try:
         flow_run_id = str(get_run_context().flow_run.id)
     except Exception:

@@ -14,26 +14,19 @@ from collections import Counter
 from contextlib import nullcontext
 from typing import Any
 
-from prefect import flow, get_run_logger
+from mlflow.tracking import MlflowClient
+from prefect import flow
 from prefect.context import get_run_context
 from prefect.states import Failed
 
-from mlflow.tracking import MlflowClient
-
 from flows.env import tracking_uri
 from flows.report import publish_report
+from flows.runner import run_logger as _logger
 from flows.tracking import Tracker, sweep_run
 from pai_core.plan import Node
 from pai_core.store import Ref
 from pai_core.sweep import DaskSpec, SweepSpec, plans_for, unique_nodes
 from tasks.stages import TASKS, default_store, run_stage_task
-
-
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger("flows.sweep")
 
 
 def _label(node: Node, owner: dict[str, str]) -> str:

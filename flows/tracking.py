@@ -61,11 +61,23 @@ class Tracker:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         self.parent = self.client.create_run(self.experiment_id, run_name=spec.name, tags=tags).info.run_id
+        if flow_run_id:
+            self._close_crashed_attempts(flow_run_id)
         params = [Param(k, str(v)) for k, v in flatten(spec).items()]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.parent, params=params[i:i + MAX_PARAMS_PER_BATCH])
         self.client.log_text(self.parent, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
                              "spec.yaml")
+
+    def _close_crashed_attempts(self, flow_run_id: str) -> None:
+        """A retried flow run (the UI's Retry after a crash) gets a fresh MLflow run; the one
+        its killed attempt left RUNNING is marked KILLED and points at its successor."""
+        stale = self.client.search_runs([self.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' "
+                                                              "and attributes.status = 'RUNNING'")
+        for run in stale:
+            if run.info.run_id != self.parent:
+                self.client.set_tag(run.info.run_id, "pai.superseded_by", self.parent)
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
     def log_round(self, rnd: Round, refs: dict[str, Ref], reused: bool) -> None:
         trained, evaluated = refs[rnd.trained.key], refs[rnd.evaluate.key]

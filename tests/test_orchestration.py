@@ -231,7 +231,9 @@ def test_crashed_run_retried_like_the_ui_resumes_at_first_unfinished_stage(stack
         assert retried.run_count >= 2
         logs = " ".join(log.message for log in client.read_logs(log_filter=_logs_of(run.id)))
     assert "resuming from checkpoint" in logs
-    mlflow, _, parent = _mlflow_parent(stack, str(run.id))
+    mlflow, exp, parent = _mlflow_parent(stack, str(run.id))
+    attempts = mlflow.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert sorted(r.info.status for r in attempts) == ["FINISHED", "KILLED"]  # the crashed one is closed
     summary = json.loads(Path(mlflow.download_artifacts(parent.info.run_id, "summary.json")).read_text())
     status = {(s["role"], s["round"]): s["status"] for s in summary["stages"]}
     # Everything finished before the kill is reused; round 1's retrain resumed from its checkpoint.
