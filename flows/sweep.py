@@ -33,22 +33,23 @@ def _label(node: Node, owner: dict[str, str]) -> str:
     return f"{node.role} · {owner[node.key]}"
 
 
-def dask_runner(spec: DaskSpec) -> Any:
+def dask_runner(spec: DaskSpec) -> tuple[Any, int | None]:
     """A DaskTaskRunner: a LocalCluster here (each worker a process whose torch uses its share
-    of the cores), or the scheduler at `spec.address`, whose workers were started elsewhere."""
+    of the cores, returned too), or the scheduler at `spec.address`, whose workers were started
+    elsewhere."""
     from prefect.client.orchestration import get_client
     from prefect_dask import DaskTaskRunner
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # not a line per worker event
     if spec.address:
-        return DaskTaskRunner(address=spec.address)
+        return DaskTaskRunner(address=spec.address), None
     threads = max(1, (os.cpu_count() or 1) // (spec.workers * spec.threads_per_worker))
     with get_client(sync_client=True) as client:  # the server this flow reports to, even a temporary one
         api = str(client.api_url)
     return DaskTaskRunner(cluster_kwargs={
         "n_workers": spec.workers, "threads_per_worker": spec.threads_per_worker, "processes": True,
         "dashboard_address": ":0", "resources": dict(spec.resources) or None,
-        "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PREFECT_API_URL": api}})
+        "env": {"PREFECT_API_URL": api}}), threads
 
 
 Outcome = tuple[dict[str, Ref], dict[str, str]]  # computed refs; failed stage key -> why
@@ -59,11 +60,15 @@ def run_on_dask(pending: list[Node], refs: dict[str, Ref], spec: DaskSpec, devic
     import dask
     from distributed import as_completed
 
-    runner = dask_runner(spec)
+    runner, threads = dask_runner(spec)
     claim = dask.annotate(resources=dict(spec.resources)) if spec.resources else nullcontext()
+    # distributed's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 and one OpenMP
+    # thread; the first made torch training 1.5-2x slower here, the second ignores our share.
+    spawn_env = dask.config.set({"distributed.nanny.pre-spawn-environ": {
+        "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}} if threads else {})
     out: dict[str, Ref] = {}
     failed: dict[str, str] = {}
-    with runner, claim:
+    with spawn_env, runner, claim:
         futures: dict[str, Any] = {}
         for node in pending:  # upstream first, so every input is a ref or an earlier future
             inputs = {k: futures.get(n.key) or refs[n.key] for k, n in node.inputs.items()}

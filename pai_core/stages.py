@@ -286,7 +286,7 @@ def run(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> Ref:
     start = time.perf_counter()
     payload, info = STAGES[node.stage](node, inputs, rt)
     info["seconds"] = round(time.perf_counter() - start, 3)  # provenance, not part of the key
-    info["computed_by"] = {"host": socket.gethostname(), "pid": os.getpid()}  # which worker, in a sweep
+    info["computed_by"] = {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads()}
     rt.computed.append(f"{node.stage}/{node.key}")
     provenance = {"role": node.role, "fields": node.fields, "inputs": {k: r.key for k, r in inputs.items()}}
     return rt.store.put(node.stage, node.key, payload, info, provenance)
