@@ -61,7 +61,17 @@ def list_cmd() -> None:
 
 @app.command()
 def validate(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Check a spec; exit 0, or exit 2 with a one-line error naming the field."""
+    """Check a spec (or a sweep: every grid point); exit 0, or exit 2 with a one-line error naming the field."""
+    from pai_core.sweep import is_sweep_file, load_sweep
+
+    if is_sweep_file(spec):
+        try:
+            sw = load_sweep(spec)
+        except SpecError as e:
+            err_console.print(f"[red]invalid sweep[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        console.print(f"ok: sweep {sw.name}, {len(sw.expand())} specs")
+        return
     s = _spec(spec, overrides)
     target = f"final sparsity {s.prune.final_sparsity:.4f}" if s.prune else f"{s.selection.method} selection"
     console.print(f"ok: {s.name} ({s.flow}, {target})")
