@@ -166,7 +166,7 @@ def sweep(path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps
 
 @app.command()
 def report(paths: list[Path] = typer.Argument(..., help="a sweep YAML or experiment spec YAMLs"),
-           name: Optional[str] = typer.Option(None, help="report name (default: the sweep's or the first spec's)")) -> None:
+           name: Optional[str] = typer.Option(None, help="default: the sweep's or the first spec's name")) -> None:
     """Accuracy-vs-density and per-layer plots plus a table from stored results; logged to
     MLflow and published as Prefect artifacts."""
     from pai_core.sweep import is_sweep_file, load_sweep

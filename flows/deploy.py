@@ -1,9 +1,10 @@
 """Deployments built from the example specs: configs/ stays the single source of truth.
 
 Each YAML becomes one deployment of its paradigm's flow whose one parameter, `spec`, is the
-validated spec itself (a sweep file: the `sweep` flow, parameter `sweep`). Prefect derives the parameter's JSON schema from the pydantic model,
-so the UI's "Run" form shows every field with its allowed values and the server checks a
-custom run against it; the flow validates it again with pydantic before any stage runs.
+validated spec itself (a sweep file: the `sweep` flow, parameter `sweep`). Prefect derives
+the parameter's JSON schema from the pydantic model, so the UI's "Run" form shows every
+field with its allowed values and the server checks a custom run against it; the flow
+validates it again with pydantic before any stage runs.
 
 The entrypoint is a module path (`flows.lottery_ticket:lottery_ticket`), not a file: a
 worker imports the installed package, so there is no code to upload or pull.

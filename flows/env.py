@@ -20,6 +20,8 @@ DEFAULTS = {
     "DO_NOT_TRACK": "1",
     # pai_core's own messages (reused, recomputed, resuming from checkpoint) in the run's logs
     "PREFECT_LOGGING_EXTRA_LOGGERS": "pai_core",
+    # ...which, used outside a flow (a notebook calling pai_core), go to the console only
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -107,12 +107,19 @@ def test_deploy_with_schedule_then_trigger_a_changed_parameter(stack):
     assert DEPLOYMENT in out.stdout
     with _client(stack) as client:
         dep = client.read_deployment_by_name(DEPLOYMENT)
+        stack["deployment_id"] = str(dep.id)
         assert dep.work_pool_name == POOL and dep.entrypoint == "flows.lottery_ticket.lottery_ticket"
         assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
         # The parameter is the pydantic spec: the UI renders a form from this schema.
         schema = dep.parameter_openapi_schema
         assert schema["required"] == ["spec"] and "ExperimentSpec" in json.dumps(schema)
         assert dep.parameters["spec"]["prune"]["rate"] == 0.2
+
+        # The server checks a custom run against that schema before any flow run exists.
+        bad = json.loads(json.dumps(dep.parameters["spec"]))
+        bad["prune"]["schedule"] = "sometimes"
+        with pytest.raises(Exception, match="sometimes"):
+            client.create_flow_run_from_deployment(dep.id, parameters={"spec": bad})
 
         changed = json.loads(json.dumps(dep.parameters["spec"]))
         changed["prune"]["rate"] = 0.5
@@ -171,6 +178,11 @@ def test_browser_sees_deployment_run_stages_report_and_mlflow(stack):
     with chromium(SHOTS) as driver:
         check_prefect_ui(driver, ui, "tiny_lth", run_id, run_name,
                          ["init", "pretrain", "retrain · round 1", "evaluate · round 2"], SHOTS)
+        # The deployment's Custom run page: a form generated from the spec's pydantic schema.
+        driver.get(f"{ui}/deployments/deployment/{stack['deployment_id']}/run")
+        wait_shown(driver, ["spec", "Flow", "Seed (Optional)", "Model", "Train", "Prune (Optional)"], SHOTS,
+                   "prefect-run-form")
+        driver.save_screenshot(str(SHOTS / "prefect-run-form.png"))
         driver.get(f"{ui}/artifacts/artifact/{stack['artifacts']['pai-report-tiny-lth']}")  # the table
         wait_shown(driver, ["LTH", "dense"], SHOTS, "prefect-report")
         driver.save_screenshot(str(SHOTS / "prefect-report.png"))
@@ -186,7 +198,7 @@ def test_browser_sees_deployment_run_stages_report_and_mlflow(stack):
         wait_shown(driver, ["round 1"], SHOTS, "mlflow-round")
         search_list(driver, ["test_acc", "sparsity"], SHOTS, "mlflow-round")  # its metrics
         driver.save_screenshot(str(SHOTS / "mlflow-round.png"))
-    for shot in ("prefect-deployments", "prefect-flow-run", "prefect-report", "prefect-report-plot",
+    for shot in ("prefect-deployments", "prefect-flow-run", "prefect-run-form", "prefect-report", "prefect-report-plot",
                  "mlflow-experiment", "mlflow-run",
                  "mlflow-round"):
         assert (SHOTS / f"{shot}.png").stat().st_size > 10_000
