@@ -74,8 +74,9 @@ class Tracker:
         its killed attempt left RUNNING is marked KILLED and points at its successor."""
         stale = self.client.search_runs([self.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' "
                                                               "and attributes.status = 'RUNNING'")
-        for run in stale:
-            if run.info.run_id != self.parent:
+        for run in stale:  # a sweep's own run and its other specs share the flow run id: not those
+            if run.info.run_id != self.parent and run.data.tags.get("pai.spec") == self.spec.name \
+                    and run.data.tags.get("pai.flow") == self.spec.flow:
                 self.client.set_tag(run.info.run_id, "pai.superseded_by", self.parent)
                 self.client.set_terminated(run.info.run_id, "KILLED")
 

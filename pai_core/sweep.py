@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from pai_core.plan import Node, Plan, build_plan
 from pai_core.spec_io import SpecError, _one_line, apply_overrides, load_spec, parse_spec
@@ -94,8 +94,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
     raw["base"] = resolved
     try:
         sweep = SweepSpec.model_validate(raw)
-    except Exception as err:
-        raise SpecError(f"{path}: " + (_one_line(err, SweepSpec) if hasattr(err, "errors") else str(err))) from None
+    except ValidationError as err:
+        raise SpecError(f"{path}: {_one_line(err, SweepSpec)}") from None
     sweep.expand()  # every grid point is checked now, before anything is submitted
     return sweep
 

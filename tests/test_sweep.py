@@ -116,7 +116,9 @@ def test_sweep_on_dask_trains_dense_once_and_reports(prefect, pai_home):
         "report/accuracy.png", "report/layers.png", "report/report.md"}
     children = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
-    assert len(children) == 9
+    assert len(children) == 9 and all(c.info.status == "FINISHED" for c in children)
+    sweep_run = client.get_run(summary["mlflow_run_id"])  # not mistaken for a crashed attempt
+    assert sweep_run.info.status == "FINISHED" and "pai.superseded_by" not in sweep_run.data.tags
 
     again = sweep(sweep=sweep_spec())
     assert again["executed"] == {} and again["reused"] == 33
