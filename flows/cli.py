@@ -44,6 +44,21 @@ def _spec(path: Path, overrides: Optional[list[str]]) -> ExperimentSpec:
         raise typer.Exit(2) from None
 
 
+def _sweep(path: Path) -> Any:
+    from pai_core.sweep import load_sweep
+
+    try:
+        return load_sweep(path)
+    except SpecError as e:
+        err_console.print(f"[red]invalid sweep[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _table(report_md: str) -> str:
+    """The report's markdown without its image links: what a terminal can show."""
+    return Path(report_md).read_text().split("\n![", 1)[0]
+
+
 @app.command("list")
 def list_cmd() -> None:
     """Registered models, datasets, criteria and flows."""
@@ -62,14 +77,10 @@ def list_cmd() -> None:
 @app.command()
 def validate(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a spec (or a sweep: every grid point); exit 0, or exit 2 with a one-line error naming the field."""
-    from pai_core.sweep import is_sweep_file, load_sweep
+    from pai_core.sweep import is_sweep_file
 
     if is_sweep_file(spec):
-        try:
-            sw = load_sweep(spec)
-        except SpecError as e:
-            err_console.print(f"[red]invalid sweep[/red] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+        sw = _sweep(spec)
         console.print(f"ok: sweep {sw.name}, {len(sw.expand())} specs")
         return
     s = _spec(spec, overrides)
@@ -135,13 +146,7 @@ def sweep(path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps
           workers: Optional[int] = typer.Option(None, help="LocalCluster workers (overrides dask.workers)"),
           address: Optional[str] = typer.Option(None, help="Dask scheduler address (overrides dask.address)")) -> None:
     """Every spec of the sweep, each shared stage once, on Dask; then the report."""
-    from pai_core.sweep import load_sweep
-
-    try:
-        sw = load_sweep(path)
-    except SpecError as e:
-        err_console.print(f"[red]invalid sweep[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    sw = _sweep(path)
     dask = sw.dask.model_copy(update={k: v for k, v in (("workers", workers), ("address", address)) if v})
     sw = sw.model_copy(update={"dask": dask})
     t0 = time.perf_counter()
@@ -156,7 +161,7 @@ def sweep(path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps
                   f"{summary['distinct_stages']} distinct, executed {summary['executed'] or 'none'}, "
                   f"{time.perf_counter() - t0:.1f} s", highlight=False)
     if summary["report"]:
-        console.print(Path(summary["report"]["markdown"]).read_text().split("\n![", 1)[0])
+        console.print(_table(summary["report"]["markdown"]))
         console.print(f"report: {summary['report']['dir']}")
     for name, why in summary["failed"].items():
         err_console.print(f"[red]failed[/red] {name}: {why}", highlight=False)
@@ -169,18 +174,14 @@ def report(paths: list[Path] = typer.Argument(..., help="a sweep YAML or experim
            name: Optional[str] = typer.Option(None, help="default: the sweep's or the first spec's name")) -> None:
     """Accuracy-vs-density and per-layer plots plus a table from stored results; logged to
     MLflow and published as Prefect artifacts."""
-    from pai_core.sweep import is_sweep_file, load_sweep
+    from pai_core.sweep import is_sweep_file
 
-    try:
-        if len(paths) == 1 and is_sweep_file(paths[0]):
-            sw = load_sweep(paths[0])
-            specs, name = sw.expand(), name or sw.name
-        else:
-            specs = [load_spec(p) for p in paths]
-            name = name or specs[0].name
-    except SpecError as e:
-        err_console.print(f"[red]invalid spec[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    if len(paths) == 1 and is_sweep_file(paths[0]):
+        sw = _sweep(paths[0])
+        specs, name = sw.expand(), name or sw.name
+    else:
+        specs = [_spec(p, []) for p in paths]
+        name = name or specs[0].name
     from flows.report import report as report_flow
 
     try:
@@ -188,7 +189,7 @@ def report(paths: list[Path] = typer.Argument(..., help="a sweep YAML or experim
     except ValueError as e:
         err_console.print(f"[red]{e}[/red]", highlight=False)
         raise typer.Exit(1) from None
-    console.print(Path(out["markdown"]).read_text().split("\n![", 1)[0])
+    console.print(_table(out["markdown"]))
     console.print(f"plots: {out['accuracy_png']}, {out['layers_png']}; MLflow run {out['mlflow_run_id']}")
 
 
