@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from pai_core.data import DataBundle, Split, load  # noqa: E402
 from pai_core.models import build_model  # noqa: E402
-from pai_core.plan import build_plan  # noqa: E402
+from pai_core.paradigms import build_plan  # noqa: E402
 from pai_core.spec_io import parse_spec  # noqa: E402
 from pai_core.specs import TrainSpec  # noqa: E402
 from pai_core.stages import Runtime, run_plan  # noqa: E402

@@ -20,9 +20,9 @@ from flows.cli_server import app as server_app
 from flows.cli_server import deploy as deploy_cmd
 from pai_core import progress as pai_progress
 from pai_core.paths import pai_home
-from pai_core.plan import build_plan
+from pai_core.paradigms import ExperimentSpec, build_plan
 from pai_core.spec_io import SpecError, load_spec
-from pai_core.specs import ExperimentSpec
+from pai_core.specs import PruneSpec
 from pai_core.store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -61,16 +61,14 @@ def _table(report_md: str) -> str:
 
 @app.command("list")
 def list_cmd() -> None:
-    """Registered models, datasets, criteria and flows."""
-    from pai_core.criteria import criterion_names
-    from pai_core.data import dataset_names
-    from pai_core.models import model_names
-    from pai_core.plan import PLANS
+    """Everything a spec can name: paradigms, criteria, methods, schedules, scopes, models, datasets."""
+    from pai_core.catalog import catalog
 
-    table = Table("kind", "registered")
-    for kind, names in (("models", model_names()), ("datasets", dataset_names()),
-                        ("criteria", criterion_names()), ("flows", sorted(PLANS))):
-        table.add_row(kind, ", ".join(names))
+    table = Table("kind", "name", "what it is")
+    last = None
+    for kind, name, what in catalog():
+        table.add_row(kind if kind != last else "", name, what)
+        last = kind
     console.print(table)
 
 
@@ -84,8 +82,7 @@ def validate(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg
         console.print(f"ok: sweep {sw.name}, {len(sw.expand())} specs")
         return
     s = _spec(spec, overrides)
-    target = f"final sparsity {s.prune.final_sparsity:.4f}" if s.prune else f"{s.selection.method} selection"
-    console.print(f"ok: {s.name} ({s.flow}, {target})")
+    console.print(f"ok: {s.name} ({s.flow}, {s.summary()})")
 
 
 @app.command()
@@ -101,8 +98,8 @@ def show(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) ->
             stored = store.get(n.stage, n.key) is not None
             table.add_row(rnd.name, n.stage, n.role, n.key, "[green]stored[/green]" if stored else "to run")
     console.print(table)
-    if s.prune:
-        d = [f"{x:.4f}" for x in s.prune.round_densities()]
+    if isinstance(prune := getattr(s, "prune", None), PruneSpec):
+        d = [f"{x:.4f}" for x in prune.round_densities()]
         console.print("round densities: " + ", ".join(d if len(d) <= 8 else d[:3] + ["…"] + d[-3:]))
 
 
@@ -134,9 +131,9 @@ def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg)
         if ref is None:
             table.add_row(rnd.name, f"{1 - rnd.density:.4f}", "", "", "", "", "no")
             continue
-        i, best = ref.info, ref.info.get("best", {})
-        table.add_row(rnd.name, f"{i['sparsity']:.4f}", f"{i['val_acc']:.4f}", f"{i['test_acc']:.4f}",
-                      str(best.get("iteration", "")), f"{best.get('test_acc', float('nan')):.4f}", "yes")
+        i = ref.info
+        table.add_row(rnd.name, f"{i.sparsity:.4f}", f"{i.val_acc:.4f}", f"{i.test_acc:.4f}",
+                      str(i.best.iteration if i.best else ""), f"{i.best.test_acc:.4f}" if i.best else "", "yes")
     console.print(table)
 
 

@@ -19,7 +19,7 @@ from flows.env import local_tracking, tracking_uri
 from flows.tracking import experiment_id
 from pai_core.paths import pai_home
 from pai_core.report import aggregate, write_report
-from pai_core.specs import ExperimentSpec
+from pai_core.paradigms import ExperimentSpec
 from pai_core.store import Store
 
 

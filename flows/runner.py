@@ -1,71 +1,108 @@
-"""Execute a plan as Prefect tasks, round by round, tracking each round in MLflow.
-
-Every paradigm flow is `execute(spec, plan)`: the paradigm lives in its plan
-(pai_core.plan), the orchestration (tasks, caching, tracking, summary) lives here once.
-"""
+"""Runners for the one executor (pai_core.executor): stages as Prefect tasks in this flow
+run, or spread over a Dask cluster through prefect-dask."""
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
-from prefect import get_run_logger
-from prefect.context import get_run_context
-
-from flows.tracking import Tracker
-from pai_core.plan import Plan
-from pai_core.specs import ExperimentSpec
+from pai_core.executor import Done, Work
 from pai_core.store import Ref
-from tasks.stages import default_store, run_stage_task
+from tasks.stages import run_stage_task, task_for
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """The flow run's logger (its lines reach the UI), or a plain one outside a run."""
+    from prefect import get_run_logger
+
     try:
         return get_run_logger()
     except Exception:
         return logging.getLogger("flows")
 
 
-def execute(spec: ExperimentSpec, plan: Plan) -> dict[str, Any]:
-    log, store = run_logger(), default_store()
-    try:
-        flow_run_id = str(get_run_context().flow_run.id)
-    except Exception:
-        flow_run_id = None
-    tracker = Tracker(spec, store, flow_run_id)
-    refs: dict[str, Ref] = {}
-    stages: list[dict[str, Any]] = []
-    summary: dict[str, Any] = {}
-    try:
-        for rnd, nodes in zip(plan.rounds, plan.nodes_by_round()):
-            round_reused = True
-            for node in nodes:
-                label = f"{node.role} · {rnd.name}" if rnd.index else node.role
-                inputs = {k: refs[n.key] for k, n in node.inputs.items()}
-                refs[node.key], state = run_stage_task(node, inputs, label, spec.device)
-                # Cached: Prefect skipped the task. Completed without computing: Prefect had no
-                # record (another PAI_HOME, a notebook run) but the store did.
-                reused = state == "Cached" or not refs[node.key].computed
-                round_reused &= reused
-                stages.append({"stage": node.stage, "role": node.role, "round": rnd.name, "key": node.key,
-                               "status": "reused" if reused else "computed", "prefect_state": state,
-                               "seconds": 0.0 if reused else refs[node.key].info.get("seconds", 0.0)})
-                log.info("%-9s %-14s %s %s", node.role, rnd.name, node.key, stages[-1]["status"])
-            tracker.log_round(rnd, refs, round_reused)
-            ev = refs[rnd.evaluate.key].info
-            log.info("%s: sparsity %.4f  val %.4f  test %.4f", rnd.name, ev["sparsity"], ev["val_acc"], ev["test_acc"])
-        summary = {
-            "spec": spec.name, "flow": spec.flow, "mlflow_run_id": tracker.parent,
-            "computed": sum(s["status"] == "computed" for s in stages),
-            "reused": sum(s["status"] == "reused" for s in stages),
-            "stages": stages,
-            "rounds": [{"round": r.name, "sparsity": refs[r.evaluate.key].info["sparsity"],
-                        "val_acc": refs[r.evaluate.key].info["val_acc"],
-                        "test_acc": refs[r.evaluate.key].info["test_acc"]} for r in plan.rounds],
-        }
-        log.info("%d stages computed, %d reused", summary["computed"], summary["reused"])
-    except BaseException:
-        tracker.finish({"stages": stages}, failed=True)
-        raise
-    tracker.finish(summary)
-    return summary
+def current_flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.get_id()
+
+
+class PrefectTasks:
+    """Each stage a task run of this flow run, in plan order; stored stages are submitted
+    too, so the UI shows them Cached."""
+    submit_stored = True
+
+    def run(self, work: Sequence[Work], refs: dict[str, Ref], done: Done) -> None:
+        failed: set[str] = set()
+        for w in work:
+            if bad := [n.key for n in w.node.inputs.values() if n.key in failed]:
+                failed.add(w.node.key)
+                done(w, None, RuntimeError(f"upstream stage {bad[0]} failed"), "Failed")
+                continue
+            try:
+                ref, state = run_stage_task(w.node, {k: refs[n.key] for k, n in w.node.inputs.items()},
+                                            w.label, w.device)
+            except Exception as e:  # noqa: BLE001 - reported; what does not need it goes on
+                failed.add(w.node.key)
+                done(w, None, e, "Failed")
+                continue
+            refs[w.node.key] = ref
+            done(w, ref, None, state)
+
+
+class DaskTasks:
+    """Every pending stage submitted at once; Dask starts each as soon as its inputs exist."""
+    submit_stored = False
+
+    def __init__(self, spec: Any):  # a DaskSpec
+        self.spec = spec
+
+    def _runner(self) -> tuple[Any, int | None]:
+        """A DaskTaskRunner: a LocalCluster here (each worker a process whose torch uses its share
+        of the cores, returned too), or the scheduler at `spec.address`, whose workers were
+        started elsewhere."""
+        from prefect.client.orchestration import get_client
+        from prefect_dask import DaskTaskRunner
+
+        logging.getLogger("distributed").setLevel(logging.WARNING)  # not a line per worker event
+        if self.spec.address:
+            return DaskTaskRunner(address=self.spec.address), None
+        threads = max(1, (os.cpu_count() or 1) // (self.spec.workers * self.spec.threads_per_worker))
+        with get_client(sync_client=True) as client:  # the server this flow reports to, even a temporary one
+            api = str(client.api_url)
+        return DaskTaskRunner(cluster_kwargs={
+            "n_workers": self.spec.workers, "threads_per_worker": self.spec.threads_per_worker, "processes": True,
+            "dashboard_address": ":0", "resources": dict(self.spec.resources) or None,
+            "env": {"PREFECT_API_URL": api}}), threads
+
+    def run(self, work: Sequence[Work], refs: dict[str, Ref], done: Done) -> None:
+        import dask
+        from distributed import as_completed
+
+        runner, threads = self._runner()
+        claim = dask.annotate(resources=dict(self.spec.resources)) if self.spec.resources else nullcontext()
+        # distributed's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 and one OpenMP
+        # thread; the first made torch training 1.5-2x slower here, the second ignores our share.
+        spawn_env = dask.config.set({"distributed.nanny.pre-spawn-environ": {
+            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}} if threads else {})
+        with spawn_env, runner, claim:
+            futures: dict[str, Any] = {}
+            for w in work:  # upstream first, so every input is a ref or an earlier future
+                inputs = {k: futures.get(n.key) or refs[n.key] for k, n in w.node.inputs.items()}
+                task = task_for(w.node.role).with_options(refresh_cache=True)  # not in the store
+                futures[w.node.key] = runner.submit(task, parameters={
+                    "node": w.node, "inputs": inputs, "label": w.label, "device": w.device})
+            by_future = {f.wrapped_future: (w, futures[w.node.key]) for w in work}
+            with runner.client.as_current():  # as_completed looks for the current Dask client
+                for i, finished in enumerate(as_completed(list(by_future)), start=1):
+                    w, future = by_future[finished]
+                    try:
+                        ref = future.result()
+                    except Exception as e:  # noqa: BLE001 - this stage and what needs it fail; the rest goes on
+                        done(w, None, e, "Failed")
+                        continue
+                    run_logger().info("[%d/%d] %s done (%.1f s, pid %s)", i, len(work), w.label,
+                                      ref.info.seconds or 0.0, (ref.info.computed_by or {}).get("pid"))
+                    done(w, ref, None, "Completed")

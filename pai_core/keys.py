@@ -5,7 +5,7 @@ the keys of its upstream stages). Nothing else: not the experiment name, not the
 not the device. That is what lets an LTH, a PaT and a SNIP run on the same model, data
 and seed share their init and pretrain artifacts.
 
-Bump a stage's salt when its code changes what it computes; every key downstream of it
+Bump a stage's salt (its `@stage` registration) when its code changes what it computes; every key downstream of it
 changes with it, because upstream keys are inputs.
 """
 from __future__ import annotations
@@ -14,17 +14,6 @@ import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
-
-SALTS: dict[str, int] = {
-    "init": 1,
-    "train": 1,
-    "score": 2,  # 2: the score artifact records the architecture (for the collapse check)
-    "mask": 1,
-    "iterative_mask": 1,
-    "shuffle_mask": 1,
-    "select": 1,
-    "evaluate": 1,
-}
 
 KEY_LENGTH = 20  # hex digits: 80 bits, collision-free for any realistic store
 
@@ -35,7 +24,7 @@ def canonical(obj: Any) -> str:
 
 
 def stage_key(stage: str, fields: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
-    if stage not in SALTS:
-        raise ValueError(f"unknown stage {stage!r}; allowed: {', '.join(SALTS)}")
-    payload = {"stage": stage, "salt": SALTS[stage], "fields": dict(fields), "upstream": dict(upstream)}
+    from pai_core.stages import get_stage  # the registry: each stage's salt is set where it is defined
+
+    payload = {"stage": stage, "salt": get_stage(stage).salt, "fields": dict(fields), "upstream": dict(upstream)}
     return hashlib.sha256(canonical(payload).encode()).hexdigest()[:KEY_LENGTH]

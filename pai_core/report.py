@@ -16,14 +16,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from pai_core.plan import Round, build_plan
-from pai_core.specs import ExperimentSpec
+from pai_core.paradigms import ExperimentSpec, build_plan, get_paradigm
+from pai_core.plan import Round
 from pai_core.store import Store, atomic_write
 
 DENSE = "dense"  # the baseline's label; "dense [spec]" where a report spans several baselines
-_PRETTY = dict(snip="SNIP", grasp="GraSP", synflow="SynFlow", set="SET", rigl="RigL", edge_popup="edge-popup")
 # Fields that only move a method along the density axis (a sweep), not onto another line.
-_SWEEP = {"seed": True, "name": True, "experiment": True, "device": True,
+_SWEEP = {"seed": True, "name": True, "experiment": True, "device": True, "tracking": True,
           "prune": {"sparsity", "rate", "rounds"}, "selection": {"keep"}, "sanity": {"round"}}
 
 
@@ -69,18 +68,7 @@ def method_label(spec: ExperimentSpec, rnd: Round) -> str:
     """What a researcher compares: the criterion / method, not the spec's file name."""
     if rnd.index == 0 and rnd.mask is None and rnd.name == DENSE:
         return DENSE
-    p, name = spec.prune, lambda s: _PRETTY.get(s, s)
-    if spec.flow == "prune_at_init":
-        return name(p.criterion) + ("" if p.schedule == "one_shot" else f" ({p.schedule})")
-    if spec.flow == "prune_after_training":
-        extra = [s for s in (p.schedule != "one_shot" and p.schedule, p.structure == "filter" and "filter") if s]
-        return f"PaT {name(p.criterion)}" + (f" ({', '.join(extra)})" if extra else "")
-    if spec.flow == "lottery_ticket":
-        return "LTH" + (" reinit" if rnd.name.endswith("reinit") else "") + (
-            f" (rewind {p.rewind_iter})" if p.rewind_iter else "")
-    if spec.flow in ("dynamic_sparse", "supermask"):
-        return name(spec.dynamic.method if spec.dynamic else spec.selection.method)
-    return rnd.name  # sanity_checks: original / reinit / shuffle / invert
+    return get_paradigm(spec.flow).label(spec, rnd)
 
 
 def _identity(spec: ExperimentSpec, label: str) -> str:  # a dense baseline is its pretrain: model, data, train
@@ -108,9 +96,9 @@ def collect(specs: list[ExperimentSpec], store: Store) -> tuple[list[Point], lis
             missing.append((s.name, s.seed, r.name))
             continue
         i = ref.info
-        layers = {n: float(v["density"]) for n, v in i.get("layers", {}).items() if n != "total"}
-        points.append(Point(s.name, label, s.seed, r.name, r.density, 1 - i["sparsity"], i["test_acc"],
-                            i["val_acc"], layers, f"{s.model.name} on {s.data.dataset}"))
+        layers = {n: float(v["density"]) for n, v in i.layers.items() if n != "total"}
+        points.append(Point(s.name, label, s.seed, r.name, r.density, 1 - i.sparsity, i.test_acc,
+                            i.val_acc, layers, f"{s.model.name} on {s.data.dataset}"))
     return points, missing
 
 

@@ -8,17 +8,28 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pai_core.specs import ExperimentSpec
+from pai_core.paradigms import ExperimentSpec, get_paradigm, paradigm_names, validate_spec
 
 
 class SpecError(ValueError):
     """A spec is invalid; the message is one line naming the field and what is allowed."""
 
 
-def _one_line(err: ValidationError, root: type[BaseModel]) -> str:
-    """Turn pydantic's report into one line: `field.path: what is wrong (got value)`."""
+def _one_line(err: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """Turn pydantic's report into one line: `field.path: what is wrong (got value)`.
+
+    With no `root`, the errors are an experiment spec's: their first location part is the
+    paradigm (the union's tag), which names the model the rest of the path is in."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "spec"
+    parts = tuple(first["loc"])
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        got = f" {first['input'].get('flow')!r}" if first["type"] == "union_tag_invalid" else " (missing)"
+        return f"flow: unknown flow{got}; allowed: {', '.join(paradigm_names())}"
+    if root is None:
+        root = get_paradigm(str(parts[0])).spec if parts else BaseModel
+        parts = parts[1:]
+    first = {**first, "loc": parts}
+    loc = ".".join(str(p) for p in parts) or "spec"
     if first["type"] == "extra_forbidden":
         allowed = _fields_at(root, first["loc"][:-1])
         msg = f"unknown field; allowed: {', '.join(allowed)}"
@@ -26,6 +37,9 @@ def _one_line(err: ValidationError, root: type[BaseModel]) -> str:
         msg = "required field is missing"
     else:
         msg = first["msg"].removeprefix("Value error, ")
+        head = msg.split(": ", 1)[0]
+        if ": " in msg and (head.startswith(f"{loc}.") or (loc == "spec" and head.replace(".", "_").isidentifier())):
+            loc, msg = head, msg.split(": ", 1)[1]  # the message names a deeper field itself
         if first["type"] != "value_error" and not isinstance(first.get("input"), dict):
             msg += f" (got {first.get('input')!r})"
     more = len(err.errors()) - 1
@@ -66,9 +80,9 @@ def parse_spec(raw: Any) -> ExperimentSpec:
     if not isinstance(raw, dict):
         raise SpecError("spec: must be a mapping of fields")
     try:
-        return ExperimentSpec.model_validate(raw)
+        return validate_spec(raw)
     except ValidationError as err:
-        raise SpecError(_one_line(err, ExperimentSpec)) from None
+        raise SpecError(_one_line(err)) from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:

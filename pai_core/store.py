@@ -19,19 +19,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, SerializeAsAny, ValidationError, model_validator
+
+from pai_core.infos import Info
 
 log = logging.getLogger("pai_core.store")
 
 
 class Ref(BaseModel):
-    """What tasks pass around instead of tensors: small, picklable, JSON-able."""
+    """What tasks pass around instead of tensors: small, picklable, JSON-able. Its `info` is
+    the stage's typed info (TrainInfo, EvalInfo, MaskInfo...), chosen by `stage`."""
 
     stage: str
     key: str
     sha256: str
-    info: dict[str, Any] = {}
+    info: SerializeAsAny[Info] = Info()
     computed: bool = False  # True only in the call that computed it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_info(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("info"), dict):
+            from pai_core.stages import get_stage, stage_names
+
+            kind = get_stage(data["stage"]).info if data.get("stage") in stage_names() else Info
+            data = {**data, "info": kind.model_validate(data["info"])}
+        return data
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -70,7 +83,7 @@ class Store:
         return self.root / stage / f"{key}.ckpt.pt"
 
     # ------------------------------------------------------------------ write
-    def put(self, stage: str, key: str, payload: Any, info: dict[str, Any] | None = None,
+    def put(self, stage: str, key: str, payload: Any, info: Info | dict[str, Any] | None = None,
             provenance: dict[str, Any] | None = None) -> Ref:
         data = to_bytes(payload)
         sha = hashlib.sha256(data).hexdigest()
@@ -78,7 +91,8 @@ class Store:
         meta = {
             "stage": stage, "key": key, "sha256": sha, "size": len(data),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "info": info or {}, "provenance": provenance or {},
+            "info": info.model_dump(mode="json") if isinstance(info, BaseModel) else dict(info or {}),
+            "provenance": provenance or {},
         }
         atomic_write(self.meta_path(stage, key), json.dumps(meta, indent=1, default=str).encode())
         self.checkpoint_path(stage, key).unlink(missing_ok=True)
@@ -101,7 +115,11 @@ class Store:
         if self._sha(path) != meta.get("sha256"):
             self._quarantine(stage, key, "sha256 mismatch")
             return None
-        return Ref(stage=stage, key=key, sha256=meta["sha256"], info=meta.get("info", {}))
+        try:
+            return Ref(stage=stage, key=key, sha256=meta["sha256"], info=meta.get("info", {}))
+        except ValidationError:  # written by other code than this stage's: not trusted
+            self._quarantine(stage, key, "metadata does not match the stage's info type")
+            return None
 
     def load(self, ref: Ref) -> Any:
         """Load a payload, checking its bytes against the ref's sha256 (one read, one hash)."""

@@ -17,7 +17,6 @@ from torch import nn
 from pai_core.masks import Mask
 from pai_core.selection import select
 
-CHAIN_MODELS = ("conv2", "conv4", "conv6", "lenet5", "lenet_300_100", "vgg11", "vgg16")
 LAYERS = (nn.Conv2d, nn.Linear)
 
 

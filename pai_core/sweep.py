@@ -14,9 +14,11 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from pai_core.plan import Node, Plan, build_plan
+from pai_core.paradigms import build_plan
+from pai_core.plan import Node, Plan
 from pai_core.spec_io import SpecError, _one_line, apply_overrides, load_spec, parse_spec
-from pai_core.specs import ExperimentSpec, Frozen
+from pai_core.paradigms import ExperimentSpec
+from pai_core.specs import Frozen
 
 
 class DaskSpec(Frozen):
@@ -86,11 +88,12 @@ def load_sweep(path: str | Path) -> SweepSpec:
     bases = raw.get("base")
     bases = bases if isinstance(bases, list) else [bases]
     resolved = []
-    for b in bases:
-        if isinstance(b, str):
-            resolved.append(load_spec(path.parent / b).model_dump(mode="json"))
-        else:
-            resolved.append(b)
+    for i, b in enumerate(bases):
+        try:
+            spec = load_spec(path.parent / b) if isinstance(b, str) else parse_spec(b)
+        except SpecError as e:
+            raise SpecError(f"{path}: base {i}: {e}") from None
+        resolved.append(spec.model_dump(mode="json"))
     raw["base"] = resolved
     try:
         sweep = SweepSpec.model_validate(raw)

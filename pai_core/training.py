@@ -13,7 +13,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ from torch import nn
 
 from pai_core.data import DataBundle, Split
 from pai_core.masks import Mask, MaskEnforcer
-from pai_core.progress import get_progress
+from pai_core.progress import Progress
 from pai_core.specs import TrainSpec
 from pai_core.store import atomic_write, to_bytes
 
@@ -94,11 +95,67 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> dict[str
     return {"loss": loss.item() / n, "acc": correct.item() / n}
 
 
-class MaskUpdater(Protocol):
-    """Changes the mask during training (SET/RigL regrowth, a gradual pruning ramp)."""
+class Callback:
+    """One hook protocol for everything that rides along a training run. Every hook is optional.
 
-    def due(self, it: int) -> bool: ...
-    def __call__(self, it: int, model: nn.Module, opt: torch.optim.Optimizer, mask: Mask) -> Mask: ...
+    - `after_backward`: dense gradients exist, the step has not happened. May replace
+      `state.mask` (SET/RigL regrowth, a gradual ramp) and set `state.skip_step`.
+    - `on_step_end`: after the masked step (progress displays).
+    - `on_epoch_end`: after evaluation, before the checkpoint. May set `state.stop` (an
+      early-bird ticket was drawn): training then ends at this epoch.
+    - `state_dict` / `load_state_dict`: what the callback must carry across a resume; it is
+      saved in the checkpoint, so a resumed run decides exactly as an uninterrupted one.
+    - `record`: what the stage stores in its info (`mask_updates`, `stopped_early`).
+    """
+
+    def on_start(self, state: TrainState) -> None: ...
+    def after_backward(self, state: TrainState) -> None: ...
+    def on_step_end(self, state: TrainState) -> None: ...
+    def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None: ...
+    def on_end(self, state: TrainState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def record(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass
+class TrainState:
+    """What callbacks see and may change."""
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    mask: Mask | None
+    it: int
+    stop_iter: int
+    total: int
+    iterations_per_epoch: int
+    stop: bool = False       # set by a callback: end after this epoch
+    skip_step: bool = False  # set by a callback: no optimizer step this iteration
+
+
+class ProgressCallback(Callback):
+    """The CLI's bars (or any `Progress`), fed every PROGRESS_EVERY steps and each epoch."""
+
+    def __init__(self, progress: Progress, label: str):
+        self.progress, self.label = progress, label
+
+    def on_start(self, state: TrainState) -> None:
+        self.progress.start(self.label, state.stop_iter, state.it)
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.it % PROGRESS_EVERY == 0:
+            self.progress.update(state.it)
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
+        self.progress.update(state.it, val_acc=row["val_acc"])
+
+    def on_end(self, state: TrainState) -> None:
+        self.progress.finish()
 
 
 @dataclass
@@ -107,6 +164,7 @@ class TrainOutcome:
     optimizer_state: dict[str, Any] | None = None
     iteration: int = 0
     mask: Mask | None = None
+    stopped_early: bool = False
 
 
 def train(
@@ -122,38 +180,36 @@ def train(
     optimizer_state: dict[str, Any] | None = None,
     checkpoint: Path | None = None,
     eval_batch_size: int = 1000,
-    label: str = "train",
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    mask_updater: MaskUpdater | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainOutcome:
     """Train from `start_iter` to `stop_iter` (default: the spec's length), masked.
 
     `data` must already be on the model's device. With `checkpoint`, the state is saved
     atomically at every epoch boundary and a run that finds one resumes from it.
-    A `mask_updater` (dynamic sparse training) may replace the mask when it is `due`; it
-    runs after backward, so it sees dense gradients, and before the masked step.
     """
     ipe = math.ceil(len(data.train) / batch_size)
     total = spec.total_iterations(ipe)
     stop = total if stop_iter is None else stop_iter
     opt = make_optimizer(model, spec)
-    enforcer = MaskEnforcer(model, mask)
     history: list[dict[str, float]] = []
     it = start_iter
     if optimizer_state:
         opt.load_state_dict(optimizer_state)
     if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True, map_location=next(model.parameters()).device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        it, history = state["iteration"], state["history"]
-        mask = state.get("mask", mask)
-        enforcer = MaskEnforcer(model, mask)
-        log.info("%s: resuming from checkpoint at iteration %d of %d", label, it, stop)
+        saved = torch.load(checkpoint, weights_only=True, map_location=next(model.parameters()).device)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        it, history = saved["iteration"], saved["history"]
+        mask = saved.get("mask", mask)
+        for cb, cb_state in zip(callbacks, saved.get("callbacks", [])):
+            cb.load_state_dict(cb_state)
+        log.info("resuming from checkpoint at iteration %d of %d", it, stop)
+    state = TrainState(model, opt, mask, it, stop, total, ipe)
+    enforcer = MaskEnforcer(model, mask)
     enforcer.after_step()  # the starting point itself is masked: w' = m ⊙ w
+    for cb in callbacks:
+        cb.on_start(state)
 
-    progress = get_progress()
-    progress.start(label, stop, it)
     model.train()
     running, seen = torch.zeros((), device=data.train.x.device), 0
     order = None
@@ -168,17 +224,21 @@ def train(
         loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if mask_updater is not None and mask_updater.due(it):
-            mask = mask_updater(it, model, opt, mask)
-            enforcer = MaskEnforcer(model, mask)
+        state.it, state.skip_step, before = it, False, state.mask
+        for cb in callbacks:
+            cb.after_backward(state)
+        if state.mask is not before:
+            enforcer = MaskEnforcer(model, state.mask)
         enforcer.before_step()
-        opt.step()
+        if not state.skip_step:
+            opt.step()
         enforcer.after_step()
         running += loss.detach()
         seen += 1
         it += 1
-        if it % PROGRESS_EVERY == 0:
-            progress.update(it)
+        state.it = it
+        for cb in callbacks:
+            cb.on_step_end(state)
         if it % ipe == 0 or it == stop:
             row = {"iteration": it, "epoch": it / ipe, "lr": lr,
                    "train_loss": (running / seen).item()}
@@ -187,14 +247,18 @@ def train(
                     row[f"{split_name}_{k}"] = v
             history.append(row)
             running, seen = torch.zeros_like(running), 0
+            for cb in callbacks:
+                cb.on_epoch_end(state, row)
+            if state.stop:
+                break
             if checkpoint is not None and it < stop:
-                atomic_write(checkpoint, to_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                   "iteration": it, "history": history, "mask": mask}))
-            if on_epoch:
-                on_epoch(row)
-            progress.update(it, val_acc=row["val_acc"])
-    progress.finish()
-    return TrainOutcome(history=history, optimizer_state=opt.state_dict(), iteration=it, mask=mask)
+                atomic_write(checkpoint, to_bytes({
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+                    "history": history, "mask": state.mask, "callbacks": [cb.state_dict() for cb in callbacks]}))
+    for cb in callbacks:
+        cb.on_end(state)
+    return TrainOutcome(history=history, optimizer_state=opt.state_dict(), iteration=it, mask=state.mask,
+                        stopped_early=state.stop)
 
 
 def best_val(history: list[dict[str, float]]) -> dict[str, float]:

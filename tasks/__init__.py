@@ -1,4 +1,4 @@
-"""Prefect tasks: one per stage role, each a thin wrapper over `pai_core.stages.run`."""
-from tasks.stages import TASKS, run_stage_task
+"""Prefect tasks, generated per stage role over `pai_core.stages.run`."""
+from tasks.stages import default_store, run_stage_task, task_for
 
-__all__ = ["TASKS", "run_stage_task"]
+__all__ = ["default_store", "run_stage_task", "task_for"]

@@ -1,7 +1,8 @@
-"""One Prefect task per stage role. All share `pai_core.stages.run`; they differ in name
-so the Prefect UI shows pretrain, rewind, retrain... and each is cached on its stage key.
+"""Prefect tasks generated from the stage registry: one per role a plan gives a node, so the
+Prefect UI shows pretrain, rewind, retrain... each cached on its stage key. No role table:
+any role of any registered paradigm gets its task on first use.
 
-Tasks take the plan node and the upstream refs (key + sha256 + small info), never
+Tasks take the plan node and the upstream refs (key + sha256 + small typed info), never
 tensors; results are the ref, which Prefect persists so a reused stage shows `Cached`.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prefect.states import State
 
 from pai_core.paths import pai_home
 from pai_core.plan import Node
-from pai_core.stages import Runtime, run
+from pai_core.stages import Runtime, get_stage, run
 from pai_core.store import Ref, Store
 from tasks.cache import STAGE_KEY
 
@@ -31,17 +32,15 @@ def _store_at(root: Path) -> Store:
 
 
 def _stage(node: Node, inputs: dict[str, Ref], label: str, device: str) -> Ref:
-    return run(node, inputs, Runtime(default_store(), device))
+    from prefect.runtime import flow_run
+
+    return run(node, inputs, Runtime(default_store(), device, flow_run_id=flow_run.get_id()))
 
 
-def _task(role: str) -> Task:
-    return task(_stage, name=role, cache_policy=STAGE_KEY, persist_result=True,
-                task_run_name="{label}")
-
-
-TASKS: dict[str, Task] = {role: _task(role) for role in (
-    "init", "pretrain", "rewind", "score", "mask", "prune_at_init", "retrain", "finetune", "reinit",
-    "sparse_train", "shuffle", "invert", "select", "evaluate")}
+@lru_cache(maxsize=None)
+def task_for(role: str) -> Task:
+    """The task named `role` (pretrain, retrain, reinit, ...), made once per process."""
+    return task(_stage, name=role, cache_policy=STAGE_KEY, persist_result=True, task_run_name="{label}")
 
 
 def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) -> tuple[Ref, str]:
@@ -51,7 +50,8 @@ def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) 
     its output still exists and is intact. If it does not, the task is forced to run
     (refresh_cache) so a deleted or corrupt artifact is recomputed, never trusted.
     """
-    t = TASKS[node.role]
+    get_stage(node.stage)  # an unknown stage fails here, by name, before Prefect is involved
+    t = task_for(node.role)
     current = default_store().get(node.stage, node.key)
     if current is None:
         t = t.with_options(refresh_cache=True)

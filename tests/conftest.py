@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pai_core.spec_io import parse_spec
-from pai_core.specs import ExperimentSpec
+from pai_core.paradigms import ExperimentSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

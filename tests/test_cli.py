@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_raw, tiny_spec
 from flows.cli import app
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
 

@@ -8,7 +8,7 @@ from conftest import tiny_spec
 from pai_core.collapse import LayerCollapse, collapse_report
 from pai_core.masks import dense_mask
 from pai_core.models import build_model
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.selection import erk_counts, select
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
@@ -67,7 +67,7 @@ def test_magnitude_at_init_collapses_and_is_refused_or_recorded(tmp_path):
     spec = at_init("magnitude", {"schedule": "one_shot", "rounds": 1}, "warn")
     plan = build_plan(spec)
     refs = run_plan(plan.nodes, Runtime(Store(tmp_path / "b"), "cpu"))
-    assert refs[plan.rounds[1].mask.key].info["collapse"]["collapsed"]
+    assert refs[plan.rounds[1].mask.key].info.collapse["collapsed"]
 
 
 def test_iterative_synflow_reaches_the_same_sparsity_without_collapse(tmp_path):
@@ -75,8 +75,8 @@ def test_iterative_synflow_reaches_the_same_sparsity_without_collapse(tmp_path):
     plan = build_plan(spec)
     refs = run_plan(plan.nodes, Runtime(Store(tmp_path), "cpu"))
     info = refs[plan.rounds[1].mask.key].info
-    assert not info["collapse"]["collapsed"]
-    assert info["max_sparsity_without_collapse"] == pytest.approx(info["sparsity"]) and info["sparsity"] > 0.9994
+    assert not info.collapse["collapsed"]
+    assert info.max_sparsity_without_collapse == pytest.approx(info.sparsity) and info.sparsity > 0.9994
 
 
 def test_synflow_reaches_maximum_compression_on_lenet_300_100(tmp_path):
@@ -90,6 +90,6 @@ def test_synflow_reaches_maximum_compression_on_lenet_300_100(tmp_path):
     mask_node = build_plan(spec).rounds[1].mask
     refs = run_plan([mask_node.inputs["weights"], mask_node], Runtime(Store(tmp_path), "cpu"))
     info = refs[mask_node.key].info
-    assert info["layers"]["total"]["kept"] == 3
-    assert [info["layers"][n]["kept"] for n in ("fc1.weight", "fc2.weight", "fc3.weight")] == [1, 1, 1]
-    assert info["collapse"] == {"empty_layers": [], "connected": True, "collapsed": False}
+    assert info.layers["total"]["kept"] == 3
+    assert [info.layers[n]["kept"] for n in ("fc1.weight", "fc2.weight", "fc3.weight")] == [1, 1, 1]
+    assert info.collapse == {"empty_layers": [], "connected": True, "collapsed": False}

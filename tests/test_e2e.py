@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, tiny_raw
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.spec_io import load_spec
 from pai_core.store import Store
 

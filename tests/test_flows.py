@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tiny_spec
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.store import Store
 
 
@@ -53,7 +53,7 @@ def test_mlflow_gets_params_metrics_masks_and_weights(prefect, pai_home):
     from flows.lottery_ticket import lottery_ticket
     from flows.env import tracking_uri
 
-    spec = tiny_spec(experiment="tracking-test")
+    spec = tiny_spec(experiment="tracking-test", tracking={"copy_artifacts": True})
     summary = lottery_ticket(spec=spec)
     client = MlflowClient(tracking_uri())
     assert tracking_uri().startswith("sqlite:///" + str(pai_home))
@@ -69,6 +69,26 @@ def test_mlflow_gets_params_metrics_masks_and_weights(prefect, pai_home):
     history = client.get_metric_history(r2.info.run_id, "epoch/val_acc")
     assert len(history) == spec.retrain_spec.epochs and all(0 <= m.value <= 1 for m in history)
     assert {"mask.pt", "weights.pt", "sparsity_report.json"} <= {a.path for a in client.list_artifacts(r2.info.run_id)}
+    # The store key and sha256 of what the round trained on, so MLflow points at the verified store.
+    store = Store(pai_home / "store")
+    rnd = build_plan(spec).rounds[2]
+    assert r2.data.tags["pai.train_key"] == rnd.trained.key
+    assert r2.data.tags["pai.weights_sha256"] == store.get("train", rnd.trained.key).sha256
+    assert r2.data.tags["pai.mask_sha256"] == store.get("mask", rnd.mask.key).sha256
+
+
+def test_mlflow_gets_no_copy_of_weights_by_default(prefect, pai_home):
+    from flows.lottery_ticket import lottery_ticket
+    from flows.env import tracking_uri
+
+    summary = lottery_ticket(spec=tiny_spec(experiment="no-copy"))
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name("no-copy")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
+    assert len(children) == 3
+    for c in children:
+        assert {a.path for a in client.list_artifacts(c.info.run_id)} == {"sparsity_report.json"}
+        assert len(c.data.tags["pai.weights_sha256"]) == 64
 
 
 def test_store_outranks_a_stale_prefect_record(prefect, pai_home):
@@ -80,7 +100,7 @@ def test_store_outranks_a_stale_prefect_record(prefect, pai_home):
     lottery_ticket(spec=spec)
     store = Store(pai_home / "store")
     node = build_plan(spec).rounds[0].evaluate
-    info = {**store.get("evaluate", node.key).info, "test_acc": 0.123}
+    info = store.get("evaluate", node.key).info.model_copy(update={"test_acc": 0.123})
     store.put("evaluate", node.key, {}, info)
     again = lottery_ticket(spec=spec)
     assert again["computed"] == 0 and again["rounds"][0]["test_acc"] == 0.123

@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_spec
 from pai_core.gradual import GradualMagnitude
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
 
@@ -33,11 +33,11 @@ def test_gradual_pat_prunes_during_finetuning_to_the_exact_target(tmp_path):
     mask = payload["mask"]
     assert sum(int(m.sum()) for m in mask.values()) == round(N_WEIGHTS * 0.2)
     assert all(torch.count_nonzero(payload["model"][n][~m]) == 0 for n, m in mask.items())
-    updates = refs[ft.key].info["mask_updates"]
+    updates = refs[ft.key].info.mask_updates
     sp = [u["sparsity"] for u in updates]
     assert sp == sorted(sp) and sp[-1] == pytest.approx(0.8, abs=1e-5)
     assert all(u["sparsity"] == pytest.approx(u["target"], abs=1e-4) for u in updates)
-    assert refs[plan.rounds[1].evaluate.key].info["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert refs[plan.rounds[1].evaluate.key].info.sparsity == pytest.approx(0.8, abs=1e-3)
 
 
 def test_gradual_is_refused_outside_pat_and_without_magnitude():

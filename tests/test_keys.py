@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 from pai_core.keys import stage_key
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.spec_io import load_spec
 
 LTH = ROOT / "configs/lth/lenet300_mnist.yaml"

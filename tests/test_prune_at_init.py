@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_spec
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
 
@@ -31,11 +31,11 @@ def test_mask_from_init_then_train_from_that_init(tmp_path, criterion, schedule)
     info = refs[rnd.mask.key].info
     if schedule["schedule"] == "iterative":
         # the exponential schedule: round r keeps 0.1^(r/R) of the weights
-        assert info["per_round"] == pytest.approx([1 - 0.1 ** (r / schedule["rounds"])
+        assert info.per_round == pytest.approx([1 - 0.1 ** (r / schedule["rounds"])
                                                    for r in range(1, schedule["rounds"] + 1)], abs=1e-4)
     weights = rt.store.load(refs[rnd.trained.key])["model"]
     assert all(torch.count_nonzero(weights[n][~m]) == 0 for n, m in mask.items())
-    assert refs[rnd.evaluate.key].info["test_acc"] > 0.5
+    assert refs[rnd.evaluate.key].info.test_acc > 0.5
     rt2 = Runtime(Store(tmp_path), "cpu")
     run_plan(plan.nodes, rt2)
     assert rt2.computed == []
@@ -44,5 +44,5 @@ def test_mask_from_init_then_train_from_that_init(tmp_path, criterion, schedule)
 def test_prune_at_init_refuses_lth_options():
     from pai_core.spec_io import SpecError
 
-    with pytest.raises(SpecError, match="prune_at_init trains once"):
+    with pytest.raises(SpecError, match="prune.reinit_control: unknown field"):
         tiny_spec("prune_at_init", prune={"reinit_control": True})

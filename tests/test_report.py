@@ -6,7 +6,7 @@ import math
 import pytest
 from conftest import tiny_raw, tiny_spec
 
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.report import (accuracy_plot, aggregate, collect, layer_plot, markdown_table,
                              method_label, write_report)
 from pai_core.spec_io import parse_spec

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, tiny_raw
 from flows.cli import app
+from pai_core.criteria import criterion_names
 from pai_core.spec_io import SpecError, apply_overrides, load_spec, parse_spec
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -28,9 +29,15 @@ def test_lth_config_states_its_round_sparsities():
 
 
 @pytest.mark.parametrize("change, field, allowed", [
-    ({"model": {"name": "lenet_300_100", "width": 2}}, "model.width", "allowed: name"),
-    ({"prune": {"schedule": "one_shot", "sparsity": 1.5}}, "prune.sparsity", "less than 1"),
-    ({"prune": {"criterion": "nope", "sparsity": 0.5}}, "prune.criterion", "allowed: grasp, magnitude, random, snip, synflow"),
+    ({"model": {"name": "lenet5", "width": 2}}, "model.width", "allowed: name"),
+    ({"model": {"name": "lenet_300_100", "depth": 2}}, "model.depth", "allowed: name, width"),
+    ({"model": {"name": "conv2", "width": -1}}, "model.width", "greater than 0"),
+    ({"prune": {"schedule": "iterative", "sparsity": 1.5}}, "prune.sparsity", "less than 1"),
+    ({"prune": {"schedule": "iterative", "rate": 0.2, "rounds": 2, "gradual": {}}}, "prune.gradual",
+     "unknown field; allowed: criterion"),
+    ({"flow": "prune_at_the_end"}, "flow: unknown flow 'prune_at_the_end'", "allowed: lottery_ticket"),
+    ({"dynamic": {"method": "set"}}, "dynamic", "unknown field; allowed: name, experiment, flow"),
+    ({"prune": {"criterion": "nope", "sparsity": 0.5}}, "prune.criterion", "allowed: " + ", ".join(criterion_names())),
     ({"model": {"name": "resnet1000"}}, "model.name", "allowed: "),
     ({"data": {"dataset": "imagenet"}}, "data.dataset", "allowed: "),
     ({"train": {"optimizer": "lbfgs", "lr": 0.1, "epochs": 1}}, "train.optimizer", "'sgd' or 'adam'"),

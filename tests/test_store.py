@@ -5,57 +5,57 @@ import torch
 import pytest
 
 from conftest import tiny_spec
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import CorruptArtifact, Store
 
 
 def test_roundtrip_and_metadata(tmp_path):
     store = Store(tmp_path)
-    ref = store.put("init", "k1", {"model": {"w": torch.arange(4.0)}}, {"iteration": 0})
-    again = store.get("init", "k1")
-    assert again.sha256 == ref.sha256 and again.info == {"iteration": 0} and not again.computed
+    ref = store.put("blob", "k1", {"model": {"w": torch.arange(4.0)}}, {"iteration": 0})
+    again = store.get("blob", "k1")
+    assert again.sha256 == ref.sha256 and again.info.iteration == 0 and not again.computed
     assert torch.equal(store.load(again)["model"]["w"], torch.arange(4.0))
     assert not list(tmp_path.rglob("*.tmp")), "no temp file may be left behind"
 
 
 def test_flipped_byte_is_detected_and_set_aside(tmp_path):
     store = Store(tmp_path)
-    store.put("train", "k", {"x": torch.ones(100)})
-    path = store.payload_path("train", "k")
+    store.put("blob", "k", {"x": torch.ones(100)})
+    path = store.payload_path("blob", "k")
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert Store(tmp_path).get("train", "k") is None
+    assert Store(tmp_path).get("blob", "k") is None
     assert not path.exists() and list(path.parent.glob("k.pt.corrupt-*"))
 
 
 def test_load_refuses_bytes_that_changed_after_get(tmp_path):
     store = Store(tmp_path)
-    ref = store.put("train", "k", {"x": torch.ones(10)})
-    store.payload_path("train", "k").write_bytes(b"garbage")
+    ref = store.put("blob", "k", {"x": torch.ones(10)})
+    store.payload_path("blob", "k").write_bytes(b"garbage")
     with pytest.raises(CorruptArtifact):
         store.load(ref)
 
 
 def test_missing_payload_or_metadata_means_absent(tmp_path):
     store = Store(tmp_path)
-    store.put("mask", "a", {"m": 1})
-    store.payload_path("mask", "a").unlink()
-    assert store.get("mask", "a") is None
-    store.put("mask", "b", {"m": 1})
-    store.meta_path("mask", "b").unlink()
-    assert store.get("mask", "b") is None
+    store.put("blob", "a", {"m": 1})
+    store.payload_path("blob", "a").unlink()
+    assert store.get("blob", "a") is None
+    store.put("blob", "b", {"m": 1})
+    store.meta_path("blob", "b").unlink()
+    assert store.get("blob", "b") is None
 
 
 def test_failed_write_keeps_the_old_artifact(tmp_path, monkeypatch):
     store = Store(tmp_path)
-    store.put("init", "k", {"v": torch.zeros(3)})
+    store.put("blob", "k", {"v": torch.zeros(3)})
     monkeypatch.setattr("pai_core.store.os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        store.put("init", "k", {"v": torch.ones(3)})
+        store.put("blob", "k", {"v": torch.ones(3)})
     monkeypatch.undo()
-    assert torch.equal(store.load(store.get("init", "k"))["v"], torch.zeros(3))
+    assert torch.equal(store.load(store.get("blob", "k"))["v"], torch.zeros(3))
     assert not list(tmp_path.rglob("*.tmp"))
 
 

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_spec
 from pai_core.data import load
 from pai_core.models import build_model
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.spec_io import SpecError
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
@@ -58,7 +58,7 @@ def test_structured_pat_removes_whole_filters(tmp_path):
     conv2 = mask["features.conv2.weight"]
     for row in conv2[conv2.flatten(1).any(1)]:
         assert torch.equal(row, kept_in[:, None, None].expand_as(row))
-    info = refs[plan.rounds[1].mask.key].info["structured"]
+    info = refs[plan.rounds[1].mask.key].info.structured
     assert info["pruned"]["flops"] < info["dense"]["flops"] / 2
     trained = rt.store.load(refs[plan.rounds[1].trained.key])["model"]
     model = build_model("conv2", (1, 16, 16), 10, seed=0)
@@ -68,8 +68,8 @@ def test_structured_pat_removes_whole_filters(tmp_path):
     torch.testing.assert_close(small(data.test.x), model(data.test.x), rtol=1e-4, atol=1e-5)
     # The evaluate stage built the same smaller net, and it scores what the masked one does.
     ev = refs[plan.rounds[1].evaluate.key]
-    assert abs(ev.info["physical_test_acc"] - ev.info["test_acc"]) <= 1 / 300  # at most a near-tie flips
-    assert ev.info["physical"]["parameters"] == sum(p.numel() for p in small.parameters())
+    assert abs(ev.info.physical.test_acc - ev.info.test_acc) <= 1 / 300  # at most a near-tie flips
+    assert ev.info.physical.cost["parameters"] == sum(p.numel() for p in small.parameters())
     stored = rt.store.load(ev)["model"]
     assert all(torch.equal(stored[k], v) for k, v in small.state_dict().items())
 

@@ -101,7 +101,7 @@ def test_sweep_on_dask_trains_dense_once_and_reports(prefect, pai_home):
         assert roles["init"] == 1 and roles["pretrain"] == 1 and roles["sparse_train"] == 9
         arts = {a.key for a in client.read_artifacts()}
     assert {"pai-report-tiny-sweep", "pai-report-tiny-sweep-accuracy", "pai-report-tiny-sweep-layers"} <= arts
-    pids = {store.get("train", n.key).info["computed_by"]["pid"]
+    pids = {store.get("train", n.key).info.computed_by["pid"]
             for p in plans_for(sweep_spec().expand()) for n in p.nodes if n.role == "sparse_train"}
     assert len(pids) >= 2 and os.getpid() not in pids
 

@@ -7,11 +7,11 @@ import torch
 from conftest import tiny_spec
 from pai_core.data import load
 from pai_core.models import build_model
-from pai_core.plan import build_plan
+from pai_core.paradigms import build_plan
 from pai_core.specs import TrainSpec
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
-from pai_core.training import lr_at, train
+from pai_core.training import Callback, lr_at, train
 
 SGD = TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, epochs=3,
                 lr_schedule="step", milestones=(2,), warmup_iterations=5)
@@ -38,27 +38,70 @@ def test_split_run_equals_uninterrupted_run():
     assert same_weights(full, part)
 
 
+class Crash(Callback):
+    """A kill in the middle of epoch 3, after epoch 2's checkpoint was written."""
+
+    def after_backward(self, state):
+        if state.it == 45:
+            raise KeyboardInterrupt("simulated kill mid epoch 3")
+
+
+class Epochs(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_epoch_end(self, state, row):
+        self.seen.append(row["epoch"])
+
+
 def test_crash_resumes_from_the_last_checkpoint(tmp_path):
     data, full = fresh()
     train(full, data, SGD, batch_size=50, order_seed=1)
     ckpt = tmp_path / "c.ckpt.pt"
     _, crashed = fresh()
 
-    def crash(row):
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt("simulated kill after epoch 2")
-
     with pytest.raises(KeyboardInterrupt):
-        train(crashed, data, SGD, batch_size=50, order_seed=1, checkpoint=ckpt, on_epoch=crash)
+        train(crashed, data, SGD, batch_size=50, order_seed=1, checkpoint=ckpt, callbacks=[Crash()])
     assert torch.load(ckpt, weights_only=True)["iteration"] == 2 * 20  # 1000 train examples / batch 50
 
     _, resumed = fresh()  # a new process: weights come only from the checkpoint
-    epochs_seen = []
-    out = train(resumed, data, SGD, batch_size=50, order_seed=1, checkpoint=ckpt,
-                on_epoch=lambda r: epochs_seen.append(r["epoch"]))
-    assert epochs_seen == [3.0], "only the unfinished epoch runs again"
+    epochs = Epochs()
+    out = train(resumed, data, SGD, batch_size=50, order_seed=1, checkpoint=ckpt, callbacks=[epochs])
+    assert epochs.seen == [3.0], "only the unfinished epoch runs again"
     assert [r["epoch"] for r in out.history] == [1.0, 2.0, 3.0]
     assert same_weights(full, resumed)
+
+
+class StopAfter(Callback):
+    """Requests a stop at an epoch end and carries a counter across a resume."""
+
+    def __init__(self, epoch):
+        self.epoch, self.calls = epoch, 0
+
+    def on_epoch_end(self, state, row):
+        self.calls += 1
+        state.stop = row["epoch"] >= self.epoch
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, s):
+        self.calls = s["calls"]
+
+
+def test_a_callback_can_stop_training_and_its_state_survives_a_resume(tmp_path):
+    data, model = fresh()
+    out = train(model, data, SGD, batch_size=50, order_seed=1, callbacks=[StopAfter(2)])
+    assert out.stopped_early and out.iteration == 40 and [r["epoch"] for r in out.history] == [1.0, 2.0]
+    ckpt = tmp_path / "s.ckpt.pt"
+    _, crashed = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train(crashed, data, SGD, batch_size=50, order_seed=1, checkpoint=ckpt, callbacks=[StopAfter(9), Crash()])
+    resumed_cb = StopAfter(3)
+    _, resumed = fresh()
+    out = train(resumed, data, SGD, batch_size=50, order_seed=1, checkpoint=ckpt, callbacks=[resumed_cb, Callback()])
+    assert resumed_cb.calls == 3, "the two epochs before the crash were restored from the checkpoint"
+    assert out.iteration == 60 and out.stopped_early
 
 
 def test_lr_schedule_positions():
@@ -86,7 +129,7 @@ def test_lth_rewinds_to_the_stored_point(tmp_path, rewind_iter):
         data, model = fresh()
         out = train(model, data, spec.train, batch_size=50, order_seed=spec.order_seed, stop_iter=rewind_iter)
         assert all(torch.equal(stored["model"][k], v) for k, v in model.state_dict().items())
-        assert refs[start.key].info["iteration"] == rewind_iter == out.iteration
+        assert refs[start.key].info.iteration == rewind_iter == out.iteration
     # The retrain continues from there: same steps as training the rewind point under the mask.
     data, model = fresh()
     model.load_state_dict(stored["model"])

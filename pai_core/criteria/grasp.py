@@ -34,7 +34,8 @@ def balanced_sample(batches, num_classes: int, per_class: int) -> tuple[torch.Te
     return torch.stack(xs), torch.stack(ys)
 
 
-@register("grasp", params=GraspParams, needs_data=True)
+@register("grasp", params=GraspParams, needs_data=True, bn_mode="train",  # the authors' code never calls eval()
+          description="Wang et al. 2020: keep θ ⊙ Hg (gradient-flow preservation), tempered logits")
 def grasp(model, mask, inputs, params: GraspParams) -> dict[str, torch.Tensor]:
     x, y = balanced_sample(inputs.batches, inputs.num_classes, params.samples_per_class)
     named = dict(model.named_parameters())

@@ -43,17 +43,19 @@ class Criterion:
     Params: type[BaseModel] = NoParams
     needs_data: bool = False
     stochastic: bool = False  # draws from the generator, so its key includes the seed
+    bn_mode: str | None = None  # "train" | "eval": BatchNorm mode it scores in (paper's); None: no forward pass
+    description: str = ""
 
 
 _CRITERIA: dict[str, Criterion] = {}
 
 
-def register(name: str, *, params: type[BaseModel] = NoParams, needs_data: bool = False,
-             stochastic: bool = False) -> Callable[[ScoreFn], ScoreFn]:
+def register(name: str, *, description: str, params: type[BaseModel] = NoParams, needs_data: bool = False,
+             stochastic: bool = False, bn_mode: str | None = None) -> Callable[[ScoreFn], ScoreFn]:
     def deco(fn: ScoreFn) -> ScoreFn:
         if name in _CRITERIA:
             raise ValueError(f"criterion {name!r} registered twice")
-        _CRITERIA[name] = Criterion(name, fn, params, needs_data, stochastic)
+        _CRITERIA[name] = Criterion(name, fn, params, needs_data, stochastic, bn_mode, description)
         return fn
     return deco
 

@@ -18,7 +18,8 @@ class SnipParams(BaseModel):
     batches: int = Field(1, gt=0, description="training batches whose gradients are summed")
 
 
-@register("snip", params=SnipParams, needs_data=True)
+@register("snip", params=SnipParams, needs_data=True, bn_mode="eval",  # snip-public: is_train defaults False
+          description="Lee et al. 2019: connection sensitivity |g ⊙ w| on training batches")
 def snip(model, mask, inputs, params: SnipParams) -> dict[str, torch.Tensor]:
     named = dict(model.named_parameters())
     weights = [named[n] for n in mask]

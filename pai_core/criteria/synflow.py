@@ -15,9 +15,10 @@ import torch
 from pai_core.criteria.registry import register
 
 
-@register("synflow")
+@register("synflow", bn_mode="eval",  # Synaptic-Flow prunes in eval mode by default
+          description="Tanaka et al. 2020: data-free synaptic flow |∂R/∂w ⊙ w| of the |w| net, float64")
 def synflow(model, mask, inputs, params) -> dict[str, torch.Tensor]:
-    net = copy.deepcopy(model).double().eval()
+    net = copy.deepcopy(model).double()  # keeps the mode the score stage set (bn_mode)
     with torch.no_grad():
         for p in net.parameters():
             p.abs_()

@@ -11,7 +11,11 @@ import math
 import torch
 from torch import nn
 
-from pai_core.models.registry import InShape, register
+from pai_core.models.registry import InShape, WidthParams, register
+
+
+def _units(n: int, width: float) -> int:
+    return max(1, round(n * width))
 
 
 def _init(model: nn.Module, weight_init) -> nn.Module:
@@ -23,12 +27,13 @@ def _init(model: nn.Module, weight_init) -> nn.Module:
 
 
 class LeNet300100(nn.Module):
-    def __init__(self, in_shape: InShape, num_classes: int) -> None:
+    def __init__(self, in_shape: InShape, num_classes: int, width: float = 1.0) -> None:
         super().__init__()
+        h1, h2 = _units(300, width), _units(100, width)
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(math.prod(in_shape), 300)
-        self.fc2 = nn.Linear(300, 100)
-        self.fc3 = nn.Linear(100, num_classes)
+        self.fc1 = nn.Linear(math.prod(in_shape), h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.fc3 = nn.Linear(h2, num_classes)
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,11 +62,13 @@ class LeNet5Caffe(nn.Module):
         return self.fc2(self.relu(self.fc1(x)))
 
 
-@register("lenet_300_100")
-def lenet_300_100(in_shape: InShape, num_classes: int) -> nn.Module:
-    return _init(LeNet300100(in_shape, num_classes), nn.init.xavier_normal_)
+@register("lenet_300_100", params=WidthParams, chain=True,
+          description="Frankle & Carbin's fully connected 300-100 net (any input, flattened); Glorot normal")
+def lenet_300_100(in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
+    return _init(LeNet300100(in_shape, num_classes, width), nn.init.xavier_normal_)
 
 
-@register("lenet5")
+@register("lenet5", chain=True,
+          description="Caffe LeNet-5 as in SNIP: 2 valid 5x5 convs, 500-unit fc (inputs >= 16x16); Xavier uniform")
 def lenet5(in_shape: InShape, num_classes: int) -> nn.Module:
     return _init(LeNet5Caffe(in_shape, num_classes), nn.init.xavier_uniform_)

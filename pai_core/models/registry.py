@@ -1,29 +1,69 @@
-"""Name -> model builder, so configs and flows choose an architecture by a string.
+"""Name -> model builder plus what specs need to know about it, so configs choose an
+architecture by a string and every fact about a model lives at its registration.
 
 A builder both constructs and initialises its model: the initialisation is part of what a
 pruning paper specifies (lottery-ticket rewinding and saliency scores at init depend on it),
-so it must not be left to torch's per-layer defaults.
+so it must not be left to torch's per-layer defaults. A model's own parameters (a width
+multiplier, batch norm on or off) are a pydantic model, so `model.width: 2` is validated,
+and refused by name for a model that has no width.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 InShape = tuple[int, int, int]
-Builder = Callable[[InShape, int], nn.Module]
-
-_BUILDERS: dict[str, Builder] = {}
+Builder = Callable[..., nn.Module]  # (in_shape, num_classes, **params) -> module
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Register `fn(in_shape, num_classes) -> nn.Module` under `name`; names must be unique."""
+class NoParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class WidthParams(NoParams):
+    width: float = Field(1.0, gt=0, le=16, description="multiplies every hidden layer's units/channels")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Builder
+    description: str
+    Params: type[BaseModel] = NoParams
+    chain: bool = False  # every Conv/Linear feeds the next in module order: filter pruning applies
+    batch_norm: bool | str = False  # True, or the name of the boolean param that turns BN on
+
+    def has_batch_norm(self, params: dict[str, Any]) -> bool:
+        if isinstance(self.batch_norm, str):
+            return bool(self.Params(**params).model_dump().get(self.batch_norm))
+        return self.batch_norm
+
+    def input_problem(self, in_shape: InShape, num_classes: int, params: dict[str, Any]) -> str | None:
+        """Why this model cannot take `in_shape`, or None. Built on the meta device: no memory, no time."""
+        try:
+            with torch.device("meta"):
+                self.builder(tuple(in_shape), num_classes, **params)
+        except ValueError as e:
+            return str(e)
+        return None
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register(name: str, *, description: str, params: type[BaseModel] = NoParams, chain: bool = False,
+             batch_norm: bool | str = False) -> Callable[[Builder], Builder]:
+    """Register `fn(in_shape, num_classes, **params) -> nn.Module` under `name` (unique)."""
 
     def decorate(fn: Builder) -> Builder:
-        if name in _BUILDERS:
+        if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _BUILDERS[name] = fn
+        _MODELS[name] = ModelInfo(name, fn, description, params, chain, batch_norm)
         return fn
 
     return decorate
@@ -31,10 +71,16 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 def model_names() -> list[str]:
     """Registered names, sorted so listings and parametrised tests are stable."""
-    return sorted(_BUILDERS)
+    return sorted(_MODELS)
 
 
-def build_model(name: str, in_shape: InShape, num_classes: int, seed: int) -> nn.Module:
+def model_info(name: str) -> ModelInfo:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(model_names())}")
+    return _MODELS[name]
+
+
+def build_model(name: str, in_shape: InShape, num_classes: int, seed: int, **params: Any) -> nn.Module:
     """Build `name` with weights that depend only on `seed`, in float32 and train mode.
 
     The CPU generator is forked, so the caller's random stream (data order, augmentation) is
@@ -42,9 +88,9 @@ def build_model(name: str, in_shape: InShape, num_classes: int, seed: int) -> nn
     `torch.manual_seed` would also reseed the CUDA generators, which `fork_rng(devices=[])`
     does not restore, and builders create their tensors on the CPU anyway.
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(model_names())}")
+    info = model_info(name)
+    kwargs = info.Params(**params).model_dump()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        model = _BUILDERS[name](tuple(in_shape), num_classes)
+        model = info.builder(tuple(in_shape), num_classes, **kwargs)
     return model.float().train()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pai_core.models.registry import InShape, register
+from pai_core.models.registry import InShape, WidthParams, register
 
 
 class BasicBlock(nn.Module):
@@ -35,13 +35,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    def __init__(self, blocks_per_stage: int, in_shape: InShape, num_classes: int) -> None:
+    def __init__(self, blocks_per_stage: int, in_shape: InShape, num_classes: int, width: float = 1.0) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_shape[0], 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        w16, w32, w64 = (max(1, round(n * width)) for n in (16, 32, 64))
+        self.conv1 = nn.Conv2d(in_shape[0], w16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w16)
         self.relu = nn.ReLU()
-        in_c = 16
-        for stage, width in enumerate((16, 32, 64), start=1):
+        in_c = w16
+        for stage, width in enumerate((w16, w32, w64), start=1):
             blocks = []
             for i in range(blocks_per_stage):
                 blocks.append(BasicBlock(in_c, width, stride=2 if stage > 1 and i == 0 else 1))
@@ -49,7 +50,7 @@ class ResNetCifar(nn.Module):
             self.add_module(f"layer{stage}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(w64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -57,9 +58,10 @@ class ResNetCifar(nn.Module):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
-@register("resnet20")
-def resnet20(in_shape: InShape, num_classes: int) -> nn.Module:
-    model = ResNetCifar(3, in_shape, num_classes)  # depth 6 * 3 + 2 = 20
+@register("resnet20", params=WidthParams, batch_norm=True,
+          description="He et al.'s CIFAR ResNet-20 (16-32-64, 1x1-conv shortcuts); not chain-shaped")
+def resnet20(in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
+    model = ResNetCifar(3, in_shape, num_classes, width)  # depth 6 * 3 + 2 = 20
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")

@@ -14,7 +14,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from pai_core.models.registry import InShape, register
+from pai_core.models.registry import InShape, WidthParams, register
 
 # Configurations A and D as conv widths per stage; every stage ends with a 2x2 max-pool.
 _STAGES = {
@@ -25,18 +25,19 @@ _STAGES = {
 
 class VGG(nn.Module):
     def __init__(
-        self, stages: tuple[tuple[int, ...], ...], in_shape: InShape, num_classes: int
+        self, stages: tuple[tuple[int, ...], ...], in_shape: InShape, num_classes: int, width: float = 1.0
     ) -> None:
         super().__init__()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         c, n_conv = in_shape[0], 0
         for stage, widths in enumerate(stages, start=1):
-            for width in widths:
+            for channels in widths:
+                channels = max(1, round(channels * width))
                 n_conv += 1
-                layers[f"conv{n_conv}"] = nn.Conv2d(c, width, 3, padding=1)
-                layers[f"bn{n_conv}"] = nn.BatchNorm2d(width)
+                layers[f"conv{n_conv}"] = nn.Conv2d(c, channels, 3, padding=1)
+                layers[f"bn{n_conv}"] = nn.BatchNorm2d(channels)
                 layers[f"relu{n_conv}"] = nn.ReLU()
-                c = width
+                c = channels
             layers[f"pool{stage}"] = nn.MaxPool2d(2, ceil_mode=True)
         self.features = nn.Sequential(layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -47,8 +48,8 @@ class VGG(nn.Module):
         return self.fc(self.flatten(self.avgpool(self.features(x))))
 
 
-def _build(name: str, in_shape: InShape, num_classes: int) -> nn.Module:
-    model = VGG(_STAGES[name], in_shape, num_classes)
+def _build(name: str, in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
+    model = VGG(_STAGES[name], in_shape, num_classes, width)
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
@@ -59,11 +60,13 @@ def _build(name: str, in_shape: InShape, num_classes: int) -> nn.Module:
     return model
 
 
-@register("vgg11")
-def vgg11(in_shape: InShape, num_classes: int) -> nn.Module:
-    return _build("vgg11", in_shape, num_classes)
+@register("vgg11", params=WidthParams, chain=True, batch_norm=True,
+          description="VGG-11 (config A) with BN, global average pool, one fc; Kaiming normal")
+def vgg11(in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
+    return _build("vgg11", in_shape, num_classes, width)
 
 
-@register("vgg16")
-def vgg16(in_shape: InShape, num_classes: int) -> nn.Module:
-    return _build("vgg16", in_shape, num_classes)
+@register("vgg16", params=WidthParams, chain=True, batch_norm=True,
+          description="VGG-16 (config D) with BN, global average pool, one fc; Kaiming normal")
+def vgg16(in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
+    return _build("vgg16", in_shape, num_classes, width)

@@ -1,0 +1,65 @@
+"""Dynamic sparse training: SET (Mocanu et al. 2018) and RigL (Evci et al. 2020). k1 = 0,
+then the mask is updated while training: every `update_interval` iterations each layer
+drops its smallest weights and regrows as many, at random (SET) or by dense-gradient
+magnitude (RigL). The initial mask is prune.criterion (random) with prune.scope (ERK);
+evaluation uses the final mask.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pai_core.callbacks import MaskUpdate, register_callback
+from pai_core.dynamic import DynamicSparsity
+from pai_core.paradigms.common import pretty
+from pai_core.paradigms.registry import register_paradigm
+from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
+from pai_core.specs import ExperimentBase, Frozen, PruneSpec
+
+
+METHODS = {"set": "Mocanu et al. 2018: drop the smallest weights, regrow as many at random",
+           "rigl": "Evci et al. 2020: drop the smallest weights, regrow by dense-gradient magnitude"}
+
+
+class DynamicSpec(Frozen):
+    """How the mask moves while training."""
+    method: Literal["set", "rigl"] = Field(description="set: regrow at random; rigl: by gradient magnitude")
+    update_interval: int = Field(100, gt=0, description="iterations between mask updates")
+    drop_fraction: float = Field(0.3, gt=0, lt=1, description="initial fraction of active weights moved; cosine-annealed")
+    end_fraction: float = Field(0.75, gt=0, le=1, description="no updates after this fraction of training")
+
+
+class OneShotPrune(PruneSpec):
+    schedule: Literal["one_shot"] = "one_shot"
+
+
+class DynamicSparseSpec(ExperimentBase):
+    flow: Literal["dynamic_sparse"] = "dynamic_sparse"
+    prune: OneShotPrune = Field(description="the initial mask at init (criterion random, scope erk in the papers)")
+    dynamic: DynamicSpec
+
+
+@register_callback("dynamic")
+def _dynamic(d: dict, total: int, key: str) -> MaskUpdate:
+    return MaskUpdate(DynamicSparsity(d["method"], d["update_interval"], d["drop_fraction"],
+                                      int(d["end_fraction"] * total), int(key[:12], 16)))
+
+
+def plan(spec: DynamicSparseSpec) -> Plan:
+    init, dense = dense_round(spec)
+    density = spec.prune.round_densities()[-1]
+    start_mask = mask_node(spec, score_node(spec, init, None), None, density)
+    trained = train_node(spec, "sparse_train", init, spec.train, mask=start_mask,
+                         dynamic=spec.dynamic.model_dump(mode="json"))
+    return Plan("dynamic_sparse", [dense, Round(1, spec.dynamic.method, density, start_mask, trained,
+                                                 evaluate_node(spec, trained, None))])
+
+
+def label(spec: DynamicSparseSpec, rnd: Round) -> str:
+    return pretty(spec.dynamic.method)
+
+
+PARADIGM = register_paradigm("dynamic_sparse", DynamicSparseSpec, plan, label,
+                             "sparse training with a moving mask: SET (random regrowth), RigL (gradient regrowth)",
+                             __doc__)

@@ -1,0 +1,108 @@
+"""Prune after training (PaT): k1 = k2 = K, f3 = fine-tune. One-shot, iterative (prune and
+fine-tune, repeated), or gradual (Zhu & Gupta's cubic ramp, pruning every n steps inside the
+fine-tune). Unstructured, or `structure: filter`: whole filters/neurons by the l1/l2 norm of
+their scores, with their dependent input channels; `physical: true` also builds, evaluates
+and stores the physically smaller dense net.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pai_core import gradual as gradual_lib
+from pai_core.callbacks import MaskUpdate, register_callback
+from pai_core.models import model_info, model_names
+from pai_core.paradigms.common import pretty
+from pai_core.paradigms.registry import register_paradigm
+from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
+from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec
+
+
+STRUCTURES = {"unstructured": "single weights", "filter": "whole filters/neurons and their dependent input "
+                                                          "channels (chain-shaped models)"}
+
+
+class GradualSpec(Frozen):
+    """Zhu & Gupta's cubic ramp, as fractions of the fine-tune schedule."""
+    every: int = Field(100, gt=0, description="iterations between pruning steps")
+    start: float = Field(0.0, ge=0, lt=1, description="ramp begins at this fraction of training")
+    end: float = Field(0.75, gt=0, le=1, description="target sparsity reached at this fraction")
+
+    @model_validator(mode="after")
+    def _order(self) -> GradualSpec:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class PaTPrune(PruneSpec):
+    schedule: Literal["one_shot", "iterative", "gradual"] = "one_shot"
+    gradual: GradualSpec = Field(default_factory=GradualSpec, description="schedule: gradual")
+    structure: Literal["unstructured", "filter"] = Field("unstructured", description="filter: whole filters/neurons")
+    filter_norm: Literal["l1", "l2"] = Field("l1", description="structure filter: how a filter's scores combine")
+    physical: bool = Field(False, description="structure filter: also build and evaluate the smaller dense net")
+
+    @model_validator(mode="after")
+    def _options(self) -> PaTPrune:
+        if self.schedule == "gradual" and (self.sparsity is None or self.criterion != "magnitude"):
+            raise ValueError("gradual needs sparsity and criterion magnitude (Zhu & Gupta)")
+        if self.physical and self.structure != "filter":
+            raise ValueError("prune.physical removes whole filters: it needs structure filter")
+        if self.structure == "filter" and (self.schedule == "gradual" or self.scope != "layerwise"):
+            raise ValueError("structure filter prunes one_shot or iterative with scope layerwise")
+        return self
+
+
+class PruneAfterTrainingSpec(ExperimentBase):
+    flow: Literal["prune_after_training"] = "prune_after_training"
+    retrain: TrainSpec = Field(description="the fine-tune schedule")
+    prune: PaTPrune
+
+    @model_validator(mode="after")
+    def _chain(self) -> PruneAfterTrainingSpec:
+        if self.prune.structure == "filter" and not model_info(self.model.name).chain:
+            chains = [m for m in model_names() if model_info(m).chain]
+            raise ValueError(f"structure filter needs a chain-shaped model; allowed: {', '.join(chains)}")
+        return self
+
+    @property
+    def retrain_spec(self) -> TrainSpec:
+        return self.retrain
+
+
+@register_callback("gradual")
+def _gradual(g: dict, total: int, key: str) -> MaskUpdate:
+    return MaskUpdate(gradual_lib.GradualMagnitude(g["sparsity"], int(g["start"] * total), int(g["end"] * total),
+                                                   g["every"], g["scope"], g["min_density"]))
+
+
+def plan(spec: PruneAfterTrainingSpec) -> Plan:
+    """Train; prune by the criterion; fine-tune the survivors; repeat for iterative."""
+    _, dense = dense_round(spec)
+    p = spec.prune
+    rounds, weights, mask = [dense], dense.trained, None
+    if p.schedule == "gradual":  # the mask is grown inside the fine-tune itself
+        ft = train_node(spec, "finetune", weights, spec.retrain, mode="finetune", gradual={
+            **p.gradual.model_dump(mode="json"), "sparsity": p.sparsity, "scope": p.scope,
+            "min_density": p.min_density, "prune_biases": p.prune_biases})
+        return Plan("prune_after_training", [dense, Round(1, "gradual", 1 - p.sparsity, None, ft,
+                                                          evaluate_node(spec, ft, None))])
+    structure = {"structure": "filter", "filter_norm": p.filter_norm} if p.structure == "filter" else None
+    for r, density in enumerate(p.round_densities(), start=1):
+        mask = mask_node(spec, score_node(spec, weights, mask), mask, density, structure)
+        weights = train_node(spec, "finetune", weights, spec.retrain, mask=mask, mode="finetune")
+        rounds.append(Round(r, f"round {r}", density, mask, weights,
+                            evaluate_node(spec, weights, mask, physical=p.physical)))
+    return Plan("prune_after_training", rounds)
+
+
+def label(spec: PruneAfterTrainingSpec, rnd: Round) -> str:
+    p = spec.prune
+    extra = [s for s in (p.schedule != "one_shot" and p.schedule, p.structure == "filter" and "filter") if s]
+    return f"PaT {pretty(p.criterion)}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+PARADIGM = register_paradigm("prune_after_training", PruneAfterTrainingSpec, plan, label,
+                             "PaT: prune a trained net (one-shot, iterative, gradual; weights or filters), "
+                             "fine-tune", __doc__)

@@ -1,0 +1,104 @@
+"""Sanity checks for pruning (Frankle et al. 2021; Su et al. 2020): one round's mask of a
+base paradigm beside controls trained exactly as the original: a fresh random init under
+the same mask (reinit), the mask shuffled within each layer (same layer-wise densities),
+and the inverted mask. The base plan's nodes are the very nodes a standalone base run has,
+so they are reused.
+
+`invert` keeps, layer by layer at the original's per-layer counts, the weights the whole
+pruning history ranked lowest (pruned earliest; within a round, lowest score then). For
+iterative pruning at fixed weights (SynFlow's 100 rounds) it is the same schedule run on
+negated scores, and for whole filters the inverted filter ranking.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from pai_core.paradigms.registry import get_paradigm, register_paradigm
+from pai_core.plan import REINIT_SEED_OFFSET, Node, Plan, Round, evaluate_node, init_node
+from pai_core.specs import ExperimentBase, Frozen, TrainSpec
+
+BASES = ("lottery_ticket", "prune_after_training", "prune_at_init")
+
+
+class SanitySpec(Frozen):
+    base: Literal["lottery_ticket", "prune_after_training", "prune_at_init"] = Field(
+        description="the paradigm whose mask is checked")
+    round: int | None = Field(None, ge=1, description="which pruning round's mask; None = the last")
+    checks: tuple[Literal["reinit", "shuffle", "invert"], ...] = ("reinit", "shuffle", "invert")
+
+
+class SanityChecksSpec(ExperimentBase):
+    flow: Literal["sanity_checks"] = "sanity_checks"
+    retrain: TrainSpec | None = Field(None, description="as the base paradigm's retrain")
+    prune: dict[str, Any] = Field(description="the base paradigm's prune section")
+    sanity: SanitySpec
+
+    @model_validator(mode="after")
+    def _base_is_valid(self) -> SanityChecksSpec:
+        base = self.base_spec
+        pruned = [r for r in get_paradigm(base.flow).plan(base).rounds if r.mask is not None]
+        if self.sanity.round is not None and self.sanity.round > len({r.index for r in pruned}):
+            raise ValueError("sanity.round is beyond the base paradigm's pruning rounds")
+        return self
+
+    @cached_property
+    def base_spec(self) -> ExperimentBase:
+        """The base paradigm's own spec, validated as that paradigm validates it."""
+        raw = self.model_dump(mode="json", exclude={"sanity", "flow"}, exclude_none=True)
+        try:
+            return get_paradigm(self.sanity.base).spec.model_validate(raw | {"flow": self.sanity.base})
+        except ValidationError as err:
+            e = err.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')} "
+                             f"(as a {self.sanity.base} spec)") from None
+
+    def summary(self) -> str:
+        return f"{self.base_spec.summary()} ({self.sanity.base} base)"
+
+
+def plan(spec: SanityChecksSpec) -> Plan:
+    base = get_paradigm(spec.sanity.base).plan(spec.base_spec)
+    pruned = [r for r in base.rounds if r.mask is not None and not r.name.endswith("reinit")]
+    orig = pruned[-1] if spec.sanity.round is None else pruned[spec.sanity.round - 1]
+    t = orig.trained
+    rounds = [Round(orig.index, "original", orig.density, orig.mask, t, orig.evaluate)]
+
+    def branch(name: str, mask: Node, start: Node) -> None:
+        trained = Node("train", name, t.fields, {"start": start, "mask": mask})
+        rounds.append(Round(orig.index, name, orig.density, mask, trained, evaluate_node(spec, trained, mask)))
+
+    for check in spec.sanity.checks:
+        if check == "reinit":
+            branch("reinit", orig.mask, init_node(spec, seed=spec.seed + REINIT_SEED_OFFSET))
+        elif check == "shuffle":
+            branch("shuffle", Node("shuffle_mask", "shuffle", {"seed": spec.seed}, {"mask": orig.mask}),
+                   t.inputs["start"])
+        else:
+            branch("invert", inverted(orig.mask), t.inputs["start"])
+    return Plan("sanity_checks", rounds)
+
+
+def inverted(mask: Node) -> Node:
+    """The inverted mask of a pruning history: every round's mask and scores feed it."""
+    if mask.stage != "mask" or mask.fields.get("structure"):  # fixed-weight rounds; filters
+        return Node(mask.stage, "invert", {**mask.fields, "invert": True}, mask.inputs)
+    history: list[Node] = []
+    node: Node | None = mask
+    while node is not None:
+        history.insert(0, node)
+        node = node.inputs.get("previous")
+    inputs = {f"mask_{j}": m for j, m in enumerate(history, start=1)}
+    inputs |= {f"scores_{j}": m.inputs["scores"] for j, m in enumerate(history, start=1)}
+    return Node("invert_mask", "invert", {"rounds": len(history)}, inputs)
+
+
+def label(spec: SanityChecksSpec, rnd: Round) -> str:
+    return rnd.name  # original / reinit / shuffle / invert
+
+
+PARADIGM = register_paradigm("sanity_checks", SanityChecksSpec, plan, label,
+                             "sanity checks on one round's mask: random reinit, layer-wise shuffle, inverted ranking",
+                             __doc__)

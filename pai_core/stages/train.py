@@ -1,0 +1,55 @@
+"""train: every training of every paradigm, one stage. What differs is in the node's fields:
+where it starts (`mode`), where it stops, its mask, and the callbacks it asks for."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pai_core.callbacks import callbacks_for
+from pai_core.infos import TrainInfo
+from pai_core.masks import dense_mask, sparsity
+from pai_core.plan import Node
+from pai_core.specs import TrainSpec
+from pai_core.stages.common import bundle_for, model_from
+from pai_core.stages.registry import Runtime, stage
+from pai_core.store import Ref
+from pai_core.training import ProgressCallback, best_val, train
+
+
+@stage("train", salt=1, info=TrainInfo)
+def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, TrainInfo]:
+    """Train from `start`, masked by `mask` if given.
+
+    Modes: `continue` resumes start's iteration and optimizer state (LTH rewinding);
+    `finetune` keeps only its weights and runs a fresh schedule (PaT); `replay` keeps its
+    weights and replays the schedule from iteration `from_iter` with a fresh optimizer
+    (Renda et al.'s learning-rate rewinding)."""
+    f, start = node.fields, inputs["start"]
+    payload = rt.store.load(start)
+    model = model_from(start, payload, rt)
+    mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else None
+    data, spec = bundle_for(f["data"], rt), TrainSpec(**f["train"])
+    total = spec.total_iterations(math.ceil(len(data.train) / f["data"]["batch_size"]))
+    callbacks = callbacks_for(f, total, node.key)
+    if callbacks and mask is None:  # a callback that moves the mask starts from the dense one
+        mask = dense_mask(model, bool(f.get("gradual", {}).get("prune_biases")))
+    start_iter = {"continue": start.info.iteration, "finetune": 0, "replay": f.get("from_iter", 0)}[f["mode"]]
+    outcome = train(
+        model, data, spec,
+        batch_size=f["data"]["batch_size"], order_seed=f["data"]["order_seed"], mask=mask,
+        start_iter=start_iter, stop_iter=f["stop_iter"],
+        optimizer_state=payload.get("optimizer") if f["mode"] == "continue" else None,
+        checkpoint=rt.store.checkpoint_path(node.stage, node.key),
+        callbacks=[*callbacks, ProgressCallback(rt.watcher, node.role)],
+    )
+    record: dict[str, Any] = {}
+    for cb in callbacks:
+        record |= cb.record()
+    out: dict[str, Any] = {"model": model.state_dict(), "optimizer": outcome.optimizer_state}
+    if callbacks:  # the mask may have moved: the final one is part of the result
+        out["mask"] = outcome.mask
+    info = TrainInfo(arch=start.info.arch, iteration=outcome.iteration, history=outcome.history,
+                     best=best_val(outcome.history) or None,
+                     sparsity=sparsity(outcome.mask) if outcome.mask is not None else None, **record)
+    return out, info
