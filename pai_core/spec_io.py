@@ -38,8 +38,9 @@ def _one_line(err: ValidationError, root: type[BaseModel] | None = None) -> str:
     else:
         msg = first["msg"].removeprefix("Value error, ")
         head = msg.split(": ", 1)[0]
-        if ": " in msg and (head.startswith(f"{loc}.") or (loc == "spec" and head.replace(".", "_").isidentifier())):
-            loc, msg = head, msg.split(": ", 1)[1]  # the message names a deeper field itself
+        if ": " in msg and head.replace(".", "_").isidentifier():  # the message names a deeper field itself
+            loc = head if head.startswith(f"{loc}.") or loc == "spec" else f"{loc}.{head}"
+            msg = msg.split(": ", 1)[1]
         if first["type"] != "value_error" and not isinstance(first.get("input"), dict):
             msg += f" (got {first.get('input')!r})"
     more = len(err.errors()) - 1

@@ -43,9 +43,9 @@ def test_lth_on_real_mnist_then_rerun_and_pat_reuse(env, pai_home):
     store = Store(pai_home / "store")
     plan = build_plan(spec)
     dense = store.get("evaluate", plan.rounds[0].evaluate.key).info
-    assert dense["test_acc"] > 0.95, dense  # one epoch; the full config is measured in the README
+    assert dense.test_acc > 0.95, dense  # one epoch; the full config is measured in the README
     mask = store.get("mask", plan.rounds[1].mask.key).info
-    assert mask["layers"]["total"]["kept"] == round(266_200 * 0.8)
+    assert mask.layers["total"]["kept"] == round(266_200 * 0.8)
 
     again = pai("run", lth, *SHORT, env=env)
     assert "0 stages computed" in again

@@ -12,7 +12,7 @@ def pretty(name: str) -> str:
 
 def rewind_fits(rewind_iter: int, total: int, field: str = "prune.rewind_iter") -> None:
     if rewind_iter >= total:
-        raise ValueError(f"{field} must be < the {total} training iterations")
+        raise ValueError(f"{field}: must be < the {total} training iterations")
 
 
 def same_optimizer(train: TrainSpec, retrain: TrainSpec | None, why: str) -> None:

@@ -26,8 +26,22 @@ class DynamicSpec(Frozen):
     """How the mask moves while training."""
     method: Literal["set", "rigl"] = Field(description="set: regrow at random; rigl: by gradient magnitude")
     update_interval: int = Field(100, gt=0, description="iterations between mask updates")
-    drop_fraction: float = Field(0.3, gt=0, lt=1, description="initial fraction of active weights moved; cosine-annealed")
+    drop_fraction: float = Field(0.3, gt=0, lt=1, description="fraction of each layer's active weights moved "
+                                                                 "(at the first update, when annealed)")
     end_fraction: float = Field(0.75, gt=0, le=1, description="no updates after this fraction of training")
+    anneal: Literal["cosine", "constant"] | None = Field(
+        None, description="drop fraction over time; None = the paper's (RigL: cosine, SET: constant)")
+    grow_init: Literal["zero", "random"] | None = Field(
+        None, description="value of a new connection; None = the paper's (RigL: zero, SET: random)")
+    regrow_dropped: bool = Field(True, description="a weight dropped in an update may be regrown in it "
+                                                   "(both references); false: grow only among the inactive")
+    skip_step_on_update: bool | None = Field(
+        None, description="no optimizer step on update iterations; None = the reference's (RigL: yes, SET: no)")
+
+    def resolved(self) -> dict:
+        """Every option with the method's paper default filled in: what the training runs, and its key."""
+        given = self.model_dump(mode="json")
+        return {k: (DynamicSparsity.paper_defaults(self.method).get(k) if v is None else v) for k, v in given.items()}
 
 
 class OneShotPrune(PruneSpec):
@@ -43,7 +57,9 @@ class DynamicSparseSpec(ExperimentBase):
 @register_callback("dynamic")
 def _dynamic(d: dict, total: int, key: str) -> MaskUpdate:
     return MaskUpdate(DynamicSparsity(d["method"], d["update_interval"], d["drop_fraction"],
-                                      int(d["end_fraction"] * total), int(key[:12], 16)))
+                                      int(d["end_fraction"] * total), int(key[:12], 16), anneal=d["anneal"],
+                                      grow_init=d["grow_init"], regrow_dropped=d["regrow_dropped"],
+                                      skip_step_on_update=d["skip_step_on_update"]))
 
 
 def plan(spec: DynamicSparseSpec) -> Plan:
@@ -51,7 +67,7 @@ def plan(spec: DynamicSparseSpec) -> Plan:
     density = spec.prune.round_densities()[-1]
     start_mask = mask_node(spec, score_node(spec, init, None), None, density)
     trained = train_node(spec, "sparse_train", init, spec.train, mask=start_mask,
-                         dynamic=spec.dynamic.model_dump(mode="json"))
+                         dynamic=spec.dynamic.resolved())
     return Plan("dynamic_sparse", [dense, Round(1, spec.dynamic.method, density, start_mask, trained,
                                                  evaluate_node(spec, trained, None))])
 
