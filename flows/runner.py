@@ -94,7 +94,7 @@ class DaskTasks:
                 task = task_for(w.node.role).with_options(refresh_cache=True)  # not in the store
                 futures[w.node.key] = runner.submit(task, parameters={
                     "node": w.node, "inputs": inputs, "label": w.label, "device": w.device})
-            by_future = {f.wrapped_future: (w, futures[w.node.key]) for w in work}
+            by_future = {futures[w.node.key].wrapped_future: (w, futures[w.node.key]) for w in work}
             with runner.client.as_current():  # as_completed looks for the current Dask client
                 for i, finished in enumerate(as_completed(list(by_future)), start=1):
                     w, future = by_future[finished]
