@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pai_core.paradigms.common import pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Node, Plan, Round, data_fields, evaluate_node, init_node
 from pai_core.specs import ExperimentBase, Frozen
+from pai_core.supermask import Selector
 
 
 METHODS = {"edge_popup": "Ramanujan et al. 2020: top-k by |score| per layer, straight-through, fixed random weights",
@@ -24,13 +25,39 @@ class SelectionSpec(Frozen):
     method: Literal["edge_popup", "supermask"] = Field(description="edge_popup: top-k by |score| per layer; "
                                                                    "supermask: Bernoulli(sigmoid(score)) samples")
     keep: float = Field(0.5, gt=0, le=1, description="edge_popup: fraction of each layer kept")
-    evaluation: Literal["sampled", "expected"] = Field("sampled", description="supermask: how it is evaluated")
+    evaluation: Literal["sampled", "expected", "sampled_mean", "expected_dense"] | None = Field(
+        None, description="supermask: sampled_mean = mean accuracy of eval_samples Bernoulli masks (the "
+                          "reference's, the default); expected = keep where σ(s) > 0.5; sampled = one mask; "
+                          "expected_dense = w ⊙ σ(s)")
+    score_init: Literal["constant", "uniform"] | None = Field(
+        None, description="supermask: constant = every score at score_constant (the reference's, σ = 0.5); "
+                          "uniform = U(±1/sqrt(fan_in)), edge-popup's")
+    score_constant: float = Field(0.0, description="supermask, score_init constant: the starting score")
+    eval_samples: int = Field(10, ge=1, le=1000, description="supermask, sampled_mean: masks averaged")
     weights: Literal["signed_constant", "init"] | None = Field(
         None, description="None = the paper's: signed Kaiming constant for edge_popup, the init for supermask")
+
+    @model_validator(mode="after")
+    def _edge_popup_scores(self) -> SelectionSpec:
+        if self.method == "edge_popup" and self.score_init == "constant":
+            raise ValueError("score_init: edge_popup ranks scores, so they cannot start equal; allowed: uniform")
+        return self
 
     @property
     def frozen_weights(self) -> str:
         return self.weights or ("signed_constant" if self.method == "edge_popup" else "init")
+
+    def resolved(self) -> dict:
+        """What the select stage runs, the paper's defaults filled in; edge-popup's fields are the
+        ones it always had, so its keys are unchanged."""
+        out = {"method": self.method, "keep": self.keep, "weights": self.frozen_weights,
+               "evaluation": self.evaluation or "sampled"}
+        if self.method == "supermask":
+            paper = Selector.paper_defaults("supermask")
+            out |= {"evaluation": self.evaluation or paper["evaluation"],
+                    "score_init": self.score_init or paper["score_init"], "score_constant": self.score_constant,
+                    "eval_samples": self.eval_samples}
+        return out
 
 
 class SupermaskSpec(ExperimentBase):
@@ -44,7 +71,7 @@ class SupermaskSpec(ExperimentBase):
 def plan(spec: SupermaskSpec) -> Plan:
     init = init_node(spec)
     sel = spec.selection
-    fields = {"selection": {**sel.model_dump(mode="json"), "weights": sel.frozen_weights},
+    fields = {"selection": sel.resolved(),
               "data": {**data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed},
               "train": spec.train.model_dump(mode="json")}
     select = Node("select", "select", fields, {"init": init})

@@ -10,6 +10,7 @@ from pai_core.plan import Node
 from pai_core.stages.common import bundle_for, model_from
 from pai_core.stages.registry import Runtime, stage
 from pai_core.store import Ref
+from pai_core.supermask import mean_over_masks, sample_masks
 from pai_core.training import evaluate
 
 
@@ -20,9 +21,15 @@ def evaluate_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[
     payload = rt.store.load(weights)
     model = model_from(weights, payload, rt)
     mask = payload.get("mask") or (rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model))
-    apply_mask(model, mask)
     b = bundle_for(f["data"], rt)
-    metrics = {f"{split}_{k}": v for split in ("val", "test") for k, v in evaluate(model, getattr(b, split)).items()}
+    if mean_of := payload.get("mean_of"):  # Zhou's supermask: mean over the reference's sampled masks
+        masks = sample_masks(payload["scores"], mean_of["seed"], mean_of["samples"])
+        metrics = {f"{split}_{k}": v for split in ("val", "test")
+                   for k, v in mean_over_masks(model, masks, getattr(b, split)).items()}
+        apply_mask(model, mask)
+    else:
+        apply_mask(model, mask)
+        metrics = {f"{split}_{k}": v for split in ("val", "test") for k, v in evaluate(model, getattr(b, split)).items()}
     # Density of the weights themselves, so a mask that failed to hold would show here.
     live = {n: p.detach().ne(0).cpu() for n, p in model.named_parameters() if n in mask}
     info = EvalInfo(**metrics, sparsity=sparsity(live), layers=density_report(live),

@@ -28,7 +28,9 @@ def select_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[di
             for n, p in model.named_parameters():
                 if n in names:
                     p.copy_(signed_kaiming_constant(p))
-    selector = Selector(model, names, sel["method"], sel["keep"], sel["evaluation"], seed=int(node.key[:12], 16))
+    seed = int(node.key[:12], 16)
+    selector = Selector(model, names, sel["method"], sel["keep"], sel["evaluation"], seed=seed,
+                        **{k: sel[k] for k in ("score_init", "score_constant", "eval_samples") if k in sel})
     outcome = train(selector, bundle_for(f["data"], rt), TrainSpec(**f["train"]),
                     batch_size=f["data"]["batch_size"], order_seed=f["data"]["order_seed"],
                     checkpoint=rt.store.checkpoint_path(node.stage, node.key),
@@ -37,4 +39,7 @@ def select_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[di
     scores = {n: selector.scores[str(i)].detach().cpu() for i, n in enumerate(names)}
     info = SelectInfo(arch=init.info.arch, iteration=outcome.iteration, history=outcome.history,
                       best=best_val(outcome.history) or None, sparsity=sparsity(mask))
-    return {"model": state, "mask": mask, "scores": scores}, info
+    payload = {"model": state, "mask": mask, "scores": scores}
+    if sel["evaluation"] == "sampled_mean":  # evaluate re-draws the same masks from the scores
+        payload["mean_of"] = {"seed": seed, "samples": sel["eval_samples"]}
+    return payload, info
