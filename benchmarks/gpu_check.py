@@ -67,7 +67,7 @@ def main() -> None:
             leaked = sum(int(torch.count_nonzero(weights[k][~m])) for k, m in mask.items())
             check(f"{model} {rnd.name}: exact count, pruned weights zero",
                   kept == round(n * rnd.density) and leaked == 0, f"kept {kept}/{n}, leaked {leaked}, "
-                  f"test acc {refs[rnd.evaluate.key].info['test_acc']:.3f}")
+                  f"test acc {refs[rnd.evaluate.key].info.test_acc:.3f}")
         rt2 = Runtime(Store(store.root), "auto")
         run_plan(plan.nodes, rt2)
         check(f"{model}: re-run computes nothing", rt2.computed == [])
@@ -88,6 +88,11 @@ def main() -> None:
                               "selection": {"method": "supermask"}},
         "pat gradual": {"flow": "prune_after_training", "retrain": {"optimizer": "adam", "lr": 0.001, "epochs": 2},
                         "prune": {"schedule": "gradual", "sparsity": 0.8, "gradual": {"every": 5}}},
+        "lr_rewinding": {"flow": "lr_rewinding", "prune": {"rate": 0.5, "rounds": 2, "lr_rewind_iter": 5}},
+        "early_bird channel": {"flow": "early_bird", "model": {"name": "conv2", "width": 0.25, "batch_norm": True},
+                               "prune": {"sparsity": 0.5}, "early_bird": {"window": 2, "epsilon": 0.5}},
+        "early_bird unstructured": {"flow": "early_bird", "prune": {"sparsity": 0.8},
+                                    "early_bird": {"structure": "unstructured", "window": 2}},
         "pat structured conv2": {"flow": "prune_after_training", "model": {"name": "conv2"},
                                  "train": {"optimizer": "adam", "lr": 0.001, "epochs": 3},
                                  "retrain": {"optimizer": "adam", "lr": 0.001, "epochs": 1},
@@ -105,7 +110,7 @@ def main() -> None:
             rt2 = Runtime(Store(store.root), "auto")
             run_plan(plan.nodes, rt2)
             check(f"{label}: runs on {dev}, re-run computes nothing", rt2.computed == [],
-                  f"sparsity {last['sparsity']:.3f}, test acc {last['test_acc']:.3f}, {time.perf_counter() - t:.1f} s")
+                  f"sparsity {last.sparsity:.3f}, test acc {last.test_acc:.3f}, {time.perf_counter() - t:.1f} s")
         except Exception as e:  # report and go on: one script, every path
             check(f"{label}: runs on {dev}", False, repr(e)[:300])
 
