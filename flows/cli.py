@@ -37,20 +37,27 @@ OverridesArg = typer.Argument(None, help="dotted overrides: prune.rate=0.5 train
 
 
 def _spec(path: Path, overrides: Optional[list[str]]) -> ExperimentSpec:
+    from rich.markup import escape
+
+    from pai_core.spec_io import one_line
+
     try:
         return load_spec(path, overrides or [])
     except SpecError as e:
-        err_console.print(f"[red]invalid spec[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]invalid spec[/red] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 def _sweep(path: Path) -> Any:
+    from rich.markup import escape
+
+    from pai_core.spec_io import one_line
     from pai_core.sweep import load_sweep
 
     try:
         return load_sweep(path)
     except SpecError as e:
-        err_console.print(f"[red]invalid sweep[/red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]invalid sweep[/red] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -75,14 +82,22 @@ def list_cmd() -> None:
 @app.command()
 def validate(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a spec (or a sweep: every grid point); exit 0, or exit 2 with a one-line error naming the field."""
+    from rich.markup import escape
+
+    from pai_core.spec_io import one_line
     from pai_core.sweep import is_sweep_file
 
     if is_sweep_file(spec):
+        if overrides:
+            given = escape(one_line(overrides[0][:80]))
+            err_console.print(f"[red]invalid sweep[/red] {escape(str(spec))}: overrides ({given}) apply to a spec; "
+                              "a sweep varies fields in its grid", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
         sw = _sweep(spec)
-        console.print(f"ok: sweep {sw.name}, {len(sw.expand())} specs")
+        console.print(f"ok: sweep {escape(sw.name)}, {len(sw.expand())} specs", highlight=False, soft_wrap=True)
         return
     s = _spec(spec, overrides)
-    console.print(f"ok: {s.name} ({s.flow}, {s.summary()})")
+    console.print(f"ok: {escape(s.name)} ({s.flow}, {s.summary()})", highlight=False, soft_wrap=True)
 
 
 @app.command()

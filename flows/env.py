@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from pai_core.paths import pai_home
 
@@ -32,7 +33,12 @@ def apply_defaults() -> None:
         logging.getLogger("pai_core").setLevel(logging.INFO)
     # Prefect's cache records sit beside the artifacts they point to.
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(pai_home() / "prefect-results"))
+    # ...and so does the temporary server's database (not ~/.prefect): one PAI_HOME, one history.
+    os.environ.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{pai_home() / 'prefect.db'}")
+    from flows.local_state import tie_temporary_server_to_its_parent
     from flows.servers import client_env, read_state
+
+    tie_temporary_server_to_its_parent()
 
     if read_state():
         for k, v in client_env().items():
@@ -47,3 +53,15 @@ def tracking_uri() -> str:
 def local_tracking() -> bool:
     """True when MLflow writes its database directly (no tracking server in between)."""
     return tracking_uri().startswith("sqlite:")
+
+
+def mlflow_client():  # noqa: ANN201 - MlflowClient; mlflow is imported only when tracking starts
+    """The tracking client; a local SQLite database is first made complete, once, under a lock."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    if local_tracking() and uri.startswith("sqlite:///"):
+        from flows.local_state import ensure_mlflow_db
+
+        ensure_mlflow_db(Path(uri.removeprefix("sqlite:///")), pai_home() / "mlartifacts")
+    return MlflowClient(tracking_uri=uri)

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import Flow, flow
 
-from flows.runner import PrefectTasks, current_flow_run_id, run_logger
+from flows.runner import PrefectTasks, crash_flow_runs, current_flow_run_id, run_logger
 from flows.tracking import Tracking
 from pai_core.executor import Job, execute
 from pai_core.paradigms import Paradigm, build_plan, get_paradigm, paradigm_names
@@ -24,6 +24,7 @@ def run_spec(spec: Any) -> dict[str, Any]:
     log, store = run_logger(), default_store()
     job = Job(spec, build_plan(spec))
     tracking = Tracking([job], store, current_flow_run_id(), log=log)
+    crash_flow_runs(tracking.tracker(job).closed_flow_runs, f"superseded by flow run {current_flow_run_id()}")
     try:
         out = execute([job], PrefectTasks(), store, tracking)
     except BaseException:

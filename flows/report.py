@@ -11,11 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
 
-from flows.env import local_tracking, tracking_uri
+from flows.env import local_tracking, mlflow_client, tracking_uri
 from flows.tracking import experiment_id
 from pai_core.paths import pai_home
 from pai_core.report import aggregate, write_report
@@ -36,7 +35,7 @@ def mlflow_run_url(run_id: str) -> str | None:
     """The run's page in the MLflow UI when a tracking server is in use."""
     if local_tracking():
         return None
-    client = MlflowClient(tracking_uri=tracking_uri())
+    client = mlflow_client()
     return f"{tracking_uri().rstrip('/')}/#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
 
 
@@ -48,7 +47,7 @@ def publish_report(specs: list[ExperimentSpec], store: Store, name: str, mlflow_
     Returns where everything went."""
     out = pai_home() / "reports" / _slug(name)
     report = write_report(specs, store, out)
-    client = MlflowClient(tracking_uri=tracking_uri())
+    client = mlflow_client()
     own_run = mlflow_run_id is None
     if own_run:
         mlflow_run_id = client.create_run(experiment_id(client, specs[0].experiment), run_name=f"report {name}",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
-from pai_core.executor import Done, Work
+from pai_core.executor import Done, InOrder, Work
 from pai_core.store import Ref
 from tasks.stages import run_stage_task, task_for
 
@@ -29,27 +29,13 @@ def current_flow_run_id() -> str | None:
     return flow_run.get_id()
 
 
-class PrefectTasks:
+class PrefectTasks(InOrder):
     """Each stage a task run of this flow run, in plan order; stored stages are submitted
     too, so the UI shows them Cached."""
     submit_stored = True
 
-    def run(self, work: Sequence[Work], refs: dict[str, Ref], done: Done) -> None:
-        failed: set[str] = set()
-        for w in work:
-            if bad := [n.key for n in w.node.inputs.values() if n.key in failed]:
-                failed.add(w.node.key)
-                done(w, None, RuntimeError(f"upstream stage {bad[0]} failed"), "Failed")
-                continue
-            try:
-                ref, state = run_stage_task(w.node, {k: refs[n.key] for k, n in w.node.inputs.items()},
-                                            w.label, w.device)
-            except Exception as e:  # noqa: BLE001 - reported; what does not need it goes on
-                failed.add(w.node.key)
-                done(w, None, e, "Failed")
-                continue
-            refs[w.node.key] = ref
-            done(w, ref, None, state)
+    def run_one(self, w: Work, inputs: dict[str, Ref]) -> tuple[Ref, str]:
+        return run_stage_task(w.node, inputs, w.label, w.device)
 
 
 class DaskTasks:
@@ -106,3 +92,24 @@ class DaskTasks:
                     run_logger().info("[%d/%d] %s done (%.1f s, pid %s)", i, len(work), w.label,
                                       ref.info.seconds or 0.0, (ref.info.computed_by or {}).get("pid"))
                     done(w, ref, None, "Completed")
+
+
+def crash_flow_runs(ids: Sequence[str], why: str) -> None:
+    """Mark flow runs a killed process left Running as Crashed (no process will ever finish them)."""
+    if not ids:
+        return
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        for i in ids:
+            try:
+                run = client.read_flow_run(UUID(i))
+                if run.state is not None and run.state.is_running():
+                    client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+                    run_logger().warning("flow run %s (%s) was left Running by a killed process: marked Crashed",
+                                         run.name, i)
+            except Exception as e:  # noqa: BLE001 - another server's run, or gone: nothing to mark
+                run_logger().info("flow run %s not marked Crashed: %s", i, e)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect.states import Failed
 
-from flows.env import tracking_uri
+from flows.env import mlflow_client
 from flows.report import publish_report
 from flows.runner import DaskTasks, PrefectTasks, current_flow_run_id, run_logger
 from flows.tracking import Tracking, sweep_run
@@ -23,7 +22,7 @@ from pai_core.sweep import SweepSpec
 from tasks.stages import default_store
 
 
-class _InOrder(PrefectTasks):
+class _Sequential(PrefectTasks):
     submit_stored = False  # a sweep never resubmits what the store holds
 
 
@@ -42,7 +41,7 @@ def sweep(sweep: SweepSpec, sequential: bool = False) -> Any:
     log.info("%s: %d specs on %s", sweep.name, len(specs),
              "this process" if sequential else (sweep.dask.address or f"a LocalCluster of {sweep.dask.workers}"))
     try:
-        out = execute(jobs, _InOrder() if sequential else DaskTasks(sweep.dask), store, tracking)
+        out = execute(jobs, _Sequential() if sequential else DaskTasks(sweep.dask), store, tracking)
     except BaseException:
         tracking.abort()
         raise
@@ -63,7 +62,7 @@ def sweep(sweep: SweepSpec, sequential: bool = False) -> Any:
         summary["report"] = publish_report(specs, store, sweep.name, parent, summary)
     else:
         summary["report"] = None
-        MlflowClient(tracking_uri=tracking_uri()).set_terminated(parent, "FAILED")
+        mlflow_client().set_terminated(parent, "FAILED")
     log.info("executed per stage role: %s", dict(out.executed) or "nothing (all stored)")
     if out.failed_jobs:
         for name, why in out.failed_jobs.items():

@@ -8,17 +8,19 @@ the files only with `tracking.copy_artifacts`.
 """
 from __future__ import annotations
 
+import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import yaml
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from flows.env import local_tracking, tracking_uri
+from flows.env import local_tracking, mlflow_client
 from pai_core.executor import Hooks, Job
 from pai_core.paths import pai_home
 from pai_core.plan import Round
@@ -42,7 +44,7 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 def sweep_run(sweep: SweepSpec, flow_run_id: str | None) -> str:
     """The MLflow run a sweep's specs nest under; it also carries the sweep's report."""
-    client = MlflowClient(tracking_uri=tracking_uri())
+    client = mlflow_client()
     exp = experiment_id(client, sweep.base[0].experiment)
     tags = {"pai.flow": "sweep", "pai.spec": sweep.name} | ({"prefect.flow_run_id": flow_run_id} if flow_run_id else {})
     run = client.create_run(exp, run_name=f"sweep {sweep.name}", tags=tags).info.run_id
@@ -51,35 +53,66 @@ def sweep_run(sweep: SweepSpec, flow_run_id: str | None) -> str:
     return run
 
 
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def _process_tags() -> dict[str, str]:
+    """Who runs this attempt: a later run on this host can tell whether it is still alive."""
+    me = psutil.Process()
+    return {"pai.host": socket.gethostname(), "pai.pid": str(me.pid), "pai.pid_started": str(me.create_time())}
+
+
+def _process_gone(tags: dict[str, str]) -> bool:
+    """The attempt's process ran on this host and is no longer there (pid gone or reused)."""
+    if tags.get("pai.host") != socket.gethostname() or "pai.pid" not in tags:
+        return False
+    try:
+        return str(psutil.Process(int(tags["pai.pid"])).create_time()) != tags.get("pai.pid_started")
+    except (psutil.NoSuchProcess, ValueError):
+        return True
+
+
 class Tracker:
     def __init__(self, spec: Any, store: Store, flow_run_id: str | None = None, parent_run_id: str | None = None):
         self.spec, self.store = spec, store
-        self.client = MlflowClient(tracking_uri=tracking_uri())
+        self.client = mlflow_client()
         self.experiment_id = experiment_id(self.client, spec.experiment)
         tags = {"pai.flow": spec.flow, "pai.spec": spec.name}
         if flow_run_id:
             tags["prefect.flow_run_id"] = flow_run_id
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
+        tags |= _process_tags()
         self.parent = self.client.create_run(self.experiment_id, run_name=spec.name, tags=tags).info.run_id
-        if flow_run_id:
-            self._close_crashed_attempts(flow_run_id)
+        self.closed_flow_runs = self._close_dead_attempts(flow_run_id)
         params = [Param(k, str(v)) for k, v in flatten(spec).items()]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.parent, params=params[i:i + MAX_PARAMS_PER_BATCH])
         self.client.log_text(self.parent, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False),
                              "spec.yaml")
 
-    def _close_crashed_attempts(self, flow_run_id: str) -> None:
-        """A retried flow run (the UI's Retry after a crash) gets a fresh MLflow run; the one
-        its killed attempt left RUNNING is marked KILLED and points at its successor."""
-        stale = self.client.search_runs([self.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' "
-                                                              "and attributes.status = 'RUNNING'")
+    def _close_dead_attempts(self, flow_run_id: str | None) -> list[str]:
+        """Runs of this spec that a killed attempt left RUNNING are marked KILLED (with their nested
+        runs) and point at this one: a retried flow run's earlier attempt, or any attempt whose
+        process on this host is gone. Returns their Prefect flow run ids (to mark those Crashed)."""
+        stale = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING' and "
+                                                              f"tags.`pai.spec` = '{_quote(self.spec.name)}'")
+        closed = []
         for run in stale:  # a sweep's own run and its other specs share the flow run id: not those
-            if run.info.run_id != self.parent and run.data.tags.get("pai.spec") == self.spec.name \
-                    and run.data.tags.get("pai.flow") == self.spec.flow:
-                self.client.set_tag(run.info.run_id, "pai.superseded_by", self.parent)
-                self.client.set_terminated(run.info.run_id, "KILLED")
+            t = run.data.tags
+            if run.info.run_id == self.parent or t.get("pai.flow") != self.spec.flow:
+                continue
+            if t.get("prefect.flow_run_id") != flow_run_id and not _process_gone(t):
+                continue  # a live attempt elsewhere, or on this host: leave it alone
+            for child in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING' and "
+                                                 f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"):
+                self.client.set_terminated(child.info.run_id, "KILLED")
+            self.client.set_tag(run.info.run_id, "pai.superseded_by", self.parent)
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            if t.get("prefect.flow_run_id") and t["prefect.flow_run_id"] != flow_run_id:
+                closed.append(t["prefect.flow_run_id"])
+        return closed
 
     def log_round(self, rnd: Round, refs: dict[str, Ref], reused: bool) -> None:
         trained, evaluated = refs[rnd.trained.key], refs[rnd.evaluate.key]

@@ -45,12 +45,13 @@ class Runner(Protocol):
     def run(self, work: Sequence[Work], refs: dict[str, Ref], done: Done) -> None: ...
 
 
-class InProcess:
-    """No orchestrator: `pai_core.stages.run` in order (notebooks, tests)."""
+class InOrder:
+    """Runs work items one by one in this process; what needs a failed stage fails with it.
+    Subclasses say how one stage runs (`run_one`)."""
     submit_stored = False
 
-    def __init__(self, store: Store):
-        self.store = store
+    def run_one(self, w: Work, inputs: dict[str, Ref]) -> tuple[Ref, str]:
+        raise NotImplementedError
 
     def run(self, work: Sequence[Work], refs: dict[str, Ref], done: Done) -> None:
         failed: set[str] = set()
@@ -60,13 +61,23 @@ class InProcess:
                 done(w, None, RuntimeError(f"upstream stage {bad[0]} failed"), "Failed")
                 continue
             try:
-                ref = run(w.node, {k: refs[n.key] for k, n in w.node.inputs.items()}, Runtime(self.store, w.device))
-            except Exception as e:  # noqa: BLE001 - reported, and the rest goes on
+                ref, state = self.run_one(w, {k: refs[n.key] for k, n in w.node.inputs.items()})
+            except Exception as e:  # noqa: BLE001 - reported; what does not need it goes on
                 failed.add(w.node.key)
                 done(w, None, e, "Failed")
                 continue
             refs[w.node.key] = ref
-            done(w, ref, None, "Completed")
+            done(w, ref, None, state)
+
+
+class InProcess(InOrder):
+    """No orchestrator: `pai_core.stages.run` in order (notebooks, tests)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def run_one(self, w: Work, inputs: dict[str, Ref]) -> tuple[Ref, str]:
+        return run(w.node, inputs, Runtime(self.store, w.device)), "Completed"
 
 
 class Hooks:

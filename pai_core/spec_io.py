@@ -1,18 +1,20 @@
 """Loading specs: YAML, dotted overrides, and pydantic's report turned into one line
-that names the field and what is allowed (`SpecError`), before any compute starts."""
+that names the field and what is allowed (`SpecError`), before any compute starts.
+Reading untrusted YAML (size, nesting, aliases, duplicate keys, encoding): yaml_io.py."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
+from pai_core import yaml_io
 from pai_core.paradigms import ExperimentSpec, get_paradigm, paradigm_names, validate_spec
+from pai_core.yaml_io import SpecError, clip, dotted
 
+__all__ = ["SpecError", "apply_overrides", "flatten", "load_spec", "parse_spec", "set_field"]
 
-class SpecError(ValueError):
-    """A spec is invalid; the message is one line naming the field and what is allowed."""
+MAX_MESSAGE = 1000  # characters of one error line
 
 
 def _one_line(err: ValidationError, root: type[BaseModel] | None = None) -> str:
@@ -20,16 +22,16 @@ def _one_line(err: ValidationError, root: type[BaseModel] | None = None) -> str:
 
     With no `root`, the errors are an experiment spec's: their first location part is the
     paradigm (the union's tag), which names the model the rest of the path is in."""
-    first = err.errors()[0]
+    first = err.errors(include_url=False)[0]
     parts = tuple(first["loc"])
     if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        got = f" {first['input'].get('flow')!r}" if first["type"] == "union_tag_invalid" else " (missing)"
+        got = f" {clip(first['input'].get('flow'))}" if first["type"] == "union_tag_invalid" else " (missing)"
         return f"flow: unknown flow{got}; allowed: {', '.join(paradigm_names())}"
     if root is None:
         root = get_paradigm(str(parts[0])).spec if parts else BaseModel
         parts = parts[1:]
     first = {**first, "loc": parts}
-    loc = ".".join(str(p) for p in parts) or "spec"
+    loc = dotted(parts) or "spec"
     if first["type"] == "extra_forbidden":
         allowed = _fields_at(root, first["loc"][:-1])
         msg = f"unknown field; allowed: {', '.join(allowed)}"
@@ -42,9 +44,15 @@ def _one_line(err: ValidationError, root: type[BaseModel] | None = None) -> str:
             loc = head if head.startswith(f"{loc}.") or loc == "spec" else f"{loc}.{head}"
             msg = msg.split(": ", 1)[1]
         if first["type"] != "value_error" and not isinstance(first.get("input"), dict):
-            msg += f" (got {first.get('input')!r})"
-    more = len(err.errors()) - 1
-    return f"{loc}: {msg}" + (f" (+{more} more)" if more else "")
+            msg += f" (got {clip(first.get('input'))})"
+    more = err.error_count() - 1
+    return one_line(f"{loc}: {msg}" + (f" (+{more} more)" if more else ""))
+
+
+def one_line(msg: str) -> str:
+    """The last guard of "one line": no line breaks, and a bounded length."""
+    msg = msg.replace("\r", " ").replace("\n", " ")
+    return msg if len(msg) <= MAX_MESSAGE else msg[:MAX_MESSAGE - 1] + "…"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -60,21 +68,30 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=c` overrides; the value is parsed as YAML so `0.9`, `true`, `[1,2]` work."""
-    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, YAML-typed
+    raw = yaml_io.plain(raw)  # a deep copy that shares nothing (aliases included)
     for item in overrides:
         path, sep, value = item.partition("=")
-        if not sep or not path:
-            raise SpecError(f"{item}: override must look like field.path=value")
-        node = raw
-        parts = path.strip().split(".")
-        for part in parts[:-1]:
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise SpecError(f"{path}: {part} is not a section")
-            node = node[part]
-        node[parts[-1]] = yaml.safe_load(value)
+        if not sep or not path.strip():
+            raise SpecError(f"{dotted([item])}: override must look like field.path=value")
+        set_field(raw, path.strip(), yaml_io.parse_value(value, dotted([path.strip()])))
     return raw
+
+
+def set_field(raw: dict[str, Any], path: str, value: Any) -> None:
+    """Set the dotted field `path` of `raw` (sections made as needed) to `value`, in place."""
+    parts = path.split(".")
+    if len(path) > 200 or len(parts) > yaml_io.MAX_DEPTH:
+        raise SpecError(f"{dotted([path])}: a field path is at most {yaml_io.MAX_DEPTH} names and 200 characters")
+    if not all(p.strip() for p in parts):
+        raise SpecError(f"{path}: empty field name in the path")
+    node = raw
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise SpecError(f"{path}: {part} is not a section")
+        node = node[part]
+    node[parts[-1]] = value
 
 
 def parse_spec(raw: Any) -> ExperimentSpec:
@@ -89,12 +106,7 @@ def parse_spec(raw: Any) -> ExperimentSpec:
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:
     """Read a YAML spec, apply overrides, validate. `name` defaults to the file's stem."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such spec file") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = yaml_io.read(path, "spec")
     if isinstance(raw, dict):
         raw.setdefault("name", path.stem)
     return parse_spec(apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw)

@@ -2,34 +2,60 @@
 extends (`pai_core/paradigms/<name>.py`). Loading and the one-line errors: spec_io.py.
 
 Every field is checked before any compute starts. Specs are frozen so a stage can never
-change what it was keyed on.
+change what it was keyed on. Bounds: seeds 0 <= seed < 2**63 (torch generators; the reinit
+control's +7919 still fits manual_seed's 64 bits); floats finite everywhere (inf/NaN would
+reach JSON keys, `pai show` and the optimizer); lr <= 1000 (Zhou's supermask SGD uses 100);
+epochs <= 10,000, iterations <= 10**8, rounds <= 1000 (the plan is built whole up front);
+names 1-200 printable characters, `experiment` <= 500 (MLflow's limit). Schedules that must
+empty a layer, or whose min_density floors miss the target, are refused (prune_checks.py).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pai_core import prune_checks
 from pai_core.criteria import criterion_names, get_criterion
 from pai_core.data import dataset_info, dataset_names
 from pai_core.models import model_info, model_names
+from pai_core.yaml_io import clip, dotted
+
+SEED_LIMIT = 2**63
+LR_MAX = 1e3
+MAX_EPOCHS, MAX_ITERATIONS = 10_000, 10**8
+MAX_ROUNDS = 1000
+MAX_NAME, MAX_EXPERIMENT = 200, 500  # MLflow: experiment names up to 500 characters
 
 
 def registered(value: str, names: list[str], what: str) -> str:
     if value not in names:
-        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(names)}")
+        raise ValueError(f"unknown {what} {clip(value)}; allowed: {', '.join(names)}")
     return value
 
 
+def _text(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must be printable characters on one line (no tabs, line breaks or control characters)")
+    if "[/" in value:
+        raise ValueError("must not contain '[/' (terminal markup: the CLI's tables cannot print it)")
+    return value
+
+
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_text)]
+
+
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(Frozen):
     """A registered model and its own parameters (`width`, `batch_norm`, ... where it has them).
     Parameters left at their defaults are dropped, so `width: 1` and no width share a key."""
-    model_config = ConfigDict(frozen=True, extra="allow")
+    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
     name: str = Field(description="a registered model (pai list)")
 
     @model_validator(mode="before")
@@ -38,17 +64,16 @@ class ModelSpec(Frozen):
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             return data
         if data["name"] not in model_names():
-            raise ValueError(f"model.name: unknown model {data['name']!r}; allowed: {', '.join(model_names())}")
+            raise ValueError(f"model.name: unknown model {clip(data['name'])}; allowed: {', '.join(model_names())}")
         info = model_info(data["name"])
         given = {k: v for k, v in data.items() if k != "name"}
         try:
-            params = info.Params(**given)
+            params = info.Params.model_validate(given)
         except ValidationError as err:
             e = err.errors()[0]
             allowed = ", ".join(["name", *info.Params.model_fields])
             what = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-            raise ValueError(f"model.{'.'.join(map(str, e['loc']))}: {what} for {info.name}; "
-                             f"allowed: {allowed}") from None
+            raise ValueError(f"model.{dotted(e['loc'])}: {what} for {info.name}; allowed: {allowed}") from None
         return {"name": data["name"], **params.model_dump(mode="json", exclude_defaults=True)}
 
     @property
@@ -58,21 +83,29 @@ class ModelSpec(Frozen):
 
 class DataSpec(Frozen):
     dataset: str = Field(description="a registered dataset (pai list)")
-    batch_size: int = Field(60, gt=0, description="examples per training step")
-    val_size: int | None = Field(None, ge=0, description="held out of train; None = dataset default")
-    split_seed: int = Field(0, description="seed of the train/val split")
-    order_seed: int | None = Field(None, description="data-order seed; None = experiment seed")
+    batch_size: int = Field(60, gt=0, le=2**20, description="examples per training step")
+    val_size: int | None = Field(None, description="held out of train; None = dataset default")
+    split_seed: Seed = Field(0, description="seed of the train/val split")
+    order_seed: Seed | None = Field(None, description="data-order seed; None = experiment seed")
 
     @field_validator("dataset")
     @classmethod
     def _known(cls, v: str) -> str:
         return registered(v, dataset_names(), "dataset")
 
+    @field_validator("val_size")
+    @classmethod
+    def _some_val(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("at least 1 example: val_acc and best-val selection need a validation split "
+                             "(leave it unset for the dataset's default)")
+        return v
+
     @model_validator(mode="after")
     def _val_fits(self) -> DataSpec:
         info = dataset_info(self.dataset)
         if self.val_size is not None and self.val_size >= info.train_size:
-            raise ValueError(f"val_size must be < {info.train_size} for {self.dataset}")
+            raise ValueError(f"val_size: must be < {info.train_size} (the {self.dataset} train split)")
         return self
 
     @property
@@ -88,25 +121,33 @@ class DataSpec(Frozen):
 
 class TrainSpec(Frozen):
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(gt=0, description="peak learning rate")
+    lr: float = Field(gt=0, le=LR_MAX, description="peak learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0, description="L2 coefficient (coupled, as torch's SGD/Adam)")
-    epochs: int | None = Field(None, gt=0, description="training length in passes over the train split")
-    iterations: int | None = Field(None, gt=0, description="training length in steps (instead of epochs)")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 coefficient (coupled, as torch's SGD/Adam)")
+    epochs: int | None = Field(None, gt=0, le=MAX_EPOCHS, description="training length in passes over the train split")
+    iterations: int | None = Field(None, gt=0, le=MAX_ITERATIONS,
+                                   description="training length in steps (instead of epochs)")
     lr_schedule: Literal["constant", "step", "cosine"] = "constant"
     milestones: tuple[int, ...] = Field((), description="step schedule; in epochs if `epochs` is set, else iterations")
-    gamma: float = Field(0.1, gt=0, description="step schedule: factor at each milestone")
-    warmup_iterations: int = Field(0, ge=0, description="linear warmup steps")
+    gamma: float = Field(0.1, gt=0, le=1, description="step schedule: factor at each milestone")
+    warmup_iterations: int = Field(0, ge=0, le=MAX_ITERATIONS, description="linear warmup steps")
 
     @model_validator(mode="after")
     def _length(self) -> TrainSpec:
         if (self.epochs is None) == (self.iterations is None):
             raise ValueError("set exactly one of epochs or iterations")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov needs optimizer sgd with momentum > 0")
+            raise ValueError("nesterov: needs optimizer sgd with momentum > 0")
         if list(self.milestones) != sorted(set(self.milestones)):
-            raise ValueError("milestones must be strictly increasing")
+            raise ValueError("milestones: must be strictly increasing")
+        if self.milestones and self.lr_schedule != "step":
+            raise ValueError(f"milestones: only lr_schedule step uses them (this one is {self.lr_schedule})")
+        length, unit = (self.epochs, "epochs") if self.epochs is not None else (self.iterations, "iterations")
+        if self.milestones and not (1 <= self.milestones[0] and self.milestones[-1] < length):
+            bad = self.milestones[0] if self.milestones[0] < 1 else self.milestones[-1]
+            raise ValueError(f"milestones: each must be within the training length, 1..{length - 1} {unit} "
+                             f"(got {clip(bad)})")
         return self
 
     def total_iterations(self, iterations_per_epoch: int) -> int:
@@ -146,10 +187,26 @@ class PruneSpec(Frozen):
     def _known(cls, v: str) -> str:
         return registered(v, criterion_names(), "criterion")
 
+    @field_validator("rounds")
+    @classmethod
+    def _plan_size(cls, v: int) -> int:
+        if v > MAX_ROUNDS:
+            raise ValueError(f"at most {MAX_ROUNDS} (got {clip(v)}): each round adds its stages to the plan, which "
+                             "is built, keyed and shown whole before anything runs")
+        return v
+
     @model_validator(mode="after")
     def _schedule(self) -> PruneSpec:
         crit = get_criterion(self.criterion)
-        crit.Params(**self.params)  # reject unknown/ill-typed params now
+        try:  # reject unknown/ill-typed params now, named under params
+            crit.Params.model_validate(self.params)
+        except ValidationError as err:
+            e = err.errors(include_url=False)[0]
+            field = dotted(e["loc"])
+            allowed = ", ".join(crit.Params.model_fields) or f"none ({self.criterion} has no params)"
+            what = ("unknown field" if e["type"] == "extra_forbidden"
+                    else f"{e['msg']} (got {clip(e.get('input'))})")
+            raise ValueError(f"params.{field}: {what}; allowed: {allowed}") from None
         if self.bn_mode is not None and crit.bn_mode is None:
             raise ValueError(f"bn_mode: criterion {self.criterion} does not run the network")
         if self.schedule != "iterative":
@@ -192,10 +249,11 @@ class TrackingSpec(Frozen):
 
 class ExperimentBase(Frozen):
     """What every experiment has; each paradigm's spec adds `flow: Literal[...]` and its sections."""
-    name: str = "experiment"
-    experiment: str = Field("pai-flow", description="MLflow experiment name")
+    name: Name = "experiment"
+    experiment: Annotated[str, Field(min_length=1, max_length=MAX_EXPERIMENT), AfterValidator(_text)] = Field(
+        "pai-flow", description="MLflow experiment name")
     flow: str
-    seed: int = Field(0, description="init seed (and data-order seed unless data.order_seed is set)")
+    seed: Seed = Field(0, description="init seed (and data-order seed unless data.order_seed is set)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelSpec
     data: DataSpec
@@ -207,8 +265,25 @@ class ExperimentBase(Frozen):
         info = dataset_info(self.data.dataset)
         problem = model_info(self.model.name).input_problem(info.in_shape, info.num_classes, self.model.params)
         if problem:
-            raise ValueError(f"model {self.model.name} cannot take {self.data.dataset} ({problem})")
+            raise ValueError(f"model.name: {self.model.name} cannot take {self.data.dataset} ({problem})")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: cuda, but torch sees no CUDA device on this machine; allowed here: auto, cpu")
+        for field in ("train", "retrain"):
+            train = getattr(self, field, None)
+            total = train.total_iterations(self.data.iterations_per_epoch) if isinstance(train, TrainSpec) else 0
+            if total and train.warmup_iterations >= total:
+                raise ValueError(f"{field}.warmup_iterations: must be < the {total:,} training iterations")
+        if (units := self.pruned_units()) is not None:
+            prune_checks.check_schedule(self.prune, *units)
         return self
+
+    def pruned_units(self) -> tuple[prune_checks.Layers, str, str] | None:
+        """(layers and shapes, scope, unit) that `prune`'s densities apply to, for prune_checks;
+        None = nothing to check. A paradigm pruning other units (whole filters) overrides it."""
+        prune = getattr(self, "prune", None)
+        if not isinstance(prune, PruneSpec):
+            return None
+        return prune_checks.weight_layers(self, prune.prune_biases), prune.scope, "weights"
 
     @property
     def order_seed(self) -> int:

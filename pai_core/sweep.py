@@ -8,25 +8,29 @@ many specs ask for it. A notebook user gets the same deduplication without Prefe
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from pai_core import yaml_io
 from pai_core.paradigms import build_plan
 from pai_core.plan import Node, Plan
-from pai_core.spec_io import SpecError, _one_line, apply_overrides, load_spec, parse_spec
+from pai_core.spec_io import SpecError, _one_line, load_spec, parse_spec, set_field
 from pai_core.paradigms import ExperimentSpec
-from pai_core.specs import Frozen
+from pai_core.specs import Frozen, Name
+
+MAX_SPECS = 2000  # base specs × grid points: every one is validated (and its plan built) up front
 
 
 class DaskSpec(Frozen):
     """Where a sweep's stages run. Here: a LocalCluster of `workers` processes. In production:
     the `address` of a Dask scheduler whose workers sit on GPU machines, one per GPU."""
-    address: str | None = Field(None, description="tcp://scheduler:8786; None = a LocalCluster on this machine")
-    workers: int = Field(2, ge=1, description="LocalCluster worker processes")
-    threads_per_worker: int = Field(1, ge=1, description="stages one worker runs at once")
+    address: str | None = Field(None, min_length=1, max_length=500,
+                                description="tcp://scheduler:8786; None = a LocalCluster on this machine")
+    workers: int = Field(2, ge=1, le=1024, description="LocalCluster worker processes")
+    threads_per_worker: int = Field(1, ge=1, le=1024, description="stages one worker runs at once")
     resources: dict[str, float] = Field(
         default_factory=dict,
         description="what each stage claims, e.g. {GPU: 1}: a worker started with `--resources GPU=1` "
@@ -34,7 +38,7 @@ class DaskSpec(Frozen):
 
 
 class SweepSpec(Frozen):
-    name: str = "sweep"
+    name: Name = "sweep"
     base: list[ExperimentSpec] = Field(min_length=1, description="the specs the grid varies")
     grid: dict[str, list[Any]] = Field(default_factory=dict,
                                        description="dotted field -> values, e.g. prune.sparsity: [0.5, 0.9]")
@@ -48,6 +52,14 @@ class SweepSpec(Frozen):
                 raise ValueError(f"grid.{k}: give at least one value")
         return grid
 
+    @model_validator(mode="after")
+    def _bounded(self) -> SweepSpec:
+        n = len(self.base) * math.prod(len(v) for v in self.grid.values())
+        if n > MAX_SPECS:
+            raise ValueError(f"grid: {len(self.base)} base specs × {n // len(self.base):,} grid points = {n:,} "
+                             f"specs; at most {MAX_SPECS} (each is validated and planned before anything runs)")
+        return self
+
     def expand(self) -> list[ExperimentSpec]:
         """Every base × grid point, validated; a bad point raises SpecError naming it.
         Identical specs (a grid value equal to the base's) are kept once."""
@@ -58,14 +70,16 @@ class SweepSpec(Frozen):
             for values in itertools.product(*(self.grid[k] for k in keys)):
                 point = dict(zip(keys, values))
                 tag = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
-                overrides = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in point.items()]
-                point_raw = apply_overrides(raw, overrides)
-                if _criterion_changed(base, point):  # params belong to a criterion: take the new one's defaults
-                    point_raw["prune"]["params"] = {}
                 try:
+                    point_raw = yaml_io.plain(raw)
+                    for k, v in point.items():
+                        set_field(point_raw, k, yaml_io.plain(v))
+                    if _criterion_changed(base, point):  # params belong to a criterion: take the new one's defaults
+                        point_raw["prune"]["params"] = {}
                     spec = parse_spec(point_raw | ({"name": f"{base.name}[{tag}]"} if tag else {}))
                 except SpecError as e:
-                    raise SpecError(f"sweep {self.name}, base {base.name}, grid point {point}: {e}") from None
+                    raise SpecError(f"sweep {self.name}, base {base.name}, grid point {yaml_io.clip(point, 200)}: "
+                                    f"{e}") from None
                 out.setdefault(spec.model_dump_json(exclude={"name"}), spec)
         return list(out.values())
 
@@ -78,15 +92,14 @@ def _criterion_changed(base: ExperimentSpec, point: dict[str, Any]) -> bool:
 def load_sweep(path: str | Path) -> SweepSpec:
     """A sweep YAML; `base` entries may be spec paths (relative to the sweep file) or inline specs."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such sweep file") from None
+    raw = yaml_io.read(path, "sweep")
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a sweep must be a mapping with base and grid")
     raw.setdefault("name", path.stem)
     bases = raw.get("base")
     bases = bases if isinstance(bases, list) else [bases]
+    if len(bases) > MAX_SPECS:
+        raise SpecError(f"{path}: base: at most {MAX_SPECS} specs, got {len(bases):,}")
     resolved = []
     for i, b in enumerate(bases):
         try:
@@ -104,9 +117,11 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
 
 def is_sweep_file(path: str | Path) -> bool:
+    """A mapping with `base` and `grid`; a file that cannot be read is not (loading it as a
+    spec then says why)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = yaml_io.read(path, "sweep")
+    except SpecError:
         return False
     return isinstance(raw, dict) and "grid" in raw and "base" in raw
 

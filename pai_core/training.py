@@ -8,6 +8,7 @@ the steps an uninterrupted run would take.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from pai_core.data import DataBundle, Split
 from pai_core.masks import Mask, MaskEnforcer
 from pai_core.progress import Progress
 from pai_core.specs import TrainSpec
-from pai_core.store import atomic_write, to_bytes
+from pai_core.store import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("pai_core.training")
 
@@ -167,6 +168,29 @@ class TrainOutcome:
     stopped_early: bool = False
 
 
+def _resume(saved: Any, model: nn.Module, opt: torch.optim.Optimizer, callbacks: Sequence[Callback],
+            start_iter: int, stop: int) -> dict[str, Any]:
+    """Apply a checkpoint to the model, optimizer and callbacks, all or nothing: if it is not a
+    checkpoint of this run, they are restored and the error re-raised (the checkpoint is set aside)."""
+    before = copy.deepcopy((model.state_dict(), opt.state_dict(), [cb.state_dict() for cb in callbacks]))
+    try:
+        it, history, mask = saved["iteration"], saved["history"], saved.get("mask")
+        if not (type(it) is int and start_iter < it < stop and isinstance(history, list)
+                and (mask is None or isinstance(mask, dict))):
+            raise ValueError(f"iteration {it!r} not in ({start_iter}, {stop}), or history/mask malformed")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        for cb, cb_state in zip(callbacks, saved.get("callbacks", [])):
+            cb.load_state_dict(cb_state)
+    except Exception:
+        model.load_state_dict(before[0])
+        opt.load_state_dict(before[1])
+        for cb, cb_state in zip(callbacks, before[2]):
+            cb.load_state_dict(cb_state)
+        raise
+    return saved
+
+
 def train(
     model: nn.Module,
     data: DataBundle,
@@ -195,14 +219,10 @@ def train(
     it = start_iter
     if optimizer_state:
         opt.load_state_dict(optimizer_state)
-    if checkpoint is not None and checkpoint.exists():
-        saved = torch.load(checkpoint, weights_only=True, map_location=next(model.parameters()).device)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        it, history = saved["iteration"], saved["history"]
-        mask = saved.get("mask", mask)
-        for cb, cb_state in zip(callbacks, saved.get("callbacks", [])):
-            cb.load_state_dict(cb_state)
+    saved = None if checkpoint is None else load_checkpoint(  # a bad one is set aside: start over
+        checkpoint, next(model.parameters()).device, lambda s: _resume(s, model, opt, callbacks, start_iter, stop))
+    if saved is not None:
+        it, history, mask = saved["iteration"], saved["history"], saved.get("mask", mask)
         log.info("resuming from checkpoint at iteration %d of %d", it, stop)
     state = TrainState(model, opt, mask, it, stop, total, ipe)
     enforcer = MaskEnforcer(model, mask)
@@ -252,9 +272,9 @@ def train(
             if state.stop:
                 break
             if checkpoint is not None and it < stop:
-                atomic_write(checkpoint, to_bytes({
+                save_checkpoint(checkpoint, {
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                    "history": history, "mask": state.mask, "callbacks": [cb.state_dict() for cb in callbacks]}))
+                    "history": history, "mask": state.mask, "callbacks": [cb.state_dict() for cb in callbacks]})
     for cb in callbacks:
         cb.on_end(state)
     return TrainOutcome(history=history, optimizer_state=opt.state_dict(), iteration=it, mask=state.mask,

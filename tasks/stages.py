@@ -17,7 +17,7 @@ from pai_core.paths import pai_home
 from pai_core.plan import Node
 from pai_core.stages import Runtime, get_stage, run
 from pai_core.store import Ref, Store
-from tasks.cache import STAGE_KEY
+from tasks.cache import STAGE_KEY, RefSerializer, record_is_safe
 
 
 def default_store() -> Store:
@@ -40,7 +40,8 @@ def _stage(node: Node, inputs: dict[str, Ref], label: str, device: str) -> Ref:
 @lru_cache(maxsize=None)
 def task_for(role: str) -> Task:
     """The task named `role` (pretrain, retrain, reinit, ...), made once per process."""
-    return task(_stage, name=role, cache_policy=STAGE_KEY, persist_result=True, task_run_name="{label}")
+    return task(_stage, name=role, cache_policy=STAGE_KEY, persist_result=True, result_serializer=RefSerializer(),
+                task_run_name="{label}")
 
 
 def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) -> tuple[Ref, str]:
@@ -53,10 +54,10 @@ def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) 
     get_stage(node.stage)  # an unknown stage fails here, by name, before Prefect is involved
     t = task_for(node.role)
     current = default_store().get(node.stage, node.key)
-    if current is None:
+    if current is None or not record_is_safe(node):
         t = t.with_options(refresh_cache=True)
     state: State = t(node, inputs, label, device, return_state=True)
-    ref: Ref = state.result()
+    ref = Ref.model_validate(state.result())
     # A cache record can predate a recompute done outside Prefect (a notebook): when the
     # store holds the artifact, its own verified metadata is what the flow goes on with.
     return (current or ref), state.name

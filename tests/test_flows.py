@@ -9,6 +9,8 @@ from conftest import tiny_spec
 from pai_core.paradigms import build_plan
 from pai_core.store import Store
 
+pytestmark = pytest.mark.slow  # each test starts Prefect's temporary server and runs whole flows
+
 
 @pytest.fixture(scope="module")
 def prefect():
@@ -117,3 +119,43 @@ def test_prune_at_init_flow_reuses_the_lth_init_and_dense_round(prefect, pai_hom
     assert st[("dense", "init")][0] == st[("dense", "pretrain")][0] == "reused"
     assert st[("snip", "sparse_train")][0] == "computed"
     assert out["rounds"][1]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+
+
+class _Touch:
+    """Unpickling this creates a file: what a crafted cache record would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_crafted_pickle_cache_record_is_never_read(prefect, pai_home, tmp_path):
+    """Issue 12 #9: Prefect deserializes a record with the serializer the record names, so a
+    record rewritten to name pickle used to run code. Records are pai-ref JSON and are checked
+    before Prefect reads them; a bad one is removed and the stage comes from the verified store."""
+    import json
+
+    from prefect.serializers import PickleSerializer
+
+    from flows.lottery_ticket import lottery_ticket
+
+    spec = tiny_spec()
+    lottery_ticket(spec=spec)
+    from tasks.cache import records_root
+
+    records = records_root()
+    init = build_plan(spec).rounds[0].trained.inputs["start"]
+    path = records / f"pai-init-{init.key}"
+    record = json.loads(path.read_text())
+    assert record["metadata"]["serializer"]["type"] == "pai-ref"  # JSON, not a pickle
+    marker = tmp_path / "pwned"
+    record["metadata"]["serializer"] = PickleSerializer().model_dump(mode="json")
+    record["result"] = PickleSerializer().dumps(_Touch(str(marker))).decode()
+    path.write_text(json.dumps(record))
+    again = lottery_ticket(spec=spec)
+    assert not marker.exists(), "the crafted record was unpickled"
+    assert again["computed"] == 0, "the stage still came from the verified store"

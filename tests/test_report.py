@@ -166,7 +166,7 @@ def test_method_labels():
     assert labels(tiny_spec(prune={"rewind_iter": 5})) == ["dense", "LTH (rewind 5)", "LTH (rewind 5)"]
     assert labels(tiny_spec("sanity_checks", sanity={"base": "lottery_ticket"})) == \
         ["original", "reinit", "shuffle", "invert"]
-    rigl = tiny_spec("dynamic_sparse", dynamic={"method": "rigl"}, prune={
+    rigl = tiny_spec("dynamic_sparse", dynamic={"method": "rigl", "update_interval": 5}, prune={
         "criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "rate": None, "rounds": 1, "scope": "erk"})
     assert labels(rigl) == ["dense", "RigL"]
     assert labels(snip(0.9, 0)) == ["dense", "SNIP"]

@@ -15,7 +15,7 @@ from pai_core.criteria.registry import register
 
 
 class GraspParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     samples_per_class: int = Field(10, gt=0)
     temperature: float = Field(200.0, gt=0, description="logits are divided by it")
 

@@ -33,7 +33,7 @@ ScoreFn = Callable[[nn.Module, Mask, ScoreInputs, BaseModel], dict[str, torch.Te
 
 
 class NoParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pai_core.criteria.registry import register
 
 
 class SnipParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     batches: int = Field(1, gt=0, description="training batches whose gradients are summed")
 
 

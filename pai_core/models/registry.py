@@ -22,7 +22,7 @@ Builder = Callable[..., nn.Module]  # (in_shape, num_classes, **params) -> modul
 
 
 class NoParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class WidthParams(NoParams):

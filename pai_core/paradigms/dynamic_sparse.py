@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pai_core.callbacks import MaskUpdate, register_callback
 from pai_core.dynamic import DynamicSparsity
@@ -52,6 +52,17 @@ class DynamicSparseSpec(ExperimentBase):
     flow: Literal["dynamic_sparse"] = "dynamic_sparse"
     prune: OneShotPrune = Field(description="the initial mask at init (criterion random, scope erk in the papers)")
     dynamic: DynamicSpec
+
+    @model_validator(mode="after")
+    def _updates_happen(self) -> DynamicSparseSpec:
+        """A mask update at every multiple of update_interval below end_fraction of training: none
+        at all would train the initial mask statically while the spec says SET/RigL."""
+        end = int(self.dynamic.end_fraction * self.total_iterations)
+        if self.dynamic.update_interval >= end:
+            raise ValueError(f"dynamic.update_interval: no mask update would happen: updates stop at iteration {end:,} "
+                             f"(end_fraction {self.dynamic.end_fraction:g} of {self.total_iterations:,}); "
+                             f"allowed: below {max(end, 1):,}")
+        return self
 
 
 @register_callback("dynamic")

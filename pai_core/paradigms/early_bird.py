@@ -29,6 +29,7 @@ from pai_core.masks import Mask, dense_mask
 from pai_core.models import model_info
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, train_node
+from pai_core.prune_checks import meta_model
 from pai_core.selection import select
 from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec
 from pai_core.training import Callback, TrainState
@@ -55,6 +56,8 @@ class OneShotMagnitude(PruneSpec):
                              "whole net; allowed: criterion magnitude with scope global")
         if self.sparsity is None:
             raise ValueError("prune.sparsity: early_bird needs it (the fraction of channels or weights pruned)")
+        if self.min_density:
+            raise ValueError("prune.min_density: early_bird draws its masks without per-layer floors; allowed: 0")
         return self
 
 
@@ -71,7 +74,20 @@ class EarlyBirdSpec(ExperimentBase):
             raise ValueError(f"early_bird.structure: channel needs a chain-shaped model with BatchNorm, and "
                              f"{info.name} is not one; allowed: conv2/4/6 with batch_norm true, vgg11, vgg16; "
                              "or structure unstructured")
+        if self.train.epochs is not None and self.early_bird.window > self.train.epochs:
+            raise ValueError(f"early_bird.window: {self.early_bird.window} masks (one per epoch) never fit in the "
+                             f"{self.train.epochs} pretraining epochs, so no ticket could be drawn; allowed: "
+                             f"2..{self.train.epochs}")
+        if self.early_bird.structure == "channel":
+            bns = [m.weight.shape[0] for m in meta_model(self).modules() if isinstance(m, _BN)]
+            kept = sum(bns) - int(sum(bns) * self.prune.sparsity)  # channel_keep's count
+            if kept < len(bns):
+                raise ValueError(f"prune.sparsity: keeps {kept} of the {sum(bns)} BatchNorm channels, fewer than one "
+                                 f"per BatchNorm layer ({len(bns)}), so a layer would be empty")
         return self
+
+    def pruned_units(self) -> tuple | None:
+        return None if self.early_bird.structure == "channel" else super().pruned_units()  # channels: above
 
     @property
     def retrain_spec(self) -> TrainSpec:

@@ -11,11 +11,13 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pai_core import gradual as gradual_lib
+from pai_core import structured
 from pai_core.callbacks import MaskUpdate, register_callback
 from pai_core.models import model_info, model_names
 from pai_core.paradigms.common import pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
+from pai_core.prune_checks import meta_model
 from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec
 
 
@@ -69,6 +71,14 @@ class PruneAfterTrainingSpec(ExperimentBase):
     @property
     def retrain_spec(self) -> TrainSpec:
         return self.retrain
+
+    def pruned_units(self) -> tuple | None:
+        """Whole filters: the densities apply per layer to the output units of every chain layer
+        but the last (structured.select_filters)."""
+        if self.prune.structure != "filter" or not model_info(self.model.name).chain:
+            return super().pruned_units()
+        layers = [(f"{name}.weight", (m.weight.shape[0],)) for name, m in structured.chain(meta_model(self))[:-1]]
+        return layers, "layerwise", "filters"
 
 
 @register_callback("gradual")

@@ -40,8 +40,8 @@ class SanityChecksSpec(ExperimentBase):
     def _base_is_valid(self) -> SanityChecksSpec:
         base = self.base_spec
         pruned = [r for r in get_paradigm(base.flow).plan(base).rounds if r.mask is not None]
-        if self.sanity.round is not None and self.sanity.round > len({r.index for r in pruned}):
-            raise ValueError("sanity.round is beyond the base paradigm's pruning rounds")
+        if self.sanity.round is not None and self.sanity.round > (n := len({r.index for r in pruned})):
+            raise ValueError(f"sanity.round: beyond the base paradigm's pruning rounds; allowed: 1..{n}")
         return self
 
     @cached_property
@@ -51,8 +51,9 @@ class SanityChecksSpec(ExperimentBase):
         try:
             return get_paradigm(self.sanity.base).spec.model_validate(raw | {"flow": self.sanity.base})
         except ValidationError as err:
-            e = err.errors()[0]
-            raise ValueError(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')} "
+            e = err.errors(include_url=False)[0]
+            loc = ".".join(map(str, e["loc"]))
+            raise ValueError(f"{loc + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')} "
                              f"(as a {self.sanity.base} spec)") from None
 
     def summary(self) -> str:

@@ -5,6 +5,7 @@ learning rate that would wreck weight training); compare with another paradigm's
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -12,6 +13,7 @@ from pydantic import Field, model_validator
 from pai_core.paradigms.common import pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Node, Plan, Round, data_fields, evaluate_node, init_node
+from pai_core.prune_checks import weight_layers
 from pai_core.specs import ExperimentBase, Frozen
 from pai_core.supermask import Selector
 
@@ -63,6 +65,16 @@ class SelectionSpec(Frozen):
 class SupermaskSpec(ExperimentBase):
     flow: Literal["supermask"] = "supermask"
     selection: SelectionSpec
+
+    @model_validator(mode="after")
+    def _keep_fits(self) -> SupermaskSpec:
+        """edge-popup keeps round(keep · n) of every layer: none at all would empty it."""
+        if self.selection.method == "edge_popup":
+            for name, shape in weight_layers(self):
+                if round(self.selection.keep * math.prod(shape)) < 1:
+                    raise ValueError(f"selection.keep: {self.selection.keep:.6g} keeps 0 of the {math.prod(shape):,} "
+                                     f"weights of {name}, so that layer would be empty")
+        return self
 
     def summary(self) -> str:
         return f"{self.selection.method} selection"

@@ -101,6 +101,7 @@ def run(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> Ref:
     if hit is not None:
         log.info("%s %s: reused", node.role, node.key)
         return hit
+    rt.store.check_writable(node.stage)  # a read-only store fails here, in one line, before any compute
     log.info("%s %s: computing", node.role, node.key)
     start = time.perf_counter()
     payload, info = get_stage(node.stage).fn(node, inputs, rt)

@@ -1,0 +1,112 @@
+"""Schedule checks that need the network's layer sizes, done on the meta device (no memory,
+no time) while the spec validates, so a schedule that cannot work is refused before the
+dense training it would otherwise follow:
+
+- collapse by arithmetic: with global scope, a round that keeps fewer weights than there
+  are prunable layers must empty one; with layerwise or ERK scope, a layer whose own count
+  rounds to 0 is emptied (`on_collapse: error` would stop the run after pretraining);
+- an unreachable target: per-layer floors (`min_density`) that together keep more than the
+  schedule's final density allows, so the network would be trained denser than the
+  sparsity the spec reports.
+
+The exact rounding is selection.py's: round(n · density) kept, ceil(min_density · n) floors,
+ERK counts by largest remainder.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+from torch import nn
+
+from pai_core.data import dataset_info
+from pai_core.masks import prunable_names
+from pai_core.models import model_info
+from pai_core.selection import erk_counts
+
+Layers = list[tuple[str, tuple[int, ...]]]  # (name, shape) of each unit the densities apply to
+
+
+@lru_cache(maxsize=64)
+def _meta(model: str, params: tuple[tuple[str, Any], ...], in_shape: tuple[int, ...], classes: int) -> nn.Module:
+    import torch
+
+    info = model_info(model)
+    with torch.device("meta"):
+        return info.builder(tuple(in_shape), classes, **info.Params(**dict(params)).model_dump())
+
+
+def meta_model(spec: Any) -> nn.Module:
+    """The spec's network built on the meta device (cached: a sweep validates it many times)."""
+    info = dataset_info(spec.data.dataset)
+    params = tuple(sorted(spec.model.params.items()))
+    return _meta(spec.model.name, params, tuple(info.in_shape), info.num_classes)
+
+
+def weight_layers(spec: Any, biases: bool = False) -> Layers:
+    """Shapes of the prunable parameters (Conv/Linear weights, and biases if asked)."""
+    model = meta_model(spec)
+    params = dict(model.named_parameters())
+    return [(n, tuple(params[n].shape)) for n in prunable_names(model, biases)]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _what(prune: Any, r: int) -> str:
+    """The field to name for round `r`'s problem: rounds when the rate alone is fine in round 1."""
+    if prune.sparsity is not None:
+        return "prune.sparsity"
+    return "prune.rounds" if r > 1 else "prune.rate"
+
+
+def _counts(layers: Layers, density: float, scope: str) -> list[int]:
+    if scope == "erk":
+        return erk_counts([s for _, s in layers], density)
+    return [round(math.prod(s) * density) for _, s in layers]
+
+
+def check_schedule(prune: Any, layers: Layers, scope: str, what: str = "weights") -> None:
+    """Raise ValueError (one line, naming the field) when `prune`'s densities cannot work on
+    `layers` with `scope`; `what` names the units (weights, filters)."""
+    if not layers:
+        return
+    densities = prune.round_densities()
+    sizes = [math.prod(s) for _, s in layers]
+    total, n_layers = sum(sizes), len(layers)
+    final = densities[-1]
+    floors = [math.ceil(prune.min_density * n) for n in sizes]
+    if prune.min_density > 0:
+        if scope == "global":
+            target = round(total * final)
+            if sum(floors) > target:
+                raise ValueError(
+                    f"prune.min_density: floors of {_fmt(prune.min_density)} per layer keep {sum(floors):,} "
+                    f"{what}, more than the {target:,} of the final density {_fmt(final)}, so sparsity "
+                    f"{_fmt(1 - final)} is unreachable; allowed: a floor below the final density")
+        else:
+            for (name, _), floor, count, n in zip(layers, floors, _counts(layers, final, scope), sizes):
+                if floor > count:
+                    raise ValueError(
+                        f"prune.min_density: the floor of {_fmt(prune.min_density)} keeps {floor:,} of the {n:,} "
+                        f"{what} of {name}, more than the {count:,} that scope {scope} gives it at the final "
+                        f"density {_fmt(final)}, so sparsity {_fmt(1 - final)} is unreachable; allowed: a "
+                        f"floor below that layer's density")
+    for r, d in enumerate(densities, start=1):
+        at = f"round {r} of {len(densities)}" if len(densities) > 1 else "the mask"
+        hint = (f"; at most {r - 1} rounds at rate {_fmt(prune.per_round_rate)}"
+                if _what(prune, r) == "prune.rounds" else "")
+        if scope == "global":
+            kept = round(total * d)
+            if kept < n_layers:
+                raise ValueError(
+                    f"{_what(prune, r)}: {at} keeps {kept:,} of the {total:,} prunable {what} (density "
+                    f"{_fmt(d)}), fewer than one per prunable layer ({n_layers}), so a layer would be empty{hint}")
+            continue
+        for (name, _), count, n in zip(layers, _counts(layers, d, scope), sizes):
+            if count < 1 and math.ceil(prune.min_density * n) < 1:
+                raise ValueError(
+                    f"{_what(prune, r)}: {at} keeps 0 of the {n:,} {what} of {name} (scope {scope}, density "
+                    f"{_fmt(d)}), so that layer would be empty{hint}")
