@@ -125,9 +125,17 @@ def run(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> 
     t0 = time.perf_counter()
     from flows import FLOWS
 
+    from rich.markup import escape
+
+    from flows.local_state import TrackingStoreError
+    from pai_core.store import StoreError
+
     pai_progress.set_progress(RichProgress(console))
     try:
         summary = FLOWS[s.flow](spec=s)
+    except (StoreError, TrackingStoreError) as e:  # a read-only store, an unusable tracking database
+        err_console.print(f"[red]cannot run[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     finally:
         pai_progress.set_progress(None)
     _print_rounds(summary["rounds"], f"{s.name}: {summary['computed']} stages computed, "
