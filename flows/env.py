@@ -31,10 +31,16 @@ def apply_defaults() -> None:
         os.environ.setdefault(k, v)
     if logging.getLogger("pai_core").level == logging.NOTSET:  # else the root's WARNING drops them
         logging.getLogger("pai_core").setLevel(logging.INFO)
-    # Prefect's cache records sit beside the artifacts they point to.
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(pai_home() / "prefect-results"))
-    # ...and so does the temporary server's database (not ~/.prefect): one PAI_HOME, one history.
-    os.environ.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{pai_home() / 'prefect.db'}")
+    # Prefect's cache records sit beside the artifacts they point to, and so does the temporary
+    # server's database (not ~/.prefect): one PAI_HOME, one history. A child process started
+    # with another PAI_HOME inherits these from its parent: they follow its PAI_HOME, not the parent's.
+    derived = {"PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(pai_home() / "prefect-results"),
+               "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{pai_home() / 'prefect.db'}"}
+    inherited = os.environ.get("PAI_DERIVED_FOR")
+    for k, v in derived.items():
+        if k not in os.environ or (inherited is not None and inherited != str(pai_home())):
+            os.environ[k] = v
+    os.environ["PAI_DERIVED_FOR"] = str(pai_home())
     from flows.local_state import tie_temporary_server_to_its_parent
     from flows.servers import client_env, read_state
 

@@ -142,7 +142,7 @@ def test_sigkill_of_pai_run_leaves_nothing_running_and_loses_nothing(tmp_path, k
             "where tags.key = 'pai.spec' and tags.value = 'killme'")]
         assert "RUNNING" not in {r[0] for r in con.execute("select status from runs")}
     assert sorted(statuses) == ["FINISHED", "KILLED"]
-    with sqlite3.connect(home / "prefect.db") as con:
+    with sqlite3.connect(f"file:{home / 'prefect.db'}?mode=ro", uri=True) as con:
         states = [r[0] for r in con.execute("select state_type from flow_run")]
     assert "RUNNING" not in states and "CRASHED" in states and "COMPLETED" in states
     assert not list(home.rglob("*.tmp")), "no temp file left behind"
