@@ -28,11 +28,12 @@ def _env(home: Path) -> dict[str, str]:
     return {**os.environ, "COLUMNS": "200", "PAI_HOME": str(home)}
 
 
-def _wait(cond, what: str, proc: subprocess.Popen | None = None, stall: float = 600) -> None:
+def _wait(cond, what: str, proc: subprocess.Popen | None = None, stall: float = 600, log: Path | None = None) -> None:
     start = time.time()
     while not cond():
-        if proc is not None:
-            assert proc.poll() is None, f"the process ended before {what}"
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"the process ended (rc {proc.returncode}) before {what}:\n{tail}")
         assert time.time() - start < stall, f"no {what} after {stall} s"
         time.sleep(0.05)
 
@@ -109,7 +110,7 @@ def test_garbage_database_is_set_aside_and_one_with_runs_is_never_touched(tmp_pa
 @pytest.mark.parametrize("kill_at", ["mid-training", "after the last stage"])
 def test_sigkill_of_pai_run_leaves_nothing_running_and_loses_nothing(tmp_path, kill_at):
     home = tmp_path / "home"
-    raw = tiny_raw(model={"name": "conv4"}, data={"batch_size": 10}, train={"epochs": 4}, prune={"rounds": 2},
+    raw = tiny_raw(model={"name": "conv4"}, data={"batch_size": 5}, train={"epochs": 6}, prune={"rounds": 2},
                    name="killme")
     path = tmp_path / "killme.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -122,9 +123,11 @@ def test_sigkill_of_pai_run_leaves_nothing_running_and_loses_nothing(tmp_path, k
     else:
         last = plan.rounds[-1].evaluate
         ready = lambda: store.meta_path("evaluate", last.key).exists()  # noqa: E731
-    proc = subprocess.Popen([*PAI, "run", str(path)], cwd=ROOT, env=_env(home), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    _wait(ready, kill_at, proc)
+    log = tmp_path / "first.log"
+    with open(log, "w") as out_file:
+        proc = subprocess.Popen([*PAI, "run", str(path)], cwd=ROOT, env=_env(home), stdout=out_file,
+                                stderr=subprocess.STDOUT)
+    _wait(ready, kill_at, proc, log=log)
     children = psutil.Process(proc.pid).children(recursive=True)
     assert children, "Prefect's temporary server runs beside `pai run`"
     proc.send_signal(signal.SIGKILL)  # the `pai run` process alone, as a user's kill -9 would
