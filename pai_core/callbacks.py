@@ -64,9 +64,3 @@ def callbacks_for(fields: Mapping[str, Any], total: int, key: str) -> list[Callb
     import pai_core.paradigms  # noqa: F401  (paradigms register their callbacks on import)
 
     return [make(fields[name], total, key) for name, make in _FACTORIES.items() if fields.get(name)]
-
-
-def callback_fields() -> list[str]:
-    import pai_core.paradigms  # noqa: F401
-
-    return list(_FACTORIES)

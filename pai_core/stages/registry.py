@@ -119,8 +119,3 @@ def run_plan(nodes: list[Node], rt: Runtime) -> dict[str, Ref]:
     for node in nodes:
         refs[node.key] = run(node, {k: refs[n.key] for k, n in node.inputs.items()}, rt)
     return refs
-
-
-def info_type(stage_name: str) -> type[Info]:
-    return get_stage(stage_name).info
-
