@@ -29,8 +29,10 @@ def up(host: str = typer.Option(servers.DEFAULT_HOST, help="bind address; loopba
         console.print(f"[red]{e}[/red]", highlight=False)
         raise typer.Exit(1) from None
     status()
+    for what, url in servers.ui_urls().items():  # printed whole: a terminal makes them clickable
+        console.print(f"{what}: [bold]{url}[/bold]", highlight=False, soft_wrap=True)
     console.print("pai commands on this PAI_HOME now use these servers; for other tools: "
-                  "[bold]eval \"$(pai server env)\"[/bold]")
+                  "[bold]eval \"$(pai server env)\"[/bold]", soft_wrap=True)
 
 
 @app.command()
@@ -43,7 +45,9 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Each recorded process: pid, alive, answering, URL, log file."""
-    table = Table("service", "pid", "alive", "answers", "url", "log")
+    table = Table("service", "pid", "alive", "answers")
+    for col in ("url", "log"):  # folded, never cut: they are copied into browsers and `tail`
+        table.add_column(col, overflow="fold")
     for name, s in servers.status().items():
         table.add_row(name, str(s["pid"]), _yn(s["alive"]), _yn(s["healthy"]), s["url"], s["log"])
     console.print(table if table.row_count else "no servers recorded under this PAI_HOME")

@@ -8,22 +8,51 @@ Each flow keeps the module path it always had (`flows.lottery_ticket:lottery_tic
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 from prefect import Flow, flow
+from prefect.states import Completed
 
+from flows.results import publish_results
 from flows.runner import PrefectTasks, crash_flow_runs, current_flow_run_id, run_logger
 from flows.tracking import Tracking
 from pai_core.executor import Job, execute
 from pai_core.paradigms import Paradigm, build_plan, get_paradigm, paradigm_names
+from pai_core.spec_io import overrides_between
 from tasks.stages import default_store
 
+OVERRIDES: ContextVar[list[str] | None] = ContextVar("pai_overrides", default=None)
+"""What the caller changed in its spec file (`pai run SPEC a.b=c` sets it): names the MLflow run."""
 
-def run_spec(spec: Any) -> dict[str, Any]:
-    """Execute one spec's plan; raise the first stage failure after the rest has run."""
+
+def run_overrides(spec: Any) -> list[str]:
+    """The overrides this run applied: the caller's, or, for a deployment run, the fields that
+    differ from the deployment's own parameters (a custom run from the UI's form)."""
+    if (given := OVERRIDES.get()) is not None:
+        return given
+    from prefect.runtime import deployment
+
+    try:
+        base = (deployment.parameters or {}).get("spec")
+    except Exception:  # noqa: BLE001 - not a deployment run
+        base = None
+    if not isinstance(base, dict):
+        return []
+    try:
+        return overrides_between(type(spec).model_validate(base), spec)
+    except Exception:  # noqa: BLE001 - the deployment's spec no longer validates: compare as data
+        return overrides_between(base, spec)
+
+
+def run_spec(spec: Any) -> Any:
+    """Execute one spec's plan; raise the first stage failure after the rest has run. Publishes
+    the results (Prefect artifacts, MLflow summary metrics) and ends the run with a state that
+    says how many stages were computed and how many reused."""
     log, store = run_logger(), default_store()
     job = Job(spec, build_plan(spec))
-    tracking = Tracking([job], store, current_flow_run_id(), log=log)
+    flow_run_id = current_flow_run_id()
+    tracking = Tracking([job], store, flow_run_id, log=log, overrides={id(job): run_overrides(spec)})
     crash_flow_runs(tracking.tracker(job).closed_flow_runs, f"superseded by flow run {current_flow_run_id()}")
     try:
         out = execute([job], PrefectTasks(), store, tracking)
@@ -40,14 +69,19 @@ def run_spec(spec: Any) -> dict[str, Any]:
                           "test_acc": out.refs[r.evaluate.key].info.test_acc} for r in job.plan.rounds]
     log.info("%d stages computed, %d reused", out.computed, out.reused)
     tracker.finish(summary)
-    return summary
+    if flow_run_id:
+        try:
+            summary["artifacts"] = publish_results(job, out, store, flow_run_id)
+        except Exception as e:  # noqa: BLE001 - the results are stored and tracked; only the UI copy is lost
+            log.warning("results not published as Prefect artifacts: %s: %s", type(e).__name__, e)
+    return Completed(message=f"{out.computed} stages computed, {out.reused} reused", data=summary)
 
 
 def make_flow(p: Paradigm) -> Flow:
-    def paradigm_flow(spec: Any) -> dict:
+    def paradigm_flow(spec: Any) -> Any:
         return run_spec(spec)
 
-    paradigm_flow.__annotations__ = {"spec": p.spec, "return": dict}
+    paradigm_flow.__annotations__ = {"spec": p.spec}
     paradigm_flow.__name__ = paradigm_flow.__qualname__ = p.name
     paradigm_flow.__module__ = f"flows.{p.name}"  # the entrypoint deployments have always used
     paradigm_flow.__doc__ = p.doc

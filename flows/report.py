@@ -1,8 +1,11 @@
-"""Publishing a report: the PNGs and the table go to MLflow (as artifacts of a run) and to
-Prefect (as artifacts of the flow run, so they show in the UI's Artifacts tab).
+"""Publishing a report: the plots (PNG, PDF, SVG) and the table go to MLflow (as artifacts of a
+run) and to Prefect (as artifacts of the flow run, so they show in the UI's Artifacts tab).
 
-The plots go to Prefect as image artifacts with `data:` URLs: the picture travels inside the
+The PNGs go to Prefect as image artifacts with `data:` URLs: the picture travels inside the
 artifact, so the Prefect UI shows it whether or not an MLflow server is running.
+
+`specs_of_flow_run` turns a finished (or running) flow run back into the specs it ran, so
+`pai report --flow-run ID` reports a run started from the UI without its YAML at hand.
 """
 from __future__ import annotations
 
@@ -10,8 +13,10 @@ import base64
 import re
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow
+from pydantic import ValidationError
 from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
 
 from flows.env import local_tracking, mlflow_client, tracking_uri
@@ -19,7 +24,9 @@ from flows.tracking import experiment_id
 from pai_core.paths import pai_home
 from pai_core.report import aggregate, write_report
 from pai_core.paradigms import ExperimentSpec
+from pai_core.spec_io import SpecError, _one_line, parse_spec
 from pai_core.store import Store
+from pai_core.sweep import SweepSpec
 
 
 def _slug(name: str) -> str:
@@ -52,7 +59,7 @@ def publish_report(specs: list[ExperimentSpec], store: Store, name: str, mlflow_
     if own_run:
         mlflow_run_id = client.create_run(experiment_id(client, specs[0].experiment), run_name=f"report {name}",
                                           tags={"pai.flow": "report", "pai.spec": name}).info.run_id
-    for f in (report.accuracy_png, report.layers_png, report.markdown):
+    for f in report.files:
         client.log_artifact(mlflow_run_id, str(f), "report")
     if summary is not None:
         client.log_dict(mlflow_run_id, summary, "summary.json")
@@ -69,9 +76,39 @@ def publish_report(specs: list[ExperimentSpec], store: Store, name: str, mlflow_
     create_image_artifact(_data_url(report.layers_png), key=f"{key}-layers", description=f"{name}: per-layer density")
     if link:
         create_link_artifact(link, link_text=f"MLflow: {name}", key=f"{key}-mlflow")
-    return {"dir": str(out), "accuracy_png": str(report.accuracy_png), "layers_png": str(report.layers_png),
-            "markdown": str(report.markdown), "mlflow_run_id": mlflow_run_id, "prefect_artifact_key": key,
-            "groups": len(aggregate(report.points)), "missing": [list(m) for m in report.missing]}
+    plots = {f"{plot}_{ext}": str(getattr(report, f"{plot}_{ext}"))
+             for plot in ("accuracy", "layers") for ext in ("png", "pdf", "svg")}
+    return {"dir": str(out), **plots, "markdown": str(report.markdown), "mlflow_run_id": mlflow_run_id,
+            "prefect_artifact_key": key, "groups": len(aggregate(report.points)),
+            "missing": [list(m) for m in report.missing]}
+
+
+def read_flow_run(flow_run_id: UUID) -> Any:
+    """The flow run from the Prefect API (raises prefect's ObjectNotFound for an unknown id)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def specs_of_flow_run(flow_run: Any) -> tuple[list[ExperimentSpec], str]:
+    """The specs a paradigm flow run (parameter `spec`) or a sweep run (`sweep`) ran, and the
+    report's default name; a SpecError for any other flow run or an invalid parameter."""
+    params, run = flow_run.parameters or {}, f"flow run {flow_run.name!r}"
+    if "sweep" in params:
+        try:
+            sweep = SweepSpec.model_validate(params["sweep"])
+        except ValidationError as err:
+            raise SpecError(f"{run}: sweep: {_one_line(err, SweepSpec)}") from None
+        return sweep.expand(), sweep.name
+    if "spec" in params:
+        try:
+            spec = parse_spec(params["spec"])
+        except SpecError as e:
+            raise SpecError(f"{run}: spec: {e}") from None
+        return [spec], spec.name
+    raise SpecError(f"{run} has neither a `spec` nor a `sweep` parameter (it has: {', '.join(params) or 'none'}); "
+                    "give the id of a paradigm flow run or a sweep run")
 
 
 @flow(name="report", log_prints=True)

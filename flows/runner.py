@@ -31,11 +31,21 @@ def current_flow_run_id() -> str | None:
 
 class PrefectTasks(InOrder):
     """Each stage a task run of this flow run, in plan order; stored stages are submitted
-    too, so the UI shows them Cached."""
+    too, so the UI shows them Cached, each with a note of where its artifact came from."""
     submit_stored = True
 
+    def __init__(self) -> None:
+        self.states: dict[str, Any] = {}  # stage key -> its task run's final state (the graph's edges)
+
     def run_one(self, w: Work, inputs: dict[str, Ref]) -> tuple[Ref, str]:
-        return run_stage_task(w.node, inputs, w.label, w.device)
+        upstream = [self.states[n.key] for n in w.node.inputs.values() if n.key in self.states]
+        ref, state = run_stage_task(w.node, inputs, w.label, w.device, w.live, upstream)
+        self.states[w.node.key] = state
+        if state.name == "Cached" or not ref.computed:
+            from flows.results import publish_reused
+
+            publish_reused(state.state_details.task_run_id, w.node, ref)
+        return ref, state.name
 
 
 class DaskTasks:
@@ -79,7 +89,7 @@ class DaskTasks:
                 inputs = {k: futures.get(n.key) or refs[n.key] for k, n in w.node.inputs.items()}
                 task = task_for(w.node.role).with_options(refresh_cache=True)  # not in the store
                 futures[w.node.key] = runner.submit(task, parameters={
-                    "node": w.node, "inputs": inputs, "label": w.label, "device": w.device})
+                    "node": w.node, "inputs": inputs, "label": w.label, "device": w.device, "live": w.live})
             by_future = {futures[w.node.key].wrapped_future: (w, futures[w.node.key]) for w in work}
             with runner.client.as_current():  # as_completed looks for the current Dask client
                 for i, finished in enumerate(as_completed(list(by_future)), start=1):

@@ -172,6 +172,17 @@ def up(host: str = DEFAULT_HOST, prefect_port: int = DEFAULT_PORTS["prefect"],
     return state
 
 
+def ui_urls(state: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """The browser addresses of the recorded servers (Prefect's UI is its API URL without /api)."""
+    state = read_state() if state is None else state
+    out = {}
+    if "prefect" in state:
+        out["Prefect UI"] = state["prefect"]["url"].removesuffix("/api").rstrip("/") + "/"
+    if "mlflow" in state:
+        out["MLflow UI"] = state["mlflow"]["url"].rstrip("/") + "/"
+    return out
+
+
 def client_env(state: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
     """The variables a client needs to use the recorded servers (only those that answer)."""
     state = read_state() if state is None else state

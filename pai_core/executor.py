@@ -32,6 +32,7 @@ class Work:
     node: Node
     label: str   # what the UI calls it: "retrain · round 2", "mask · snip[sparsity=0.9]"
     device: str
+    live: Any = None  # from Hooks.live: where this stage's training reports as it goes
 
 
 Done = Callable[[Work, Ref | None, BaseException | None, str], None]  # (work, ref, error, state)
@@ -86,6 +87,10 @@ class Hooks:
     def round_done(self, job: Job, rnd: Round, refs: dict[str, Ref], reused: bool) -> None: ...
     def job_done(self, job: Job, refs: dict[str, Ref], failed: str | None) -> None: ...
 
+    def live(self, job: Job, rnd: Round, node: Node) -> Any:
+        """What the runner hands the stage so its training reports live (None: nothing)."""
+        return None
+
 
 @dataclass
 class Outcome:
@@ -115,8 +120,9 @@ def execute(jobs: Sequence[Job], runner: Runner, store: Store, hooks: Hooks | No
                 nodes.setdefault(n.key, n)
                 where.setdefault(n.key, (job, rnd))
     out.refs = {k: r for k, n in nodes.items() if (r := store.get(n.stage, n.key)) is not None}
-    work = [Work(n, _label(n, *where[k], len(jobs)), where[k][0].spec.device) for k, n in nodes.items()
-            if runner.submit_stored or k not in out.refs]
+    work = [Work(n, _label(n, *where[k], len(jobs)), where[k][0].spec.device,
+                 None if k in out.refs else hooks.live(*where[k], n))
+            for k, n in nodes.items() if runner.submit_stored or k not in out.refs]
     log.info("%d specs, %d stages in their plans, %d distinct; %d stored, %d to run",
              len(jobs), sum(len(j.plan.nodes) for j in jobs), len(nodes), len(out.refs),
              len(nodes) - len(out.refs))

@@ -1,7 +1,8 @@
 """Reports: accuracy-vs-density and per-layer-density plots plus a markdown table, from the store.
 
 Pure reading: it never computes, so it works on partial results and says what is missing.
-Figures are matplotlib `Figure`s drawn by the Agg canvas: no pyplot state, no display needed."""
+Figures are matplotlib `Figure`s saved through the Agg, PDF and SVG canvases: no pyplot state,
+no display needed. PNG (300 dpi) for pages and slides; PDF and SVG for papers."""
 from __future__ import annotations
 
 import io
@@ -10,9 +11,9 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
@@ -58,10 +59,20 @@ class Group:
 @dataclass(frozen=True)
 class Report:
     accuracy_png: Path
+    accuracy_pdf: Path
+    accuracy_svg: Path
     layers_png: Path
+    layers_pdf: Path
+    layers_svg: Path
     markdown: Path
     points: list[Point]
     missing: list[tuple[str, int, str]]  # (spec name, seed, round name)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Everything written, plots first: what gets logged."""
+        return (self.accuracy_png, self.accuracy_pdf, self.accuracy_svg, self.layers_png, self.layers_pdf,
+                self.layers_svg, self.markdown)
 
 
 def method_label(spec: ExperimentSpec, rnd: Round) -> str:
@@ -125,10 +136,23 @@ def _title(points: list[Point], what: str) -> str:
     return f"{what}: {', '.join(sorted({p.setting for p in points}))}"
 
 
-def _styles(keys: list) -> dict:
-    """A color and a marker per method (or per line), the same in both plots and every panel."""
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _styles(keys: list) -> dict[Any, dict[str, Any]]:
+    """Plot keywords per method (or per line), the same in both plots and every panel.
+
+    Color, marker and linestyle all change from one line to the next, and every other marker
+    is hollow and smaller: two lines with identical data (an LTH round and its reinit control
+    share a mask) stay both visible, the later one drawn over the earlier."""
     keys, cmap = list(dict.fromkeys(keys)), colormaps["tab10" if len(set(keys)) <= 10 else "tab20"]
-    return {k: (cmap(i % cmap.N), "osD^vP*Xph"[i % 10]) for i, k in enumerate(keys)}
+    out = {}
+    for i, k in enumerate(keys):
+        color = cmap(i % cmap.N)
+        out[k] = {"color": color, "marker": "osD^vP*Xph"[i % 10], "linestyle": LINESTYLES[i % len(LINESTYLES)],
+                  "markersize": (7.0, 5.5, 4.5)[i % 3], "markeredgewidth": 1.3,
+                  "markerfacecolor": "none" if i % 2 else color}
+    return out
 
 
 def _log_ticks(axis) -> None:  # plain 1-2-5 numbers (0.5, 0.2, 0.1) read easier than powers of ten
@@ -137,35 +161,72 @@ def _log_ticks(axis) -> None:  # plain 1-2-5 numbers (0.5, 0.2, 0.1) read easier
     axis.set_minor_formatter(NullFormatter())
 
 
-def accuracy_plot(points: list[Point], path: str | Path | None = None) -> Figure:
-    """Test accuracy vs density, one line per method (error bars: std over seeds), dense dashed.
+def density_ticks(densities: list[float], lo: float, hi: float, gap: float) -> list[float]:
+    """The distinct densities, densest first, thinned so labels do not overlap on a log axis
+    from `lo` to `hi`: each kept one is more than `gap` (a fraction of the span) from the previous."""
+    span, kept = math.log(hi / lo), []
+    for d in sorted({d for d in densities if d > 0}, reverse=True):
+        if not kept or math.log(kept[-1] / d) > gap * span:
+            kept.append(d)
+    return kept
 
-    The log-density axis is inverted so sparsity grows to the right, as in the survey's plots."""
+
+def accuracy_plot(points: list[Point], path: str | Path | None = None) -> Figure:
+    """Test accuracy vs density, one line per method, dense baseline(s) horizontal.
+
+    Error bars (sample std over seeds) only where a point has several seeds. The log-density
+    axis is inverted so sparsity grows to the right, as in the survey's plots, and labelled
+    with the measured densities drawn (0.8, 0.512, 0.107), not powers of ten.
+    `path`: also saved there, in the format its suffix names."""
     groups = aggregate(points)
     fig = Figure(figsize=(9.5, 5.5), layout="constrained")
     ax = fig.add_subplot()
-    for g in (g for g in groups if g.method.startswith(DENSE)):
-        std, acc = f" ± {100 * g.test_std:.2f}" if g.test_std else "", 100 * g.test_mean
-        ax.axhline(acc, color="0.3", ls="--", lw=1.2, label=f"{g.method} {acc:.2f}{std} %")
-        ax.axhspan(acc - 100 * g.test_std, acc + 100 * g.test_std, color="0.3", alpha=0.08)
-    for method, (color, marker) in _styles([g.method for g in groups if not g.method.startswith(DENSE)]).items():
+    for i, g in enumerate(g for g in groups if g.method.startswith(DENSE)):
+        several, acc, std = len(g.seeds) > 1, 100 * g.test_mean, 100 * g.test_std
+        gray = f"{0.3 + 0.15 * (i % 3):.2f}"
+        ax.axhline(acc, color=gray, ls=("--", ":", "-.", "-")[i % 4], lw=1.2,
+                   label=f"{g.method} {acc:.2f}{f' ± {std:.2f}' if several else ''} %")
+        if several:
+            ax.axhspan(acc - std, acc + std, color=gray, alpha=0.08)
+    for method, style in _styles([g.method for g in groups if not g.method.startswith(DENSE)]).items():
         gs = sorted((g for g in groups if g.method == method), key=lambda g: -g.density)
-        ax.errorbar([g.density for g in gs], [100 * g.test_mean for g in gs], yerr=[100 * g.test_std for g in gs],
-                    marker=marker, ms=5, capsize=3, color=color, label=method)
-    xs = [g.density for g in groups if not g.method.startswith(DENSE)] or [1.0]
+        ax.plot([g.density for g in gs], [100 * g.test_mean for g in gs], label=method, **style)
+        if spread := [g for g in gs if len(g.seeds) > 1]:
+            ax.errorbar([g.density for g in spread], [100 * g.test_mean for g in spread],
+                        yerr=[100 * g.test_std for g in spread], fmt="none", ecolor=style["color"], elinewidth=1,
+                        capsize=3, label=f"_{method} std")
+    xs = [g.density for g in groups if not g.method.startswith(DENSE)]
     ax.set(xscale="log", xlabel="density (fraction of weights kept, log scale)", ylabel="test accuracy (%)",
            title=_title(points, "Test accuracy vs density"))
-    ax.set_xlim(1.15, min(min(xs) / 1.5, 0.5))  # inverted: dense at the left, sparsest at the right
-    _log_ticks(ax.xaxis)
-    ax.grid(True, which="both", alpha=0.3)
+    lo, hi = min(min(xs or [1.0]) / 1.5, 0.5), 1.15
+    ax.set_xlim(hi, lo)  # inverted: dense at the left, sparsest at the right
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside the data, never on it
+    if xs:
+        _label_densities(fig, ax, xs, lo, hi)
+    else:
+        _log_ticks(ax.xaxis)
     return _save(fig, path)
+
+
+def _label_densities(fig: Figure, ax, xs: list[float], lo: float, hi: float) -> None:
+    """Label the measured densities; how many fit depends on the axes' width, which the legend
+    decides: lay out once with them all, then keep those a widest label (and a gap) apart."""
+    def label(ticks: list[float]) -> None:
+        ax.set_xticks(ticks, [f"{d:.3g}" for d in ticks])
+
+    label(density_ticks(xs, lo, hi, 0.0))
+    fig.draw_without_rendering()
+    widest = max(t.get_window_extent().width for t in ax.get_xticklabels())
+    label(density_ticks(xs, lo, hi, (widest + 0.1 * fig.dpi) / ax.get_window_extent().width))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def layer_plot(points: list[Point], path: str | Path | None = None, max_lines: int = 8) -> Figure:
     """Per-layer density (log scale) in network order: where each method puts its weights.
 
-    Up to `max_lines` (method, sparsity) lines share one axes; beyond, one panel per target density."""
+    Up to `max_lines` (method, sparsity) lines share one axes; beyond, one panel per target density.
+    `path`: also saved there, in the format its suffix names."""
     groups = [g for g in aggregate(points) if not g.method.startswith(DENSE)]
     names, one = list(dict.fromkeys(n for g in groups for n in g.layers)), len(groups) <= max_lines
     panels = [(None, groups)] if one else [(t, [g for g in groups if round(g.target, 9) == t])
@@ -181,9 +242,7 @@ def layer_plot(points: list[Point], path: str | Path | None = None, max_lines: i
     axes = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
     for ax, (target, gs) in zip(axes, panels):
         for g in gs:
-            color, marker = styles[line(g)]
-            ax.plot(range(len(names)), [g.layers.get(n, math.nan) for n in names], marker=marker, ms=4,
-                    color=color, label=line(g))
+            ax.plot(range(len(names)), [g.layers.get(n, math.nan) for n in names], label=line(g), **styles[line(g)])
         ax.set_yscale("log", nonpositive="mask")  # an emptied layer shows as a gap, not a fake value
         _log_ticks(ax.yaxis)
         ax.set_xticks(range(len(names)), [n.removesuffix(".weight") for n in names], rotation=45, ha="right",
@@ -203,20 +262,39 @@ def layer_plot(points: list[Point], path: str | Path | None = None, max_lines: i
     return _save(fig, path)
 
 
+# Dates left out of the vector files: the same results give the same bytes.
+_FORMATS = {".png": {"format": "png", "dpi": 300}, ".pdf": {"format": "pdf", "metadata": {"CreationDate": None}},
+            ".svg": {"format": "svg", "metadata": {"Date": None}}}
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
+    """`fig` as PNG (300 dpi), PDF or SVG by `path`'s suffix, written atomically.
+
+    `Figure.savefig` picks the Agg, PDF or SVG canvas for the format: no pyplot involved."""
+    path = Path(path)
+    if (kw := _FORMATS.get(path.suffix.lower())) is None:
+        raise ValueError(f"{path}: a plot is saved as {', '.join(_FORMATS)}")
+    fig.savefig(buf := io.BytesIO(), **kw)
+    atomic_write(path, buf.getvalue())
+
+
 def _save(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
-        FigureCanvasAgg(fig).print_png(buf := io.BytesIO())
-        atomic_write(Path(path), buf.getvalue())
+        save_figure(fig, path)
     return fig
 
 
 def markdown_table(points: list[Point], missing: list[tuple[str, int, str]] = ()) -> str:
-    """A GitHub table, one row per method and sparsity (dense first), then what is missing."""
-    lines = ["| method | target sparsity | seeds | test acc mean ± std (%) | val acc mean (%) |",
-             "|---|---:|---|---:|---:|"]
-    lines += [f"| {g.method} | {1 - g.target:.4f}{' (measured)' if g.measured else ''} | "
-              f"{', '.join(map(str, g.seeds))} | {100 * g.test_mean:.2f} ± {100 * g.test_std:.2f} | "
-              f"{100 * g.val_mean:.2f} |" for g in aggregate(points)]
+    """A GitHub table, one row per method and sparsity (dense first), then what is missing.
+
+    "± std" only where there are several seeds: a single run has no spread to show."""
+    def acc(g: Group) -> str:
+        return f"{100 * g.test_mean:.2f}" + (f" ± {100 * g.test_std:.2f}" if len(g.seeds) > 1 else "")
+
+    lines = ["| method | target sparsity | n seeds | test acc mean ± std (%) | val acc mean (%) |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {g.method} | {1 - g.target:.4f}{' (measured)' if g.measured else ''} | {len(g.seeds)} | "
+              f"{acc(g)} | {100 * g.val_mean:.2f} |" for g in aggregate(points)]
     if missing:
         lines += ["", f"**Not computed yet ({len(missing)}):** " +
                   ", ".join(f"{spec} (seed {seed}) {rnd}" for spec, seed, rnd in missing)]
@@ -224,14 +302,19 @@ def markdown_table(points: list[Point], missing: list[tuple[str, int, str]] = ()
 
 
 def write_report(specs: list[ExperimentSpec], store: Store, out_dir: str | Path) -> Report:
-    """accuracy.png, layers.png and report.md in out_dir, each written atomically."""
+    """accuracy and layers plots (.png, .pdf, .svg) and report.md in out_dir, each written atomically."""
     points, missing = collect(specs, store)
     if not points:
         raise ValueError(f"nothing to report: none of the {len(specs)} specs has a finished evaluate stage; "
                          "run them first")
-    acc, lay, md = (Path(out_dir) / n for n in ("accuracy.png", "layers.png", "report.md"))
-    accuracy_plot(points, acc)
-    layer_plot(points, lay)
+    out = Path(out_dir)
+    files = {f"{plot}_{ext}": out / f"{plot}.{ext}" for plot in ("accuracy", "layers") for ext in ("png", "pdf", "svg")}
+    for plot, fig in (("accuracy", accuracy_plot(points)), ("layers", layer_plot(points))):
+        for ext in ("png", "pdf", "svg"):
+            save_figure(fig, files[f"{plot}_{ext}"])
+    vector = ", ".join(f"[{n}.{e}]({n}.{e})" for n in ("accuracy", "layers") for e in ("pdf", "svg"))
+    md = out / "report.md"
     atomic_write(md, (f"# {_title(points, 'Pruning report')}\n\n{markdown_table(points, missing)}\n"
-                      "![test accuracy vs density](accuracy.png)\n\n![per-layer density](layers.png)\n").encode())
-    return Report(acc, lay, md, points, missing)
+                      "![test accuracy vs density](accuracy.png)\n\n![per-layer density](layers.png)\n\n"
+                      f"Vector versions: {vector}\n").encode())
+    return Report(**files, markdown=md, points=points, missing=missing)

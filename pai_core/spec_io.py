@@ -126,3 +126,29 @@ def _flat(out: dict[str, Any], key: str, v: Any) -> None:
             _flat(out, f"{key}.{k2}", v2)
     else:
         out[key] = v
+
+
+def clean_value(v: Any) -> str:
+    """A value as people write it: floats to 10 significant digits, so arithmetic noise
+    (0.3429999999999999 from 1 - 0.8**3 ...) reads 0.343."""
+    if isinstance(v, float):
+        return repr(float(f"{v:.10g}"))
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(clean_value(x) for x in v) + "]"
+    return str(v)
+
+
+def overrides_between(base: BaseModel | dict[str, Any], spec: BaseModel) -> list[str]:
+    """The dotted overrides that turn `base` into `spec` (`["prune.rate=0.5"]`), in field order:
+    what names a run that changed its deployment's or its file's parameters."""
+    before = flatten(base) if isinstance(base, BaseModel) else _flat_dict(base)
+    after = flatten(spec)
+    return [f"{k}={clean_value(v)}" for k, v in after.items() if k not in before or before[k] != v] + \
+        [f"{k}=None" for k in before if k not in after]
+
+
+def _flat_dict(raw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        _flat(out, k, v)
+    return out

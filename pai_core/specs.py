@@ -12,6 +12,7 @@ empty a layer, or whose min_density floors miss the target, are refused (prune_c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import torch
@@ -48,15 +49,62 @@ Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_text)]
 
 
+_HOISTED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
+            "pattern", "minItems", "maxItems")
+
+
+def form_schema(schema: dict[str, Any]) -> None:
+    """Make a model's JSON schema give the deployment form plain, per-field errors.
+
+    pydantic writes an optional bounded field as `anyOf: [{number, maximum...}, {null}]`, which
+    a JSON-schema validator refuses as "1.5 is not valid under any of the given schemas". Bounds
+    apply only to values of their type, so they move up beside the `anyOf` (an enum gains
+    null): the same values pass, and a bad one gets "1.5 is greater than or equal to the maximum of 1"."""
+    for prop in schema.get("properties", {}).values():
+        branches = prop.get("anyOf")
+        if not branches or len(branches) != 2 or {"type": "null"} not in branches:
+            continue
+        value = next(b for b in branches if b != {"type": "null"})
+        for k in _HOISTED:
+            if k in value:
+                prop[k] = value.pop(k)
+        if "enum" in value:
+            prop["enum"] = [*value.pop("enum"), None]
+
+
+def registry_enum(names: Callable[[], list[str]]) -> Callable[[dict[str, Any]], None]:
+    """A field's allowed values for the form, read from a registry when the schema is made
+    (so a criterion or model registered later is offered too)."""
+    def extra(schema: dict[str, Any]) -> None:
+        schema["enum"] = list(names())
+    return extra
+
+
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, json_schema_extra=form_schema)
+
+
+def _model_schema(schema: dict[str, Any]) -> None:
+    """Every registered model's own parameters, as optional fields naming the models that take them
+    (the validator refuses one a model does not have)."""
+    takes: dict[str, list[str]] = {}
+    for name in model_names():
+        for field, spec in model_info(name).Params.model_json_schema().get("properties", {}).items():
+            if field not in schema["properties"]:  # empty (null) = the model's default
+                bounds = {k: v for k, v in spec.items() if k in _HOISTED}
+                schema["properties"][field] = {"anyOf": [{"type": spec["type"]}, {"type": "null"}], "default": None,
+                                               "title": spec.get("title", field), **bounds,
+                                               "description": spec.get("description", field.replace("_", " "))}
+            takes.setdefault(field, []).append(name)
+    for field, models in takes.items():
+        schema["properties"][field]["description"] += f"; only for {', '.join(models)}; empty = the model's default"
 
 
 class ModelSpec(Frozen):
     """A registered model and its own parameters (`width`, `batch_norm`, ... where it has them).
     Parameters left at their defaults are dropped, so `width: 1` and no width share a key."""
-    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False)
-    name: str = Field(description="a registered model (pai list)")
+    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False, json_schema_extra=_model_schema)
+    name: str = Field(description="a registered model (pai list)", json_schema_extra=registry_enum(model_names))
 
     @model_validator(mode="before")
     @classmethod
@@ -66,7 +114,7 @@ class ModelSpec(Frozen):
         if data["name"] not in model_names():
             raise ValueError(f"model.name: unknown model {clip(data['name'])}; allowed: {', '.join(model_names())}")
         info = model_info(data["name"])
-        given = {k: v for k, v in data.items() if k != "name"}
+        given = {k: v for k, v in data.items() if k != "name" and v is not None}  # None: a form's empty field
         try:
             params = info.Params.model_validate(given)
         except ValidationError as err:
@@ -82,9 +130,9 @@ class ModelSpec(Frozen):
 
 
 class DataSpec(Frozen):
-    dataset: str = Field(description="a registered dataset (pai list)")
-    batch_size: int = Field(60, gt=0, le=2**20, description="examples per training step")
-    val_size: int | None = Field(None, description="held out of train; None = dataset default")
+    dataset: str = Field(description="a registered dataset (pai list)", json_schema_extra=registry_enum(dataset_names))
+    batch_size: int = Field(60, gt=0, le=2**20, description="examples per training step (iteration)")
+    val_size: int | None = Field(None, description="examples held out of train for validation; None = dataset default")
     split_seed: Seed = Field(0, description="seed of the train/val split")
     order_seed: Seed | None = Field(None, description="data-order seed; None = experiment seed")
 
@@ -120,18 +168,19 @@ class DataSpec(Frozen):
 
 
 class TrainSpec(Frozen):
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(gt=0, le=LR_MAX, description="peak learning rate")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="torch.optim.SGD or Adam")
+    lr: float = Field(gt=0, le=LR_MAX, description="peak learning rate (per step, before warmup and decay)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
-    nesterov: bool = False
+    nesterov: bool = Field(False, description="Nesterov momentum (SGD with momentum > 0)")
     weight_decay: float = Field(0.0, ge=0, le=1, description="L2 coefficient (coupled, as torch's SGD/Adam)")
     epochs: int | None = Field(None, gt=0, le=MAX_EPOCHS, description="training length in passes over the train split")
     iterations: int | None = Field(None, gt=0, le=MAX_ITERATIONS,
                                    description="training length in steps (instead of epochs)")
-    lr_schedule: Literal["constant", "step", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "step", "cosine"] = Field(
+        "constant", description="constant; step: × gamma at each milestone; cosine: to 0 over the training")
     milestones: tuple[int, ...] = Field((), description="step schedule; in epochs if `epochs` is set, else iterations")
     gamma: float = Field(0.1, gt=0, le=1, description="step schedule: factor at each milestone")
-    warmup_iterations: int = Field(0, ge=0, le=MAX_ITERATIONS, description="linear warmup steps")
+    warmup_iterations: int = Field(0, ge=0, le=MAX_ITERATIONS, description="linear warmup (iterations)")
 
     @model_validator(mode="after")
     def _length(self) -> TrainSpec:
@@ -165,18 +214,24 @@ SCOPES = {"global": "one ranking over all layers", "layerwise": "each layer to t
           "erk": "Erdős–Rényi-kernel layer densities (Evci et al.)"}
 
 
+SCHEDULE_HELP = "when pruning happens: " + "; ".join(f"{k}: {v}" for k, v in SCHEDULES.items())
+SCOPE_HELP = "how the kept fraction is shared out: " + "; ".join(f"{k}: {v}" for k, v in SCOPES.items())
+PRUNE_BIASES_HELP = "also prune biases (most papers prune weights only)"
+
+
 class PruneSpec(Frozen):
     """What every pruning paradigm shares: criterion, target, scope. A paradigm narrows the
     schedules it allows and adds its own fields in its own file."""
-    criterion: str = Field("magnitude", description="a registered criterion (pai list)")
+    criterion: str = Field("magnitude", description="a registered criterion (pai list)",
+                           json_schema_extra=registry_enum(criterion_names))
     params: dict[str, Any] = Field(default_factory=dict, description="the criterion's own parameters")
-    schedule: Literal["one_shot", "iterative"] = "one_shot"
-    sparsity: float | None = Field(None, ge=0, lt=1, description="final fraction of prunable weights removed")
-    rate: float | None = Field(None, gt=0, lt=1, description="per round, fraction of the remaining weights")
+    schedule: Literal["one_shot", "iterative"] = Field("one_shot", description=SCHEDULE_HELP)
+    sparsity: float | None = Field(None, ge=0, lt=1, description="final fraction of prunable weights removed (0-1)")
+    rate: float | None = Field(None, gt=0, lt=1, description="per round, fraction of the remaining weights removed (0-1)")
     rounds: int = Field(1, gt=0, description="pruning rounds (iterative)")
-    scope: Literal["global", "layerwise", "erk"] = "global"
+    scope: Literal["global", "layerwise", "erk"] = Field("global", description=SCOPE_HELP)
     min_density: float = Field(0.0, ge=0, le=1, description="per-layer floor on the kept fraction")
-    prune_biases: bool = False
+    prune_biases: bool = Field(False, description=PRUNE_BIASES_HELP)
     on_collapse: Literal["error", "warn"] = Field("error", description="a mask that empties a layer or cuts every path")
     bn_mode: Literal["train", "eval"] | None = Field(
         None, description="BatchNorm mode while scoring; None = the criterion's paper default. "
@@ -247,18 +302,25 @@ class TrackingSpec(Frozen):
                            "store key and sha256): for setups whose MLflow is the only shared storage")
 
 
+def _experiment_schema(schema: dict[str, Any]) -> None:
+    form_schema(schema)
+    flow = schema.get("properties", {}).get("flow", {})
+    flow.setdefault("description", f"the paradigm: {flow.get('const', 'one of pai list')} (fixed for a deployment)")
+
+
 class ExperimentBase(Frozen):
     """What every experiment has; each paradigm's spec adds `flow: Literal[...]` and its sections."""
-    name: Name = "experiment"
+    model_config = ConfigDict(json_schema_extra=_experiment_schema)
+    name: Name = Field("experiment", description="this experiment's name (MLflow run, artifact keys)")
     experiment: Annotated[str, Field(min_length=1, max_length=MAX_EXPERIMENT), AfterValidator(_text)] = Field(
         "pai-flow", description="MLflow experiment name")
-    flow: str
+    flow: str = Field(description="the paradigm (fixed for a deployment)")
     seed: Seed = Field(0, description="init seed (and data-order seed unless data.order_seed is set)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    model: ModelSpec
-    data: DataSpec
-    train: TrainSpec
-    tracking: TrackingSpec = TrackingSpec()
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA where torch sees it, else CPU")
+    model: ModelSpec = Field(description="the network")
+    data: DataSpec = Field(description="the dataset and its batching")
+    train: TrainSpec = Field(description="the (pre)training schedule")
+    tracking: TrackingSpec = Field(TrackingSpec(), description="what MLflow receives")
 
     @model_validator(mode="after")
     def _model_takes_data(self) -> ExperimentBase:

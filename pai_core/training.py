@@ -154,6 +154,7 @@ class ProgressCallback(Callback):
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
         self.progress.update(state.it, val_acc=row["val_acc"])
+        self.progress.epoch(row)
 
     def on_end(self, state: TrainState) -> None:
         self.progress.finish()

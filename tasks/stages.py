@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from prefect import Task, task
 from prefect.states import State
 
 from pai_core.paths import pai_home
 from pai_core.plan import Node
+from pai_core.progress import Fanout, get_progress
 from pai_core.stages import Runtime, get_stage, run
 from pai_core.store import Ref, Store
 from tasks.cache import STAGE_KEY, RefSerializer, record_is_safe
@@ -31,10 +33,16 @@ def _store_at(root: Path) -> Store:
     return Store(root)
 
 
-def _stage(node: Node, inputs: dict[str, Ref], label: str, device: str) -> Ref:
+def _stage(node: Node, inputs: dict[str, Ref], label: str, device: str, live: Any = None) -> Ref:
+    """`live` (a flows.live.LiveRound): this stage trains a round's weights, whose MLflow run
+    it opens and feeds epoch by epoch."""
+    from prefect import get_run_logger
     from prefect.runtime import flow_run
 
-    return run(node, inputs, Runtime(default_store(), device, flow_run_id=flow_run.get_id()))
+    from flows.live import LiveTraining
+
+    watch = Fanout(get_progress(), LiveTraining(label, live, get_run_logger()))
+    return run(node, inputs, Runtime(default_store(), device, progress=watch, flow_run_id=flow_run.get_id()))
 
 
 @lru_cache(maxsize=None)
@@ -44,20 +52,31 @@ def task_for(role: str) -> Task:
                 task_run_name="{label}")
 
 
-def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str) -> tuple[Ref, str]:
-    """Run the node's task; returns (ref, Prefect state name: Cached or Completed).
+def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str, live: Any = None,
+                   wait_for: list[State] | None = None) -> tuple[Ref, State]:
+    """Run the node's task; returns (ref, its final Prefect state: named Cached or Completed).
+
+    The task run is named "<label> (reused)" when the store holds the artifact, and tagged with
+    its stage and key, so reused and computed stages differ at a glance in the UI; `wait_for`
+    (the upstream task states) draws the graph's edges even when every stage is cached.
 
     Prefect's cache record only says the stage ran once; the artifact store says whether
     its output still exists and is intact. If it does not, the task is forced to run
     (refresh_cache) so a deleted or corrupt artifact is recomputed, never trusted.
     """
     get_stage(node.stage)  # an unknown stage fails here, by name, before Prefect is involved
-    t = task_for(node.role)
     current = default_store().get(node.stage, node.key)
+    t = task_for(node.role).with_options(tags=stage_tags(node))
     if current is None or not record_is_safe(node):
         t = t.with_options(refresh_cache=True)
-    state: State = t(node, inputs, label, device, return_state=True)
+    shown = label if current is None else f"{label} (reused)"
+    state: State = t(node, inputs, shown, device, live, return_state=True, wait_for=wait_for or None)
     ref = Ref.model_validate(state.result())
     # A cache record can predate a recompute done outside Prefect (a notebook): when the
     # store holds the artifact, its own verified metadata is what the flow goes on with.
-    return (current or ref), state.name
+    return (current or ref), state
+
+
+def stage_tags(node: Node) -> set[str]:
+    """What the task-run list can filter on: the stage, and its key (first 16 hex digits)."""
+    return {f"stage:{node.stage}", f"key:{node.key[:16]}"}

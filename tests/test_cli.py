@@ -40,3 +40,83 @@ def test_show_and_results_follow_the_store(tmp_path, pai_home):
     dense_row = next(line for line in res.output.splitlines() if "dense" in line)
     assert "0.0000" in dense_row and "yes" in dense_row
     assert "no" in next(line for line in res.output.splitlines() if "round 2" in line)
+
+
+def fake_report_flow(monkeypatch, tmp_path) -> list:
+    """`pai report` up to the flow: record what it would report (no Prefect, no MLflow)."""
+    import flows.report
+
+    calls = []
+    md = tmp_path / "report.md"
+    md.write_text("| method |\n| dense |\n\n![plot](accuracy.png)\n")
+
+    def report_flow(specs, name):
+        calls.append((specs, name))
+        return {"markdown": str(md), "dir": str(tmp_path), "mlflow_run_id": "abc"}
+
+    monkeypatch.setattr(flows.report, "report", report_flow)
+    return calls
+
+
+def test_report_applies_overrides_to_every_spec(tmp_path, monkeypatch):
+    calls = fake_report_flow(monkeypatch, tmp_path)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump(tiny_raw(name="a")))
+    b.write_text(yaml.safe_dump(tiny_raw(name="b", seed=1)))
+    out = runner.invoke(app, ["report", str(a), "prune.rate=0.5", str(b), "train.epochs=1"], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    [(specs, name)] = calls
+    assert [(s.name, s.seed, s.prune.rate, s.train.epochs) for s in specs] == [("a", 0, 0.5, 1), ("b", 1, 0.5, 1)]
+    assert name == "a" and "| dense |" in out.output and "accuracy.{png,pdf,svg}" in out.output
+
+    bad = runner.invoke(app, ["report", str(a), "prune.rate=2"], terminal_width=200)
+    assert bad.exit_code == 2 and "invalid spec" in bad.output and "rate" in bad.output
+    alone = runner.invoke(app, ["report", "prune.rate=0.5"], terminal_width=200)
+    assert alone.exit_code == 2 and "give a sweep YAML or experiment spec YAMLs" in alone.output
+    assert len(calls) == 1
+
+
+def test_report_refuses_overrides_for_a_sweep(tmp_path, monkeypatch):
+    calls = fake_report_flow(monkeypatch, tmp_path)
+    path = tmp_path / "sw.yaml"
+    path.write_text(yaml.safe_dump({"name": "sw", "base": [tiny_raw()], "grid": {"seed": [0, 1]}}))
+    out = runner.invoke(app, ["report", str(path), "prune.rate=0.5"], terminal_width=200)
+    assert out.exit_code == 2 and not calls
+    assert "invalid sweep" in out.output and "overrides (prune.rate=0.5) apply to a spec" in out.output
+    ok = runner.invoke(app, ["report", str(path)], terminal_width=200)
+    assert ok.exit_code == 0 and [(len(specs), name) for specs, name in calls] == [(2, "sw")]
+
+
+def test_report_flow_run(tmp_path, monkeypatch):
+    import uuid
+    from types import SimpleNamespace
+
+    import flows.report
+    from prefect.exceptions import ObjectNotFound
+
+    calls = fake_report_flow(monkeypatch, tmp_path)
+    spec, known = tiny_spec(name="from-ui", prune={"rate": 0.5}), uuid.uuid4()
+    runs = {known: SimpleNamespace(name="gentle-fox", parameters={"spec": spec.model_dump(mode="json")}),
+            uuid.UUID(int=1): SimpleNamespace(name="calm-owl", parameters={"specs": []})}
+
+    def read(flow_run_id):
+        if flow_run_id not in runs:
+            raise ObjectNotFound(None)
+        return runs[flow_run_id]
+
+    monkeypatch.setattr(flows.report, "read_flow_run", read)
+    out = runner.invoke(app, ["report", "--flow-run", str(known)], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert calls == [([spec], "from-ui")]
+
+    unknown = runner.invoke(app, ["report", "--flow-run", str(uuid.uuid4())], terminal_width=200)
+    assert unknown.exit_code == 1 and "no flow run" in unknown.output
+    neither = runner.invoke(app, ["report", "--flow-run", str(uuid.UUID(int=1))], terminal_width=200)
+    assert neither.exit_code == 2 and "'calm-owl' has neither a `spec` nor a `sweep` parameter" in neither.output
+    malformed = runner.invoke(app, ["report", "--flow-run", "gentle-fox"], terminal_width=200)
+    assert malformed.exit_code == 2 and "not a flow run id" in malformed.output
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw()))
+    both = runner.invoke(app, ["report", str(path), "--flow-run", str(known)], terminal_width=200)
+    assert both.exit_code == 2 and "--flow-run takes no spec files or overrides" in both.output
+    assert len(calls) == 1

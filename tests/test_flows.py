@@ -2,6 +2,8 @@
 paradigms, recomputing what was lost, and what lands in MLflow."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -159,3 +161,87 @@ def test_a_crafted_pickle_cache_record_is_never_read(prefect, pai_home, tmp_path
     again = lottery_ticket(spec=spec)
     assert not marker.exists(), "the crafted record was unpickled"
     assert again["computed"] == 0, "the stage still came from the verified store"
+
+
+def test_a_flow_run_publishes_its_results_trains_live_and_a_rerun_logs_no_new_rounds(prefect, pai_home):
+    """Issue 13: results as Prefect artifacts, summary metrics on the MLflow parent, each round's
+    run opened by its training and fed epoch by epoch, cache provenance on reused tasks, and a
+    fully cached re-run that links the finished rounds instead of logging them again."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                                FlowRunFilterId)
+
+    from flows.env import tracking_uri
+    from flows.lottery_ticket import lottery_ticket
+    from flows.paradigm_flows import OVERRIDES
+
+    spec = tiny_spec(name="live", experiment="ui-test", prune={"rate": 0.3})
+    token = OVERRIDES.set(["prune.rate=0.3"])
+    try:
+        first = lottery_ticket(spec=spec, return_state=True)
+        second = lottery_ticket(spec=spec, return_state=True)
+    finally:
+        OVERRIDES.reset(token)
+    n = len(build_plan(spec).nodes)
+    assert first.message == f"{n} stages computed, 0 reused" and second.message == f"0 stages computed, {n} reused"
+    one, two = first.result(), second.result()
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name("ui-test")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # opens as a runs table, not GenAI
+    parent = client.get_run(one["mlflow_run_id"])
+    assert parent.info.run_name == "live [prune.rate=0.3]"
+    assert parent.data.metrics["final_test_acc"] == pytest.approx(one["rounds"][-1]["test_acc"])
+    assert parent.data.metrics["best_test_acc"] == pytest.approx(max(r["test_acc"] for r in one["rounds"]))
+    assert parent.data.metrics["final_sparsity"] == pytest.approx(0.51, abs=1e-4)
+    steps = [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "round/test_acc")]
+    assert steps == [(i, r["test_acc"]) for i, r in enumerate(one["rounds"])]
+
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["dense", "round 1", "round 2"]
+    for c in children:
+        assert c.data.tags["pai.live_for"] == c.data.tags["pai.train_key"]  # opened by the training itself
+        epochs = client.get_metric_history(c.info.run_id, "epoch/val_acc")
+        assert len(epochs) == (spec.train if c.info.run_name == "dense" else spec.retrain_spec).epochs  # no duplicates
+        assert c.data.metrics["layer_density/fc1.weight"] > 0
+    r2 = next(c for c in children if c.info.run_name == "round 2")
+    assert r2.data.params["density_target"] == "0.49"  # not 0.48999999999999994
+    assert r2.data.metrics["layer_density/total"] == pytest.approx(0.49, abs=1e-3)
+
+    # The fully cached re-run: a light parent linking the finished rounds, no second set of rounds.
+    again = client.get_run(two["mlflow_run_id"])
+    assert again.data.tags["pai.all_reused"] == "true"
+    assert not client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{again.info.run_id}'")
+    assert {again.data.tags[f"pai.round.{i}.run_id"] for i in range(3)} == {c.info.run_id for c in children}
+    assert again.data.metrics["final_test_acc"] == parent.data.metrics["final_test_acc"]
+
+    with get_client(sync_client=True) as prefect_client:
+        def artifacts(flow_run_id):
+            return prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+        made = artifacts(first.state_details.flow_run_id)
+        keyed = {a.key: a for a in made if a.key}
+        assert {"pai-live-results", "pai-live-stages", "pai-live-accuracy"} <= set(keyed)
+        table = json.loads(keyed["pai-live-results"].data)
+        assert [row["round"] for row in table] == ["dense", "round 1", "round 2"]
+        assert {row["status"] for row in table} == {"computed"}
+        assert f"**{n} computed, 0 reused**" in keyed["pai-live-stages"].data
+        assert keyed["pai-live-accuracy"].data.startswith("data:image/png;base64,")
+        progress = [a for a in made if a.type == "progress"]
+        assert len(progress) == 3 and all(a.data == 100 for a in progress)  # one per training stage
+
+        run2 = prefect_client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[second.state_details.flow_run_id])))[0]
+        tasks = prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run2.id])))
+        retrain = next(t for t in tasks if t.name == "retrain · round 2 (reused)")
+        assert retrain.state.name == "Cached" and any(t.startswith("key:") for t in retrain.tags)
+        assert retrain.task_inputs["wait_for"], "a cached task keeps its edges in the graph"
+        notes = [a for a in artifacts(run2.id) if a.task_run_id == retrain.id]
+        run1 = prefect_client.read_flow_run(first.state_details.flow_run_id)
+        (note,) = notes
+        assert retrain_key(spec) in note.data and run1.name in note.data
+
+
+def retrain_key(spec):
+    return build_plan(spec).rounds[2].trained.key

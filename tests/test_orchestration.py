@@ -162,7 +162,7 @@ def test_report_is_published_to_mlflow_and_prefect(stack):
     exp = mlflow.get_experiment_by_name("pai-e2e")
     (run,) = mlflow.search_runs([exp.experiment_id], "tags.`pai.flow` = 'report'")
     assert {a.path for a in mlflow.list_artifacts(run.info.run_id, "report")} == {
-        "report/accuracy.png", "report/layers.png", "report/report.md"}
+        "report/report.md", *(f"report/{plot}.{ext}" for plot in ("accuracy", "layers") for ext in ("png", "pdf", "svg"))}
 
 
 def test_browser_sees_deployment_run_stages_report_and_mlflow(stack):

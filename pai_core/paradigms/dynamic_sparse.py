@@ -15,7 +15,7 @@ from pai_core.dynamic import DynamicSparsity
 from pai_core.paradigms.common import pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
-from pai_core.specs import ExperimentBase, Frozen, PruneSpec
+from pai_core.specs import SCHEDULE_HELP, ExperimentBase, Frozen, PruneSpec
 
 
 METHODS = {"set": "Mocanu et al. 2018: drop the smallest weights, regrow as many at random",
@@ -45,13 +45,13 @@ class DynamicSpec(Frozen):
 
 
 class OneShotPrune(PruneSpec):
-    schedule: Literal["one_shot"] = "one_shot"
+    schedule: Literal["one_shot"] = Field("one_shot", description=SCHEDULE_HELP)
 
 
 class DynamicSparseSpec(ExperimentBase):
     flow: Literal["dynamic_sparse"] = "dynamic_sparse"
     prune: OneShotPrune = Field(description="the initial mask at init (criterion random, scope erk in the papers)")
-    dynamic: DynamicSpec
+    dynamic: DynamicSpec = Field(description="how the mask moves during training (SET, RigL)")
 
     @model_validator(mode="after")
     def _updates_happen(self) -> DynamicSparseSpec:

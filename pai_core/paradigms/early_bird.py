@@ -31,7 +31,7 @@ from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, train_node
 from pai_core.prune_checks import meta_model
 from pai_core.selection import select
-from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec
+from pai_core.specs import SCHEDULE_HELP, ExperimentBase, Frozen, PruneSpec, TrainSpec
 from pai_core.training import Callback, TrainState
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -47,7 +47,7 @@ class EarlyBirdOptions(Frozen):
 
 
 class OneShotMagnitude(PruneSpec):
-    schedule: Literal["one_shot"] = "one_shot"
+    schedule: Literal["one_shot"] = Field("one_shot", description=SCHEDULE_HELP)
 
     @model_validator(mode="after")
     def _magnitude(self) -> OneShotMagnitude:
@@ -64,8 +64,8 @@ class OneShotMagnitude(PruneSpec):
 class EarlyBirdSpec(ExperimentBase):
     flow: Literal["early_bird"] = "early_bird"
     retrain: TrainSpec | None = Field(None, description="the retraining of the pruned net; defaults to train")
-    prune: OneShotMagnitude
-    early_bird: EarlyBirdOptions = EarlyBirdOptions()
+    prune: OneShotMagnitude = Field(description="the ticket's sparsity (drawn by magnitude)")
+    early_bird: EarlyBirdOptions = Field(EarlyBirdOptions(), description="when a ticket counts as drawn")
 
     @model_validator(mode="after")
     def _channels(self) -> EarlyBirdSpec:

@@ -14,11 +14,11 @@ from pai_core.paradigms.common import rewind_fits, same_optimizer
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import (REINIT_SEED_OFFSET, Plan, Round, dense_round, evaluate_node, init_node, mask_node,
                            score_node, train_node)
-from pai_core.specs import ExperimentBase, PruneSpec, TrainSpec
+from pai_core.specs import SCHEDULE_HELP, ExperimentBase, PruneSpec, TrainSpec
 
 
 class LotteryPrune(PruneSpec):
-    schedule: Literal["iterative"] = "iterative"
+    schedule: Literal["iterative"] = Field("iterative", description=SCHEDULE_HELP)
     rewind_iter: int = Field(0, ge=0, description="0 = original init, k = late rewinding to iteration k")
     reinit_control: bool = Field(False, description="also train each mask from a fresh random init")
 
@@ -26,7 +26,7 @@ class LotteryPrune(PruneSpec):
 class LotteryTicketSpec(ExperimentBase):
     flow: Literal["lottery_ticket"] = "lottery_ticket"
     retrain: TrainSpec | None = Field(None, description="each round's retraining; defaults to train")
-    prune: LotteryPrune
+    prune: LotteryPrune = Field(description="iterative magnitude pruning and rewinding")
 
     @model_validator(mode="after")
     def _rewind(self) -> LotteryTicketSpec:

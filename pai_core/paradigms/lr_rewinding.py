@@ -17,11 +17,11 @@ from pydantic import Field, model_validator
 from pai_core.paradigms.common import pretty, rewind_fits
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
-from pai_core.specs import ExperimentBase, PruneSpec, TrainSpec
+from pai_core.specs import SCHEDULE_HELP, ExperimentBase, PruneSpec, TrainSpec
 
 
 class LRRewindPrune(PruneSpec):
-    schedule: Literal["one_shot", "iterative"] = "iterative"
+    schedule: Literal["one_shot", "iterative"] = Field("iterative", description=SCHEDULE_HELP)
     lr_rewind_iter: int = Field(0, ge=0, description="replay the learning-rate schedule from this iteration "
                                                      "(0 = the whole schedule, Renda et al.'s recommendation)")
 
@@ -29,7 +29,7 @@ class LRRewindPrune(PruneSpec):
 class LRRewindingSpec(ExperimentBase):
     flow: Literal["lr_rewinding"] = "lr_rewinding"
     retrain: TrainSpec | None = Field(None, description="the schedule replayed after each pruning; defaults to train")
-    prune: LRRewindPrune
+    prune: LRRewindPrune = Field(description="magnitude pruning; the learning-rate schedule is rewound")
 
     @model_validator(mode="after")
     def _rewind(self) -> LRRewindingSpec:

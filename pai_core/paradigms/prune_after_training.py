@@ -18,7 +18,7 @@ from pai_core.paradigms.common import pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
 from pai_core.prune_checks import meta_model
-from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec
+from pai_core.specs import SCHEDULE_HELP, ExperimentBase, Frozen, PruneSpec, TrainSpec
 
 
 STRUCTURES = {"unstructured": "single weights", "filter": "whole filters/neurons and their dependent input "
@@ -39,7 +39,7 @@ class GradualSpec(Frozen):
 
 
 class PaTPrune(PruneSpec):
-    schedule: Literal["one_shot", "iterative", "gradual"] = "one_shot"
+    schedule: Literal["one_shot", "iterative", "gradual"] = Field("one_shot", description=SCHEDULE_HELP)
     gradual: GradualSpec = Field(default_factory=GradualSpec, description="schedule: gradual")
     structure: Literal["unstructured", "filter"] = Field("unstructured", description="filter: whole filters/neurons")
     filter_norm: Literal["l1", "l2"] = Field("l1", description="structure filter: how a filter's scores combine")
@@ -59,7 +59,7 @@ class PaTPrune(PruneSpec):
 class PruneAfterTrainingSpec(ExperimentBase):
     flow: Literal["prune_after_training"] = "prune_after_training"
     retrain: TrainSpec = Field(description="the fine-tune schedule")
-    prune: PaTPrune
+    prune: PaTPrune = Field(description="what is pruned after training, and how")
 
     @model_validator(mode="after")
     def _chain(self) -> PruneAfterTrainingSpec:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from pai_core.paradigms.common import pretty
 from pai_core.paradigms.registry import register_paradigm
@@ -31,7 +31,7 @@ class AtInitPrune(PruneSpec):
 
 class PruneAtInitSpec(ExperimentBase):
     flow: Literal["prune_at_init"] = "prune_at_init"
-    prune: AtInitPrune
+    prune: AtInitPrune = Field(description="the criterion scoring the network at init")
 
 
 def plan(spec: PruneAtInitSpec) -> Plan:

@@ -27,14 +27,16 @@ class SanitySpec(Frozen):
     base: Literal["lottery_ticket", "prune_after_training", "prune_at_init"] = Field(
         description="the paradigm whose mask is checked")
     round: int | None = Field(None, ge=1, description="which pruning round's mask; None = the last")
-    checks: tuple[Literal["reinit", "shuffle", "invert"], ...] = ("reinit", "shuffle", "invert")
+    checks: tuple[Literal["reinit", "shuffle", "invert"], ...] = Field(
+        ("reinit", "shuffle", "invert"), description="reinit: fresh weights; shuffle: mask permuted per layer; "
+                                                    "invert: the pruned weights kept instead")
 
 
 class SanityChecksSpec(ExperimentBase):
     flow: Literal["sanity_checks"] = "sanity_checks"
     retrain: TrainSpec | None = Field(None, description="as the base paradigm's retrain")
     prune: dict[str, Any] = Field(description="the base paradigm's prune section")
-    sanity: SanitySpec
+    sanity: SanitySpec = Field(description="which base paradigm's masks to check, and how")
 
     @model_validator(mode="after")
     def _base_is_valid(self) -> SanityChecksSpec:

@@ -64,7 +64,7 @@ class SelectionSpec(Frozen):
 
 class SupermaskSpec(ExperimentBase):
     flow: Literal["supermask"] = "supermask"
-    selection: SelectionSpec
+    selection: SelectionSpec = Field(description="how the mask is learned over frozen weights")
 
     @model_validator(mode="after")
     def _keep_fits(self) -> SupermaskSpec:
