@@ -61,6 +61,18 @@ def local_tracking() -> bool:
     return tracking_uri().startswith("sqlite:")
 
 
+ML_VIEW = "workflowType=machine_learning"
+"""MLflow 3's UI opens experiments in its GenAI view unless a link asks for the model-training one
+(a per-browser preference otherwise; the experiment's `mlflow.experimentKind` tag is set too)."""
+
+
+def mlflow_ui_url(experiment_id: str | None = None, run_id: str | None = None, base: str | None = None) -> str:
+    """A link into the MLflow UI's model-training view: the experiments, an experiment's runs, or a run."""
+    where = "experiments" + (f"/{experiment_id}" if experiment_id else "") + \
+        (f"/runs/{run_id}" if run_id else "/runs" if experiment_id else "")
+    return f"{(base or tracking_uri()).rstrip('/')}/#/{where}?{ML_VIEW}"
+
+
 def mlflow_client():  # noqa: ANN201 - MlflowClient; mlflow is imported only when tracking starts
     """The tracking client; a local SQLite database is first made complete, once, under a lock."""
     from mlflow.tracking import MlflowClient

@@ -31,18 +31,30 @@ def run_overrides(spec: Any) -> list[str]:
     differ from the deployment's own parameters (a custom run from the UI's form)."""
     if (given := OVERRIDES.get()) is not None:
         return given
-    from prefect.runtime import deployment
-
-    try:
-        base = (deployment.parameters or {}).get("spec")
-    except Exception:  # noqa: BLE001 - not a deployment run
-        base = None
+    base = _deployment_spec()
     if not isinstance(base, dict):
         return []
     try:
         return overrides_between(type(spec).model_validate(base), spec)
     except Exception:  # noqa: BLE001 - the deployment's spec no longer validates: compare as data
         return overrides_between(base, spec)
+
+
+def _deployment_spec() -> Any:
+    """The `spec` parameter of the deployment this run came from (None outside a deployment run);
+    `prefect.runtime.deployment.parameters` is the run's own parameters, not the deployment's."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import deployment
+
+    try:
+        if not deployment.id:
+            return None
+        with get_client(sync_client=True) as client:
+            return (client.read_deployment(UUID(str(deployment.id))).parameters or {}).get("spec")
+    except Exception:  # noqa: BLE001 - no deployment to compare with: the run is named by its spec
+        return None
 
 
 def run_spec(spec: Any) -> Any:
@@ -71,7 +83,8 @@ def run_spec(spec: Any) -> Any:
     tracker.finish(summary)
     if flow_run_id:
         try:
-            summary["artifacts"] = publish_results(job, out, store, flow_run_id)
+            summary["artifacts"] = publish_results(job, out, store, flow_run_id,
+                                                   (tracker.experiment_id, tracker.parent))
         except Exception as e:  # noqa: BLE001 - the results are stored and tracked; only the UI copy is lost
             log.warning("results not published as Prefect artifacts: %s: %s", type(e).__name__, e)
     return Completed(message=f"{out.computed} stages computed, {out.reused} reused", data=summary)

@@ -19,7 +19,7 @@ from prefect import flow
 from pydantic import ValidationError
 from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
 
-from flows.env import local_tracking, mlflow_client, tracking_uri
+from flows.env import local_tracking, mlflow_client, mlflow_ui_url, tracking_uri
 from flows.tracking import experiment_id
 from pai_core.paths import pai_home
 from pai_core.report import aggregate, write_report
@@ -42,8 +42,7 @@ def mlflow_run_url(run_id: str) -> str | None:
     """The run's page in the MLflow UI when a tracking server is in use."""
     if local_tracking():
         return None
-    client = mlflow_client()
-    return f"{tracking_uri().rstrip('/')}/#/experiments/{client.get_run(run_id).info.experiment_id}/runs/{run_id}"
+    return mlflow_ui_url(mlflow_client().get_run(run_id).info.experiment_id, run_id)
 
 
 def publish_report(specs: list[ExperimentSpec], store: Store, name: str, mlflow_run_id: str | None = None,

@@ -91,9 +91,15 @@ def round_rows(job: Job, out: Outcome) -> list[dict[str, Any]]:
     return rows
 
 
-def stages_markdown(out: Outcome, flow_run_id: str | None) -> str:
-    lines = [f"**{out.computed} computed, {out.reused} reused** stages in this run.", "",
-             "| stage | round | status | key | seconds | computed by |", "|---|---|---|---|---:|---|"]
+def stages_markdown(out: Outcome, flow_run_id: str | None, mlflow_run: tuple[str, str] | None = None) -> str:
+    lines = [f"**{out.computed} computed, {out.reused} reused** stages in this run.", ""]
+    if mlflow_run:
+        from flows.env import local_tracking, mlflow_ui_url, tracking_uri
+
+        exp, run = mlflow_run
+        lines += [f"MLflow: [this run's metrics and rounds]({mlflow_ui_url(exp, run)})" if not local_tracking()
+                  else f"MLflow run `{run}` in `{tracking_uri()}`", ""]
+    lines += ["| stage | round | status | key | seconds | computed by |", "|---|---|---|---|---:|---|"]
     for s in out.stages:
         ref = out.refs.get(s["key"])
         by = "this run" if s["status"] == "computed" or (ref and ref.info.flow_run_id == flow_run_id) \
@@ -116,7 +122,8 @@ def accuracy_png(spec: Any, store: Store) -> bytes | None:
     return buf.getvalue()
 
 
-def publish_results(job: Job, out: Outcome, store: Store, flow_run_id: str | None) -> dict[str, str]:
+def publish_results(job: Job, out: Outcome, store: Store, flow_run_id: str | None,
+                    mlflow_run: tuple[str, str] | None = None) -> dict[str, str]:
     """The run's table, plot and stages artifacts (see the module docstring); returns their keys."""
     from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 
@@ -125,7 +132,7 @@ def publish_results(job: Job, out: Outcome, store: Store, flow_run_id: str | Non
     create_table_artifact(round_rows(job, out), key=keys["table"],
                           description=f"{spec.name} ({spec.flow}): results per round; "
                                       f"{out.computed} stages computed, {out.reused} reused")
-    create_markdown_artifact(stages_markdown(out, flow_run_id), key=keys["stages"],
+    create_markdown_artifact(stages_markdown(out, flow_run_id, mlflow_run), key=keys["stages"],
                              description=f"{spec.name}: which stages ran and which were reused, by key")
     if (png := accuracy_png(spec, store)) is not None:
         keys["plot"] = f"{key}-accuracy"

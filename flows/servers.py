@@ -179,7 +179,9 @@ def ui_urls(state: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
     if "prefect" in state:
         out["Prefect UI"] = state["prefect"]["url"].removesuffix("/api").rstrip("/") + "/"
     if "mlflow" in state:
-        out["MLflow UI"] = state["mlflow"]["url"].rstrip("/") + "/"
+        from flows.env import mlflow_ui_url
+
+        out["MLflow UI"] = mlflow_ui_url(base=state["mlflow"]["url"])
     return out
 
 

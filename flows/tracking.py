@@ -141,8 +141,8 @@ class Tracker:
         closed = []
         for run in stale:  # a sweep's own run and its other specs share the flow run id: not those
             t = run.data.tags
-            if run.info.run_id == self.parent or t.get("pai.flow") != self.spec.flow:
-                continue
+            if run.info.run_id == self.parent or t.get("pai.flow") != self.spec.flow or "pai.round" in t:
+                continue  # this attempt, a sweep's own run, or a round (closed with its parent below)
             if t.get("prefect.flow_run_id") != flow_run_id and not _process_gone(t):
                 continue  # a live attempt elsewhere, or on this host: leave it alone
             for child in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING' and "

@@ -140,11 +140,35 @@ def clean_value(v: Any) -> str:
 
 def overrides_between(base: BaseModel | dict[str, Any], spec: BaseModel) -> list[str]:
     """The dotted overrides that turn `base` into `spec` (`["prune.rate=0.5"]`), in field order:
-    what names a run that changed its deployment's or its file's parameters."""
+    what names a run that changed its deployment's or its file's parameters. A section `base`
+    leaves unset (`retrain: None`) shows only the fields that differ from their defaults."""
     before = flatten(base) if isinstance(base, BaseModel) else _flat_dict(base)
     after = flatten(spec)
-    return [f"{k}={clean_value(v)}" for k, v in after.items() if k not in before or before[k] != v] + \
-        [f"{k}=None" for k in before if k not in after]
+    out = []
+    for k, v in after.items():
+        if k in before:
+            if before[k] != v:
+                out.append(f"{k}={clean_value(v)}")
+        elif any(b.startswith(k + ".") for b in before):  # a section `spec` leaves unset
+            out.append(f"{k}={clean_value(v)}")
+        elif not _is_default(spec, k, v):
+            out.append(f"{k}={clean_value(v)}")
+    gone = [k for k in before if k not in after and not any(a.startswith(k + ".") for a in after)]
+    return out + [f"{k}=None" for k in gone if not any(k.startswith(a + ".") for a in after)]
+
+
+def _is_default(spec: BaseModel, dotted_key: str, value: Any) -> bool:
+    """Whether the field at `dotted_key` holds its class default (a required field never does)."""
+    *path, name = dotted_key.split(".")
+    obj: Any = spec
+    for part in path:
+        obj = getattr(obj, part, None)
+    field = type(obj).model_fields.get(name) if isinstance(obj, BaseModel) else None
+    if field is None or field.is_required():
+        return False
+    default = field.get_default(call_default_factory=True)
+    return (default.model_dump(mode="json") if isinstance(default, BaseModel) else
+            list(default) if isinstance(default, tuple) else default) == value
 
 
 def _flat_dict(raw: dict[str, Any]) -> dict[str, Any]:

@@ -214,7 +214,12 @@ SCOPES = {"global": "one ranking over all layers", "layerwise": "each layer to t
           "erk": "Erdős–Rényi-kernel layer densities (Evci et al.)"}
 
 
-SCHEDULE_HELP = "when pruning happens: " + "; ".join(f"{k}: {v}" for k, v in SCHEDULES.items())
+def schedule_help(*allowed: str) -> str:
+    """The schedule field's description, naming only the schedules this paradigm allows."""
+    return "when pruning happens: " + "; ".join(f"{k}: {SCHEDULES[k]}" for k in allowed or SCHEDULES)
+
+
+SCHEDULE_HELP = schedule_help("one_shot", "iterative")
 SCOPE_HELP = "how the kept fraction is shared out: " + "; ".join(f"{k}: {v}" for k, v in SCOPES.items())
 PRUNE_BIASES_HELP = "also prune biases (most papers prune weights only)"
 

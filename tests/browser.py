@@ -20,6 +20,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from flows.env import mlflow_ui_url
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TIMEOUT = 60.0  # the SPAs load slowly on 2 cores
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -176,23 +178,116 @@ def check_mlflow_ui(driver: WebDriver, base_url: str, experiment_name: str, run_
         "experiment_ids": [exp_id], "filter": f"attributes.run_name = '{run_name}'",
         "order_by": ["attributes.start_time DESC"], "max_results": 1}).get("runs")
     assert runs, f"MLflow has no run {run_name!r} in experiment {experiment_name!r}"
-    driver.get(f"{base}/#/experiments")
+    driver.get(mlflow_ui_url(base=base))  # the link `pai server up` prints
     search_list(driver, [experiment_name], shots, "mlflow-experiments")
-    # MLflow 3 opens experiments in a GenAI view, with an assistant panel: ask for the runs table.
-    driver.execute_script("localStorage.setItem('mlflow.workflowType_v1', '\"machine_learning\"');"
-                          "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
-    driver.get(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+    # The assistant panel would hide the table's right half; the model-training view comes from
+    # pai's links alone (MLflow 3 otherwise opens its GenAI view).
+    driver.execute_script("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
+    driver.get(mlflow_ui_url(exp_id, base=base))
     driver.refresh()  # the app reads the preferences when it starts
     with suppress(TimeoutException):
         WebDriverWait(driver, TIMEOUT / 2, 0.5).until(lambda d: not _missing(d, [run_name]))
-    if _missing(driver, [run_name]):  # a modal, or still the GenAI view
-        _click(driver, *_POPUPS, "Model training", "Machine learning", "Machine Learning")
-    wait_shown(driver, [experiment_name, run_name], shots, "mlflow-experiment")
+    if _missing(driver, [run_name]):  # a feature tour's modal
+        _click(driver, *_POPUPS)
+    wait_shown(driver, [experiment_name, run_name, "Columns"], shots, "mlflow-experiment")  # the runs table
     _click(driver, *_POPUPS)
     driver.save_screenshot(str(shots / "mlflow-experiment.png"))
-    driver.get(f"{base}/#/experiments/{exp_id}/runs/{runs[0]['info']['run_id']}")
+    driver.get(mlflow_ui_url(exp_id, runs[0]["info"]["run_id"], base=base))
     wait_shown(driver, [run_name], shots, "mlflow-run")
     search_list(driver, metric_names, shots, "mlflow-run")
     for hits in _find(driver, metric_names[:1]):
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", hits[0])
     driver.save_screenshot(str(shots / "mlflow-run.png"))
+
+
+# Picks `value` in the <select> offering `known` (adding it as an option first if it is not
+# one), as a user's browser would submit it: the server, not the page, must refuse it.
+_SELECT_JS = """const [known, value] = arguments;
+const sel = [...document.querySelectorAll('select')].find(s => [...s.options].some(o => o.value === known));
+if (!sel) return null;
+const options = [...sel.options].map(o => o.value);
+if (!options.includes(value)) { const o = document.createElement('option'); o.value = o.textContent = value; sel.appendChild(o); }
+sel.value = value; sel.dispatchEvent(new Event('change', {bubbles: true})); sel.scrollIntoView({block: 'center'});
+return options;"""
+
+
+def check_run_form(driver: WebDriver, base_url: str, deployment_id: str, shown: Sequence[str],
+                   not_shown: Sequence[str], enum: tuple[str, list[str]], bad: str, error: str, shots: Path) -> None:
+    """The deployment's Custom Run form: its sections (and not other paradigms'), a registry field
+    as a dropdown of exactly the registered names, and a bad value refused at that field."""
+    base = base_url.rstrip("/")
+    driver.get(f"{base}/deployments/deployment/{deployment_id}/run")
+    wait_shown(driver, shown, shots, "prefect-run-form")
+    present = [t for t, hits in zip(not_shown, _find(driver, not_shown)) if hits]
+    assert not present, f"the form shows other paradigms' sections: {present}"
+    driver.save_screenshot(str(shots / "prefect-run-form.png"))
+    known, names = enum
+    options = driver.execute_script(_SELECT_JS, known, known)
+    assert options == names, f"the {known!r} dropdown offers {options}, not {names}"
+    driver.execute_script(_SELECT_JS, known, bad)
+    assert _click(driver, "Submit"), "no Submit button on the run form"
+    wait_shown(driver, [error], shots, "prefect-run-form-refused")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", _find(driver, [error])[0][0])
+    driver.save_screenshot(str(shots / "prefect-run-form-refused.png"))
+    assert driver.current_url.rstrip("/").endswith("/run"), f"the form was submitted: {driver.current_url}"
+
+
+def check_run_artifacts(driver: WebDriver, base_url: str, flow_run_id: str, table_key: str, plot_key: str,
+                        artifact_ids: dict[str, str], row_texts: Sequence[str], shots: Path) -> None:
+    """A finished flow run's Artifacts tab lists its results table and plot; each opens and shows."""
+    base = base_url.rstrip("/")
+    driver.get(f"{base}/runs/flow-run/{flow_run_id}")
+    wait_shown(driver, ["Artifacts"], shots, "prefect-run-artifacts")
+    _wait(driver, lambda d: _click(d, "Artifacts") and not _missing(d, [table_key, plot_key]), shots,
+          "prefect-run-artifacts", lambda: f"not shown: {_missing(driver, [table_key, plot_key])}")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", _find(driver, [table_key])[0][0])
+    driver.save_screenshot(str(shots / "prefect-run-artifacts.png"))
+    driver.get(f"{base}/artifacts/artifact/{artifact_ids[table_key]}")
+    wait_shown(driver, row_texts, shots, "prefect-run-results")
+    driver.save_screenshot(str(shots / "prefect-run-results.png"))
+    driver.get(f"{base}/artifacts/artifact/{artifact_ids[plot_key]}")
+    _wait(driver, lambda d: d.execute_script(
+        "return [...document.images].some(i => i.src.startsWith('data:image/png') && i.naturalWidth > 500)"),
+        shots, "prefect-run-plot", lambda: "no accuracy plot image")
+    driver.save_screenshot(str(shots / "prefect-run-plot.png"))
+
+
+def sort_mlflow_runs(driver: WebDriver, base_url: str, experiment_id: str, metric: str,
+                     value_of: Callable[[str], float | None], shots: Path, at_least: int = 2) -> None:
+    """In the experiment's runs table, sort by a metric through the Sort menu, as a user does; the
+    rows (run ids from their links) must then carry `value_of(run id)` in descending order, for at
+    least `at_least` runs that have it."""
+    driver.get(mlflow_ui_url(experiment_id, base=base_url))
+
+    def sort(d: WebDriver) -> str:
+        return next((t for t in d.execute_script("return [...document.querySelectorAll('button')]"
+                                                 ".map(b => b.textContent.trim())") if t.startswith("Sort:")), "")
+    _wait(driver, sort, shots, "mlflow-sort", lambda: "no Sort menu")
+    _click(driver, sort(driver))
+    wait_shown(driver, [metric], shots, "mlflow-sort")  # the menu lists every metric
+    _click(driver, metric)
+    _wait(driver, lambda d: sort(d) == f"Sort: {metric}", shots, "mlflow-sort",
+          lambda: f"the table is sorted by {sort(driver)!r}")
+
+    def values(d: WebDriver) -> list[float]:
+        ids = d.execute_script(  # in the order the rows are drawn, top to bottom (not DOM order)
+            "return [...new Set([...document.querySelectorAll('a')]"
+            ".filter(a => /\\/runs\\/[0-9a-f]{32}/.test(a.href) && a.getClientRects().length)"
+            ".sort((a, b) => a.getBoundingClientRect().top - b.getBoundingClientRect().top)"
+            ".map(a => a.href.match(/\\/runs\\/([0-9a-f]{32})/)[1]))]")
+        return [v for v in map(value_of, ids) if v is not None]
+    _wait(driver, lambda d: len(v := values(d)) >= at_least and v == sorted(v, reverse=True), shots, "mlflow-sort",
+          lambda: f"{metric} down the table: {values(driver)}")
+    driver.save_screenshot(str(shots / "mlflow-sorted.png"))
+
+
+def check_live_run(driver: WebDriver, base_url: str, experiment_id: str, run_id: str, run_name: str,
+                   metric: str, shots: Path) -> None:
+    """A training round's MLflow run, open while it trains: its page and its live metric chart."""
+    driver.get(mlflow_ui_url(experiment_id, run_id, base=base_url))
+    wait_shown(driver, [run_name], shots, "mlflow-live")
+    _wait(driver, lambda d: _click(d, "Model metrics") and not _missing(d, [metric]), shots, "mlflow-live",
+          lambda: f"no chart {metric!r}")
+    _wait(driver, lambda d: d.execute_script("return document.querySelectorAll('.js-plotly-plot .scatterlayer path')"
+                                             ".length > 0"), shots, "mlflow-live", lambda: "the charts never drew a line")
+    driver.save_screenshot(str(shots / "mlflow-live-training.png"))

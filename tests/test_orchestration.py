@@ -23,6 +23,9 @@ import pytest
 import yaml
 
 from conftest import tiny_raw
+from pai_core.criteria import criterion_names
+from pai_core.paradigms import build_plan
+from pai_core.spec_io import parse_spec
 
 pytestmark = pytest.mark.slow
 PAI = str(Path(sys.executable).parent / "pai")
@@ -116,10 +119,12 @@ def test_deploy_with_schedule_then_trigger_a_changed_parameter(stack):
         assert dep.parameters["spec"]["prune"]["rate"] == 0.2
 
         # The server checks a custom run against that schema before any flow run exists.
-        bad = json.loads(json.dumps(dep.parameters["spec"]))
-        bad["prune"]["schedule"] = "sometimes"
-        with pytest.raises(Exception, match="spec.prune.schedule"):
-            client.create_flow_run_from_deployment(dep.id, parameters={"spec": bad})
+        for field, value in (("schedule", "sometimes"), ("criterion", "snipp"), ("rate", 1.5)):
+            bad = json.loads(json.dumps(dep.parameters["spec"]))
+            bad["prune"][field] = value
+            with pytest.raises(Exception, match=f"spec.prune.{field}"):
+                client.create_flow_run_from_deployment(dep.id, parameters={"spec": bad})
+        assert not _manual_runs(client, dep.id), "a refused run was created"
 
         changed = json.loads(json.dumps(dep.parameters["spec"]))
         changed["prune"]["rate"] = 0.5
@@ -133,6 +138,10 @@ def test_deploy_with_schedule_then_trigger_a_changed_parameter(stack):
 
     mlflow, exp, parent = _mlflow_parent(stack, str(run.id))
     assert parent.data.params["prune.rate"] == "0.5"  # the changed parameter reached the flow
+    assert parent.info.run_name == "tiny_lth [prune.rate=0.5]"  # ...and names the run
+    assert parent.data.metrics["final_sparsity"] == pytest.approx(0.75, abs=1e-3)
+    assert 0 <= parent.data.metrics["final_test_acc"] <= parent.data.metrics["best_test_acc"] <= 1
+    assert parent.data.tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{run.id}")
     children = mlflow.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["dense", "round 1", "round 2"]
     for child in children:
@@ -143,6 +152,26 @@ def test_deploy_with_schedule_then_trigger_a_changed_parameter(stack):
         if child.info.run_name != "dense":
             assert len(child.data.tags["pai.mask_sha256"]) == 64
             assert child.data.metrics["sparsity"] == pytest.approx(1 - 0.5 ** int(child.info.run_name[-1]), abs=1e-3)
+
+
+def test_a_rerun_of_a_finished_spec_adds_no_nested_mlflow_runs(stack):
+    from mlflow.tracking import MlflowClient
+
+    mlflow = MlflowClient(stack["mlflow"])
+    exp = mlflow.get_experiment_by_name("pai-e2e")
+    nested = lambda: {r.info.run_id for r in mlflow.search_runs([exp.experiment_id], "tags.`pai.round` != ''")}  # noqa: E731
+    before = nested()
+    with _client(stack) as client:
+        dep = client.read_deployment_by_name(DEPLOYMENT)
+        changed = json.loads(json.dumps(dep.parameters["spec"]))
+        changed["prune"]["rate"] = 0.5  # exactly the run the first test made
+        run = _wait_final(client, client.create_flow_run_from_deployment(dep.id, parameters={"spec": changed}).id)
+        n = len(build_plan(parse_spec(changed)).nodes)
+        assert run.state.name == "Completed" and run.state.message == f"0 stages computed, {n} reused", run.state
+    assert nested() == before
+    _, _, parent = _mlflow_parent(stack, str(run.id))
+    assert parent.data.tags["pai.all_reused"] == "true" and parent.info.run_name == "tiny_lth [prune.rate=0.5]"
+    assert {parent.data.tags[f"pai.round.{i}.run_id"] for i in range(3)} <= before  # linked, not logged again
 
 
 def test_report_is_published_to_mlflow_and_prefect(stack):
@@ -166,43 +195,113 @@ def test_report_is_published_to_mlflow_and_prefect(stack):
 
 
 def test_browser_sees_deployment_run_stages_report_and_mlflow(stack):
-    """Headless Debian Chromium through chromium-driver; screenshots in test-outputs/screenshots."""
+    """Headless Debian Chromium through chromium-driver; screenshots in test-outputs/screenshots.
+
+    The form, the run's own results, the MLflow runs table sorted by accuracy, and a training
+    round's MLflow run drawing its curves while it trains (that run is left for the crash test)."""
     if not (Path("/usr/bin/chromium").exists() and Path("/usr/bin/chromedriver").exists()):
         if os.environ.get("PAI_REQUIRE_BROWSER"):
             pytest.fail("PAI_REQUIRE_BROWSER is set but Debian's chromium / chromium-driver are not installed")
         pytest.skip("needs Debian's chromium and chromium-driver (apt install chromium chromium-driver)")
-    from browser import check_mlflow_ui, check_prefect_ui, chromium, search_list, wait_shown
+    from mlflow.tracking import MlflowClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from selenium.webdriver.support.ui import WebDriverWait
+
+    from browser import (check_live_run, check_mlflow_ui, check_prefect_ui, check_run_artifacts, check_run_form,
+                         chromium, search_list, sort_mlflow_runs, wait_shown)
 
     run_id, run_name, _ = stack["runs"]["first"]
     ui = stack["prefect"].removesuffix("/api")
+    mlflow = MlflowClient(stack["mlflow"])
+    exp = mlflow.get_experiment_by_name("pai-e2e")
+    with _client(stack) as client:
+        runs_before = len(_manual_runs(client, stack["deployment_id"]))
+        own = {a.key: str(a.id) for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))) if a.key}
     with chromium(SHOTS) as driver:
         check_prefect_ui(driver, ui, "tiny_lth", run_id, run_name,
                          ["init", "pretrain", "retrain · round 1", "evaluate · round 2"], SHOTS)
-        # The deployment's Custom run page: a form generated from the spec's pydantic schema.
-        driver.get(f"{ui}/deployments/deployment/{stack['deployment_id']}/run")
-        wait_shown(driver, ["spec", "Flow", "Seed (Optional)", "Model", "Train", "Prune"], SHOTS,
-                   "prefect-run-form")
-        driver.save_screenshot(str(SHOTS / "prefect-run-form.png"))
-        driver.get(f"{ui}/artifacts/artifact/{stack['artifacts']['pai-report-tiny-lth']}")  # the table
+        # The Custom Run form: LTH's sections only, registry names as dropdowns, and an unknown
+        # criterion (forced into the dropdown) refused at its field; no flow run is created.
+        check_run_form(driver, ui, stack["deployment_id"],
+                       shown=["spec", "Seed (Optional)", "Model", "Train", "Prune", "Rewind Iter (Optional)"],
+                       not_shown=["Gradual (Optional)", "Selection", "Dynamic", "Sanity", "Early Bird (Optional)",
+                                  "Structure (Optional)"],
+                       enum=("magnitude", criterion_names()), bad="snipp",
+                       error=f"'snipp' is not one of {criterion_names()}", shots=SHOTS)
+        # The finished run's own results: table and plot in its Artifacts tab.
+        check_run_artifacts(driver, ui, run_id, "pai-tiny-lth-results", "pai-tiny-lth-accuracy", own,
+                            ["round", "test acc", "dense", "round 2", "computed"], SHOTS)
+        driver.get(f"{ui}/artifacts/artifact/{stack['artifacts']['pai-report-tiny-lth']}")  # `pai report`'s table
         wait_shown(driver, ["LTH", "dense"], SHOTS, "prefect-report")
         driver.save_screenshot(str(SHOTS / "prefect-report.png"))
         driver.get(f"{ui}/artifacts/artifact/{stack['artifacts']['pai-report-tiny-lth-accuracy']}")  # the plot
         WebDriverWait(driver, 60).until(lambda d: d.execute_script(
             "return [...document.images].some(i => i.src.startsWith('data:image/png') && i.naturalWidth > 500)"))
         driver.save_screenshot(str(SHOTS / "prefect-report-plot.png"))
-        check_mlflow_ui(driver, stack["mlflow"], "pai-e2e", "tiny_lth", [], SHOTS)  # experiment, parent run
-        mlflow, exp, parent = _mlflow_parent(stack, run_id)
+        check_mlflow_ui(driver, stack["mlflow"], "pai-e2e", "tiny_lth [prune.rate=0.5]", [], SHOTS)
+        _, _, parent = _mlflow_parent(stack, run_id)
         (child,) = mlflow.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
                                                            "and attributes.run_name = 'round 1'")
         driver.get(f"{stack['mlflow']}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}")
         wait_shown(driver, ["round 1"], SHOTS, "mlflow-round")
         search_list(driver, ["test_acc", "sparsity"], SHOTS, "mlflow-round")  # its metrics
         driver.save_screenshot(str(SHOTS / "mlflow-round.png"))
-    for shot in ("prefect-deployments", "prefect-flow-run", "prefect-run-form", "prefect-report", "prefect-report-plot",
-                 "mlflow-experiment", "mlflow-run",
-                 "mlflow-round"):
+        # Parent runs carry summary metrics: the runs table sorts by test accuracy.
+        sort_mlflow_runs(driver, stack["mlflow"], exp.experiment_id, "final_test_acc",
+                         lambda rid: mlflow.get_run(rid).data.metrics.get("final_test_acc"), SHOTS)
+
+        # Live: a long retrain's round run exists, and draws its curves, before it finishes.
+        with _client(stack) as client:
+            assert len(_manual_runs(client, stack["deployment_id"])) == runs_before  # the refused form made none
+            live_flow_run = client.create_flow_run_from_deployment(
+                stack["deployment_id"], parameters={"spec": _long_retrain(stack["raw"])})
+        stack["long_run"] = str(live_flow_run.id)
+        live = _live_round_run(stack, mlflow, exp.experiment_id, str(live_flow_run.id), min_epochs=2)
+        check_live_run(driver, stack["mlflow"], exp.experiment_id, live.info.run_id, "round 1", "val_acc", SHOTS)
+        after = mlflow.get_run(live.info.run_id)
+        epochs = mlflow.get_metric_history(live.info.run_id, "epoch/val_acc")
+        assert after.info.status == "RUNNING" and len(epochs) >= 2, (after.info.status, len(epochs))
+    for shot in ("prefect-deployments", "prefect-flow-run", "prefect-run-form", "prefect-run-form-refused",
+                 "prefect-run-artifacts", "prefect-run-results", "prefect-run-plot", "prefect-report",
+                 "prefect-report-plot", "mlflow-experiment", "mlflow-run", "mlflow-round", "mlflow-sorted",
+                 "mlflow-live-training"):
         assert (SHOTS / f"{shot}.png").stat().st_size > 10_000
+
+
+def _long_retrain(raw: dict) -> dict:
+    """One round whose retraining is long enough to watch live and to kill part-way."""
+    spec = json.loads(json.dumps(raw))
+    spec["prune"]["rounds"] = 1
+    spec["retrain"] = {**spec["train"], "epochs": 1000}
+    return spec
+
+
+def _live_round_run(stack, mlflow, experiment_id: str, flow_run_id: str, min_epochs: int, timeout: float = 240) -> Any:
+    """The RUNNING MLflow run of round 1 of that flow run, once it has `min_epochs` epochs of metrics."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        parents = mlflow.search_runs([experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' "
+                                                      "and attributes.status = 'RUNNING'")
+        for p in parents:
+            for run in mlflow.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{p.info.run_id}' and "
+                                                           "attributes.run_name = 'round 1' and "
+                                                           "attributes.status = 'RUNNING'"):
+                if len(mlflow.get_metric_history(run.info.run_id, "epoch/val_acc")) >= min_epochs:
+                    return run
+        time.sleep(0.3)
+    raise AssertionError(f"no live round run with {min_epochs} epochs for flow run {flow_run_id} in {timeout} s")
+
+
+def _manual_runs(client, deployment_id) -> list:
+    """The deployment's flow runs other than those its cron schedule made."""
+    return [r for r in client.read_flow_runs(deployment_filter=_by_deployment(deployment_id)) if not r.auto_scheduled]
+
+
+def _by_deployment(deployment_id) -> Any:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
 
 
 def _by_flow_run(run_id) -> Any:
@@ -215,12 +314,14 @@ def test_crashed_run_retried_like_the_ui_resumes_at_first_unfinished_stage(stack
     from prefect.client.schemas.objects import StateType
     from prefect.states import State
 
-    raw = json.loads(json.dumps(stack["raw"]))
-    raw["train"]["epochs"] = 30  # long enough to kill round 1's retrain part-way
+    from uuid import UUID
+
     store = stack["home"] / "store"
     with _client(stack) as client:
-        dep = client.read_deployment_by_name(DEPLOYMENT)
-        run = client.create_flow_run_from_deployment(dep.id, parameters={"spec": raw})
+        run = client.read_flow_run(UUID(stack["long_run"])) if "long_run" in stack else None  # watched live
+        if run is None or (run.state and run.state.is_final()):
+            dep = client.read_deployment_by_name(DEPLOYMENT)
+            run = client.create_flow_run_from_deployment(dep.id, parameters={"spec": _long_retrain(stack["raw"])})
         deadline = time.monotonic() + 240
         while not list((store / "train").glob("*.ckpt.pt")) or not _retrain_started(client, run.id):
             assert time.monotonic() < deadline, "round 1's retrain never wrote a checkpoint"
@@ -247,6 +348,13 @@ def test_crashed_run_retried_like_the_ui_resumes_at_first_unfinished_stage(stack
     mlflow, exp, parent = _mlflow_parent(stack, str(run.id))
     attempts = mlflow.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run.id}'")
     assert sorted(r.info.status for r in attempts) == ["FINISHED", "KILLED"]  # the crashed one is closed
+    killed = next(r for r in attempts if r.info.status == "KILLED")
+    (dead_round,) = mlflow.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{killed.info.run_id}'")
+    assert dead_round.info.status == "KILLED"  # its live round run too
+    (done_round,) = mlflow.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                                            "and attributes.run_name = 'round 1'")
+    steps = [m.step for m in mlflow.get_metric_history(done_round.info.run_id, "epoch/val_acc")]
+    assert len(steps) == len(set(steps)) == 1000  # live after the resume, the rest from the history: each once
     summary = json.loads(Path(mlflow.download_artifacts(parent.info.run_id, "summary.json")).read_text())
     status = {(s["role"], s["round"]): s["status"] for s in summary["stages"]}
     # Everything finished before the kill is reused; round 1's retrain resumed from its checkpoint.

@@ -90,3 +90,19 @@ def test_synflow_defaults_to_100_iterative_rounds():
     p = parse_spec(raw).prune
     assert (p.schedule, p.rounds) == ("iterative", 100)
     assert p.round_densities()[-1] == pytest.approx(0.1) and p.round_densities()[0] == pytest.approx(0.1 ** 0.01)
+
+
+def test_overrides_between_name_what_a_run_changed():
+    from pai_core.spec_io import clean_value, overrides_between
+
+    base = parse_spec(tiny_raw())
+    assert overrides_between(base, base) == []
+    changed = parse_spec(tiny_raw(seed=3, prune={"rate": 0.5}))
+    assert overrides_between(base, changed) == ["seed=3", "prune.rate=0.5"]
+    assert overrides_between(base.model_dump(mode="json"), changed) == ["seed=3", "prune.rate=0.5"]
+    # A section the base leaves unset: only its non-default fields; and its removal, once.
+    retrain = parse_spec(tiny_raw(retrain={"optimizer": "sgd", "lr": 0.01, "epochs": 7}))
+    assert overrides_between(base, retrain) == ["retrain.lr=0.01", "retrain.epochs=7"]
+    assert overrides_between(retrain, base) == ["retrain=None"]
+    assert [clean_value(1 - 0.7 ** 3), clean_value(0.1 + 0.2), clean_value(5e-4), clean_value(True)] == \
+        ["0.657", "0.3", "0.0005", "True"]

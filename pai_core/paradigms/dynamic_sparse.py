@@ -15,7 +15,7 @@ from pai_core.dynamic import DynamicSparsity
 from pai_core.paradigms.common import pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
-from pai_core.specs import SCHEDULE_HELP, ExperimentBase, Frozen, PruneSpec
+from pai_core.specs import ExperimentBase, Frozen, PruneSpec, schedule_help
 
 
 METHODS = {"set": "Mocanu et al. 2018: drop the smallest weights, regrow as many at random",
@@ -45,7 +45,7 @@ class DynamicSpec(Frozen):
 
 
 class OneShotPrune(PruneSpec):
-    schedule: Literal["one_shot"] = Field("one_shot", description=SCHEDULE_HELP)
+    schedule: Literal["one_shot"] = Field("one_shot", description=schedule_help("one_shot"))
 
 
 class DynamicSparseSpec(ExperimentBase):

@@ -31,7 +31,7 @@ from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, train_node
 from pai_core.prune_checks import meta_model
 from pai_core.selection import select
-from pai_core.specs import SCHEDULE_HELP, ExperimentBase, Frozen, PruneSpec, TrainSpec
+from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec, schedule_help
 from pai_core.training import Callback, TrainState
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -47,7 +47,7 @@ class EarlyBirdOptions(Frozen):
 
 
 class OneShotMagnitude(PruneSpec):
-    schedule: Literal["one_shot"] = Field("one_shot", description=SCHEDULE_HELP)
+    schedule: Literal["one_shot"] = Field("one_shot", description=schedule_help("one_shot"))
 
     @model_validator(mode="after")
     def _magnitude(self) -> OneShotMagnitude:

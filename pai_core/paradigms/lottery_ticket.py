@@ -14,11 +14,11 @@ from pai_core.paradigms.common import rewind_fits, same_optimizer
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import (REINIT_SEED_OFFSET, Plan, Round, dense_round, evaluate_node, init_node, mask_node,
                            score_node, train_node)
-from pai_core.specs import SCHEDULE_HELP, ExperimentBase, PruneSpec, TrainSpec
+from pai_core.specs import ExperimentBase, PruneSpec, TrainSpec, schedule_help
 
 
 class LotteryPrune(PruneSpec):
-    schedule: Literal["iterative"] = Field("iterative", description=SCHEDULE_HELP)
+    schedule: Literal["iterative"] = Field("iterative", description=schedule_help("iterative"))
     rewind_iter: int = Field(0, ge=0, description="0 = original init, k = late rewinding to iteration k")
     reinit_control: bool = Field(False, description="also train each mask from a fresh random init")
 

@@ -17,11 +17,12 @@ from pydantic import Field, model_validator
 from pai_core.paradigms.common import pretty, rewind_fits
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
-from pai_core.specs import SCHEDULE_HELP, ExperimentBase, PruneSpec, TrainSpec
+from pai_core.specs import ExperimentBase, PruneSpec, TrainSpec, schedule_help
 
 
 class LRRewindPrune(PruneSpec):
-    schedule: Literal["one_shot", "iterative"] = Field("iterative", description=SCHEDULE_HELP)
+    schedule: Literal["one_shot", "iterative"] = Field("iterative",
+                                                       description=schedule_help("one_shot", "iterative"))
     lr_rewind_iter: int = Field(0, ge=0, description="replay the learning-rate schedule from this iteration "
                                                      "(0 = the whole schedule, Renda et al.'s recommendation)")
 

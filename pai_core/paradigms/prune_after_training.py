@@ -18,7 +18,7 @@ from pai_core.paradigms.common import pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
 from pai_core.prune_checks import meta_model
-from pai_core.specs import SCHEDULE_HELP, ExperimentBase, Frozen, PruneSpec, TrainSpec
+from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec, schedule_help
 
 
 STRUCTURES = {"unstructured": "single weights", "filter": "whole filters/neurons and their dependent input "
@@ -39,7 +39,8 @@ class GradualSpec(Frozen):
 
 
 class PaTPrune(PruneSpec):
-    schedule: Literal["one_shot", "iterative", "gradual"] = Field("one_shot", description=SCHEDULE_HELP)
+    schedule: Literal["one_shot", "iterative", "gradual"] = Field(
+        "one_shot", description=schedule_help("one_shot", "iterative", "gradual"))
     gradual: GradualSpec = Field(default_factory=GradualSpec, description="schedule: gradual")
     structure: Literal["unstructured", "filter"] = Field("unstructured", description="filter: whole filters/neurons")
     filter_norm: Literal["l1", "l2"] = Field("l1", description="structure filter: how a filter's scores combine")
