@@ -15,7 +15,7 @@ from prefect import Flow, flow
 from prefect.states import Completed
 
 from flows.results import publish_results
-from flows.runner import PrefectTasks, crash_flow_runs, current_flow_run_id, run_logger
+from flows.runner import PrefectTasks, crash_flow_runs, current_flow_run_id, run_logger, tag_flow_run
 from flows.tracking import Tracking
 from pai_core.executor import Job, execute
 from pai_core.paradigms import Paradigm, build_plan, get_paradigm, paradigm_names
@@ -64,7 +64,9 @@ def run_spec(spec: Any) -> Any:
     log, store = run_logger(), default_store()
     job = Job(spec, build_plan(spec))
     flow_run_id = current_flow_run_id()
-    tracking = Tracking([job], store, flow_run_id, log=log, overrides={id(job): run_overrides(spec)})
+    overrides = run_overrides(spec)
+    tag_flow_run(flow_run_id, [o[:100] for o in overrides[:8]])  # the deployment's run list shows what changed
+    tracking = Tracking([job], store, flow_run_id, log=log, overrides={id(job): overrides})
     crash_flow_runs(tracking.tracker(job).closed_flow_runs, f"superseded by flow run {current_flow_run_id()}")
     try:
         out = execute([job], PrefectTasks(), store, tracking)
@@ -80,13 +82,13 @@ def run_spec(spec: Any) -> Any:
                           "val_acc": out.refs[r.evaluate.key].info.val_acc,
                           "test_acc": out.refs[r.evaluate.key].info.test_acc} for r in job.plan.rounds]
     log.info("%d stages computed, %d reused", out.computed, out.reused)
-    tracker.finish(summary)
-    if flow_run_id:
+    if flow_run_id:  # before the MLflow parent closes: a finished parent means a finished run
         try:
             summary["artifacts"] = publish_results(job, out, store, flow_run_id,
                                                    (tracker.experiment_id, tracker.parent))
         except Exception as e:  # noqa: BLE001 - the results are stored and tracked; only the UI copy is lost
             log.warning("results not published as Prefect artifacts: %s: %s", type(e).__name__, e)
+    tracker.finish(summary)
     return Completed(message=f"{out.computed} stages computed, {out.reused} reused", data=summary)
 
 

@@ -123,3 +123,20 @@ def crash_flow_runs(ids: Sequence[str], why: str) -> None:
                                          run.name, i)
             except Exception as e:  # noqa: BLE001 - another server's run, or gone: nothing to mark
                 run_logger().info("flow run %s not marked Crashed: %s", i, e)
+
+
+def tag_flow_run(flow_run_id: str | None, tags: Sequence[str]) -> None:
+    """Add tags to a flow run (what it changed in its spec), so the deployment's run list shows
+    them; never a reason to fail the run."""
+    if not flow_run_id or not tags:
+        return
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(flow_run_id))
+            client.update_flow_run(run.id, tags=list(dict.fromkeys([*run.tags, *tags])))
+    except Exception as e:  # noqa: BLE001
+        run_logger().info("flow run %s not tagged: %s", flow_run_id, e)

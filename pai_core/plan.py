@@ -121,9 +121,13 @@ def score_node(spec: ExperimentBase, weights: Node, mask: Node | None, prune: Pr
 
 def mask_node(spec: ExperimentBase, scores: Node, previous: Node | None, density: float,
               structure: dict[str, Any] | None = None) -> Node:
-    """`structure`: extra fields of a structured selection (PaT's whole filters)."""
+    """`structure`: extra fields of a structured selection (PaT's whole filters). N:M
+    (`prune.structure: nm`) adds its structure, n and m itself; an unstructured mask has no
+    such fields, so its key is the one it always had."""
     fields = {"density": density, "scope": spec.prune.scope, "min_density": spec.prune.min_density,
               "on_collapse": spec.prune.on_collapse} | (structure or {})
+    if getattr(spec.prune, "structure", None) == "nm":
+        fields |= {"structure": "nm", "n": spec.prune.n, "m": spec.prune.m}
     return Node("mask", "mask", fields, {"scores": scores} | ({"previous": previous} if previous else {}))
 
 

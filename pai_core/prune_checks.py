@@ -11,6 +11,10 @@ dense training it would otherwise follow:
 
 The exact rounding is selection.py's: round(n · density) kept, ceil(min_density · n) floors,
 ERK counts by largest remainder.
+
+N:M (`structure: nm`) keeps n of every m weights of each row, so no layer can be emptied; what
+can fail is the grouping itself: a layer whose row (the GEMM reduction size: in_features, or
+in_channels × kh × kw) is not a multiple of m is refused, naming it.
 """
 from __future__ import annotations
 
@@ -68,10 +72,35 @@ def _counts(layers: Layers, density: float, scope: str) -> list[int]:
     return [round(math.prod(s) * density) for _, s in layers]
 
 
+def nm_row(shape: tuple[int, ...]) -> int:
+    """The N:M group axis of a weight: its reduction size, `weight.reshape(out, -1)`'s row length."""
+    return math.prod(shape[1:])
+
+
+def check_nm(n: int, m: int, layers: Layers) -> None:
+    """Refuse (one line naming prune.m) a layer whose row is not a multiple of m, or a 1-D parameter."""
+    rows = [(name, nm_row(shape)) for name, shape in layers]
+    for name, shape in layers:
+        if len(shape) < 2:
+            raise ValueError(f"prune.structure: nm groups the input weights of a row, and {name} has none "
+                             f"(shape {tuple(shape)})")
+    bad = [(name, row) for name, row in rows if row % m]
+    if bad:
+        name, row = bad[0]
+        g = math.gcd(*(r for _, r in rows))
+        fits = [d for d in range(max(n + 1, 2), min(g, 64) + 1) if g % d == 0]
+        allowed = ", ".join(map(str, fits)) if fits else f"none (the rows' greatest common divisor is {g})"
+        raise ValueError(f"prune.m: {name} has {row:,} input weights per row (in_features, or in_channels × kernel), "
+                         f"not a multiple of m={m}; allowed m for n={n} here: {allowed}")
+
+
 def check_schedule(prune: Any, layers: Layers, scope: str, what: str = "weights") -> None:
     """Raise ValueError (one line, naming the field) when `prune`'s densities cannot work on
     `layers` with `scope`; `what` names the units (weights, filters)."""
     if not layers:
+        return
+    if getattr(prune, "structure", None) == "nm":
+        check_nm(prune.n, prune.m, layers)
         return
     densities = prune.round_densities()
     sizes = [math.prod(s) for _, s in layers]

@@ -85,3 +85,36 @@ def erk_counts(shapes: list[tuple[int, ...]], density: float) -> list[int]:
     for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
     return counts
+
+
+def select_nm(scores: dict[str, torch.Tensor], previous: Mask, n: int, m: int) -> Mask:
+    """N:M sparsity: in every group of `m` consecutive weights along a layer's reduction
+    dimension (the rows of `weight.reshape(out, -1)`: a Linear's in_features, a Conv's
+    in_channels × kh × kw in that flatten order), keep the `n` highest-scoring weights that
+    `previous` still keeps.
+
+    Ties go to the lower index within the group (a stable sort), so the same scores always
+    give the same mask. A group in which `previous` already removed weights so that fewer
+    than n survive keeps just its survivors (a pruned weight is never revived), so such a
+    group is sparser than n:m. Every layer's row length must be a multiple of m
+    (prune_checks.check_nm refuses the spec before any compute; here it is a ValueError)."""
+    if not 1 <= n < m:
+        raise ValueError(f"N:M needs 1 <= n < m, got n={n}, m={m}")
+    out: Mask = {}
+    for name, alive in previous.items():
+        s = scores[name].detach().cpu()
+        if not torch.isfinite(s).all():
+            raise ValueError(f"scores for {name} contain NaN or inf")
+        if s.dim() < 2:
+            raise ValueError(f"{name}: N:M groups a row's input weights, and a {s.dim()}-D parameter has none")
+        row = s[0].numel()
+        if row % m:
+            raise ValueError(f"{name}: {row} input weights per row is not a multiple of m={m}")
+        groups = s.double().reshape(-1, m)
+        live = alive.detach().cpu().bool().reshape(-1, m)
+        ranked = groups.masked_fill(~live, -math.inf)  # scores are finite: dead weights rank last
+        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+        top = (torch.arange(m) < n).expand_as(order)
+        keep = torch.zeros_like(live).scatter(1, order, top) & live
+        out[name] = keep.reshape(alive.shape)
+    return out

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from pai_core import prune_checks
 from pai_core.criteria import criterion_names, get_criterion
@@ -28,6 +29,7 @@ SEED_LIMIT = 2**63
 LR_MAX = 1e3
 MAX_EPOCHS, MAX_ITERATIONS = 10_000, 10**8
 MAX_ROUNDS = 1000
+MAX_NM_GROUP = 1024  # N:M groups: hardware uses 4 or 8; any m up to this works
 MAX_NAME, MAX_EXPERIMENT = 200, 500  # MLflow: experiment names up to 500 characters
 
 
@@ -222,16 +224,36 @@ def schedule_help(*allowed: str) -> str:
 SCHEDULE_HELP = schedule_help("one_shot", "iterative")
 SCOPE_HELP = "how the kept fraction is shared out: " + "; ".join(f"{k}: {v}" for k, v in SCOPES.items())
 PRUNE_BIASES_HELP = "also prune biases (most papers prune weights only)"
+STRUCTURES = {"unstructured": "single weights",
+              "nm": "N:M sparsity: the n highest-scoring of every m consecutive input weights of each output row "
+                    "(prune.n, prune.m; 2:4 by default), one round at density n/m; not dynamic_sparse, early_bird"}
+STRUCTURE_HELP = "what is pruned: " + "; ".join(f"{k}: {v}" for k, v in STRUCTURES.items())
+
+
+def nm_sparsity(n: int, m: int) -> float:
+    """The sparsity N:M gives: n of every m weights kept."""
+    return 1 - n / m
+
+
+def _lax_int(value: Any) -> int | None:
+    """`value` as the int field would take it (`"2"` and `2.0` too), or None if it would not."""
+    try:
+        return TypeAdapter(int).validate_python(value)
+    except ValidationError:
+        return None
 
 
 class PruneSpec(Frozen):
     """What every pruning paradigm shares: criterion, target, scope. A paradigm narrows the
-    schedules it allows and adds its own fields in its own file."""
+    schedules it allows and adds its own fields in its own file. A paradigm whose masks cannot
+    keep an N:M pattern says why in `NM_REFUSED`, and `structure: nm` is refused by name."""
+    NM_REFUSED: ClassVar[str] = ""
     criterion: str = Field("magnitude", description="a registered criterion (pai list)",
                            json_schema_extra=registry_enum(criterion_names))
     params: dict[str, Any] = Field(default_factory=dict, description="the criterion's own parameters")
     schedule: Literal["one_shot", "iterative"] = Field("one_shot", description=SCHEDULE_HELP)
-    sparsity: float | None = Field(None, ge=0, lt=1, description="final fraction of prunable weights removed (0-1)")
+    sparsity: float | None = Field(None, ge=0, lt=1, description="final fraction of prunable weights removed (0-1); "
+                                                                  "structure nm: 1 - n/m, derived when unset")
     rate: float | None = Field(None, gt=0, lt=1, description="per round, fraction of the remaining weights removed (0-1)")
     rounds: int = Field(1, gt=0, description="pruning rounds (iterative)")
     scope: Literal["global", "layerwise", "erk"] = Field("global", description=SCOPE_HELP)
@@ -241,6 +263,24 @@ class PruneSpec(Frozen):
     bn_mode: Literal["train", "eval"] | None = Field(
         None, description="BatchNorm mode while scoring; None = the criterion's paper default. "
                           "Running statistics are restored either way")
+    structure: Literal["unstructured", "nm"] = Field("unstructured", description=STRUCTURE_HELP)
+    n: int = Field(2, ge=1, description="structure nm: weights kept in every group of m (n < m)")
+    m: int = Field(4, ge=2, le=MAX_NM_GROUP, description="structure nm: consecutive input weights per group; must "
+                   "divide every layer's row (in_features, or in_channels × kernel for a conv)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nm_sparsity(cls, data: Any) -> Any:
+        """structure nm fixes the density at n/m: with neither sparsity nor rate given, the
+        sparsity is 1 - n/m (a bad n or m is left to the field checks and `_structure`)."""
+        if not isinstance(data, dict) or data.get("structure") != "nm":
+            return data
+        if data.get("sparsity") is not None or data.get("rate") is not None:
+            return data
+        n, m = _lax_int(data.get("n", 2)), _lax_int(data.get("m", 4))
+        if n is not None and m is not None and 1 <= n < m <= MAX_NM_GROUP:
+            data = {**data, "sparsity": nm_sparsity(n, m)}
+        return data
 
     @field_validator("criterion")
     @classmethod
@@ -269,6 +309,7 @@ class PruneSpec(Frozen):
             raise ValueError(f"params.{field}: {what}; allowed: {allowed}") from None
         if self.bn_mode is not None and crit.bn_mode is None:
             raise ValueError(f"bn_mode: criterion {self.criterion} does not run the network")
+        self._structure()
         if self.schedule != "iterative":
             if self.rounds != 1:
                 raise ValueError(f"{self.schedule} prunes in exactly 1 round; use schedule: iterative")
@@ -284,6 +325,38 @@ class PruneSpec(Frozen):
                     f"not {self.sparsity}; give one of them"
                 )
         return self
+
+    def _structure(self) -> None:
+        """N:M: n of every m weights per group, in one round, so the density is n/m and the
+        options of a ranked selection (scope, floors, biases) do not apply."""
+        if self.structure == "nm" and self.NM_REFUSED:
+            raise ValueError(f"prune.structure: {self.NM_REFUSED}; allowed: unstructured")
+        if self.structure != "nm":
+            for field, default in (("n", 2), ("m", 4)):
+                if getattr(self, field) != default:
+                    raise ValueError(f"prune.{field}: only structure nm uses it (this one is {self.structure})")
+            return
+        if self.n >= self.m:
+            raise ValueError(f"prune.n: must be < m: n of every m weights are kept (got n={self.n}, m={self.m})")
+        target = nm_sparsity(self.n, self.m)
+        rule = f"structure nm keeps {self.n} of every {self.m} weights (sparsity {target:.6g})"
+        if self.rounds != 1:
+            raise ValueError(f"prune.rounds: {rule} in a single round; allowed: 1 (got {clip(self.rounds)})")
+        if self.schedule not in ("one_shot", "iterative"):
+            raise ValueError(f"prune.schedule: {rule} in a single round; allowed: one_shot, or iterative with "
+                             f"rounds 1 (got {self.schedule})")
+        for field in ("sparsity", "rate"):
+            given = getattr(self, field)
+            if given is not None and not math.isclose(given, target, rel_tol=1e-9, abs_tol=1e-12):
+                raise ValueError(f"prune.{field}: {rule}, not {given:.6g}; give {target:.6g} or leave it unset")
+        if self.scope != "global":
+            raise ValueError(f"prune.scope: structure nm gives every layer the density n/m itself; allowed: global "
+                             f"(the default; got {self.scope})")
+        if self.min_density:
+            raise ValueError(f"prune.min_density: structure nm keeps {self.n}/{self.m} of every layer; allowed: 0")
+        if self.prune_biases:
+            raise ValueError("prune.prune_biases: structure nm groups each row's input weights, and a bias has none; "
+                             "allowed: false")
 
     @property
     def per_round_rate(self) -> float:

@@ -131,6 +131,7 @@ def test_deploy_with_schedule_then_trigger_a_changed_parameter(stack):
         run = client.create_flow_run_from_deployment(dep.id, parameters={"spec": changed})
         run = _wait_final(client, run.id)
         assert run.state.name == "Completed", run.state
+        assert "prune.rate=0.5" in run.tags  # the deployment's run list shows what this run changed
         names = sorted(t.name for t in client.read_task_runs(
             flow_run_filter=_by_flow_run(run.id)))
     stack["runs"]["first"] = (str(run.id), run.name, names)
@@ -181,6 +182,11 @@ def test_report_is_published_to_mlflow_and_prefect(stack):
     path.write_text(yaml.safe_dump(ran))
     out = _pai(stack["env"], "report", str(path))
     assert "| LTH |" in out.stdout and "| dense |" in out.stdout
+    # The same report from the deployment's spec file plus the override, and from the flow run itself.
+    same = [_pai(stack["env"], "report", str(stack["spec_path"]), "prune.rate=0.5", "--name", "tiny_lth").stdout,
+            _pai(stack["env"], "report", "--flow-run", stack["runs"]["first"][0], "--name", "tiny_lth").stdout]
+    table = out.stdout.split("plots:")[0]
+    assert all(o.split("plots:")[0] == table for o in same), same
     with _client(stack) as client:
         stack["artifacts"] = {a.key: str(a.id) for a in client.read_artifacts()}
     assert {"pai-report-tiny-lth", "pai-report-tiny-lth-accuracy", "pai-report-tiny-lth-layers"} <= set(
@@ -189,7 +195,9 @@ def test_report_is_published_to_mlflow_and_prefect(stack):
 
     mlflow = MlflowClient(stack["mlflow"])
     exp = mlflow.get_experiment_by_name("pai-e2e")
-    (run,) = mlflow.search_runs([exp.experiment_id], "tags.`pai.flow` = 'report'")
+    runs = mlflow.search_runs([exp.experiment_id], "tags.`pai.flow` = 'report'")
+    assert len(runs) == 3  # one per `pai report` above
+    run = runs[0]
     assert {a.path for a in mlflow.list_artifacts(run.info.run_id, "report")} == {
         "report/report.md", *(f"report/{plot}.{ext}" for plot in ("accuracy", "layers") for ext in ("png", "pdf", "svg"))}
 

@@ -142,7 +142,8 @@ def test_sigkill_of_pai_run_leaves_nothing_running_and_loses_nothing(tmp_path, k
     with sqlite3.connect(home / "mlflow.db") as con:
         statuses = [r[0] for r in con.execute(
             "select status from runs join tags on runs.run_uuid = tags.run_uuid "
-            "where tags.key = 'pai.spec' and tags.value = 'killme'")]
+            "where tags.key = 'pai.spec' and tags.value = 'killme' and runs.run_uuid not in "
+            "(select run_uuid from tags where key = 'pai.round')")]  # the parent runs, not their rounds
         assert "RUNNING" not in {r[0] for r in con.execute("select status from runs")}
     assert sorted(statuses) == ["FINISHED", "KILLED"]
     with sqlite3.connect(f"file:{home / 'prefect.db'}?mode=ro", uri=True) as con:

@@ -71,3 +71,12 @@ def test_deploy_refuses_a_bad_spec_before_needing_a_server(tmp_path, monkeypatch
     good.write_text(bad.read_text().replace("1.5", "0.5"))
     out = CliRunner().invoke(app, ["deploy", str(good)])
     assert out.exit_code == 2 and "pai server up" in out.output
+
+
+def test_up_prints_both_ui_addresses_in_full():
+    from flows.servers import ui_urls
+
+    state = {"prefect": {"url": "http://127.0.0.1:4200/api"}, "mlflow": {"url": "http://127.0.0.1:5000"}}
+    assert ui_urls(state) == {"Prefect UI": "http://127.0.0.1:4200/",
+                              "MLflow UI": "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"}
+    assert ui_urls({}) == {}

@@ -10,6 +10,11 @@ def pretty(name: str) -> str:
     return PRETTY.get(name, name)
 
 
+def nm_tag(prune: object) -> str:
+    """`" 2:4"` for an N:M mask (prune.structure nm), else "": the report's labels tell them apart."""
+    return f" {prune.n}:{prune.m}" if getattr(prune, "structure", None) == "nm" else ""
+
+
 def rewind_fits(rewind_iter: int, total: int, field: str = "prune.rewind_iter") -> None:
     if rewind_iter >= total:
         raise ValueError(f"{field}: must be < the {total} training iterations")

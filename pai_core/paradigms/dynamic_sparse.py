@@ -45,6 +45,8 @@ class DynamicSpec(Frozen):
 
 
 class OneShotPrune(PruneSpec):
+    NM_REFUSED = ("dynamic_sparse cannot keep an N:M pattern: its mask updates drop and regrow weights anywhere "
+                  "in a layer")
     schedule: Literal["one_shot"] = Field("one_shot", description=schedule_help("one_shot"))
 
 

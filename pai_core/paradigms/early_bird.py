@@ -47,6 +47,7 @@ class EarlyBirdOptions(Frozen):
 
 
 class OneShotMagnitude(PruneSpec):
+    NM_REFUSED = "early_bird cannot keep an N:M pattern: its tickets are masks by global magnitude or BN channels"
     schedule: Literal["one_shot"] = Field("one_shot", description=schedule_help("one_shot"))
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pai_core.paradigms.common import rewind_fits, same_optimizer
+from pai_core.paradigms.common import nm_tag, rewind_fits, same_optimizer
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import (REINIT_SEED_OFFSET, Plan, Round, dense_round, evaluate_node, init_node, mask_node,
                            score_node, train_node)
@@ -58,7 +58,7 @@ def plan(spec: LotteryTicketSpec) -> Plan:
 
 
 def label(spec: LotteryTicketSpec, rnd: Round) -> str:
-    return "LTH" + (" reinit" if rnd.name.endswith("reinit") else "") + (
+    return "LTH" + nm_tag(spec.prune) + (" reinit" if rnd.name.endswith("reinit") else "") + (
         f" (rewind {spec.prune.rewind_iter})" if spec.prune.rewind_iter else "")
 
 

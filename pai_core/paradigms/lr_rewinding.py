@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pai_core.paradigms.common import pretty, rewind_fits
+from pai_core.paradigms.common import nm_tag, pretty, rewind_fits
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
 from pai_core.specs import ExperimentBase, PruneSpec, TrainSpec, schedule_help
@@ -56,7 +56,7 @@ def plan(spec: LRRewindingSpec) -> Plan:
 
 def label(spec: LRRewindingSpec, rnd: Round) -> str:
     k = spec.prune.lr_rewind_iter
-    return f"LR rewinding {pretty(spec.prune.criterion)}" + (f" (from {k})" if k else "")
+    return f"LR rewinding {pretty(spec.prune.criterion)}{nm_tag(spec.prune)}" + (f" (from {k})" if k else "")
 
 
 PARADIGM = register_paradigm("lr_rewinding", LRRewindingSpec, plan, label,

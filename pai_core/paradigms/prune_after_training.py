@@ -1,6 +1,7 @@
 """Prune after training (PaT): k1 = k2 = K, f3 = fine-tune. One-shot, iterative (prune and
 fine-tune, repeated), or gradual (Zhu & Gupta's cubic ramp, pruning every n steps inside the
-fine-tune). Unstructured, or `structure: filter`: whole filters/neurons by the l1/l2 norm of
+fine-tune). Unstructured, `structure: nm` (n of every m consecutive input weights, one
+round), or `structure: filter`: whole filters/neurons by the l1/l2 norm of
 their scores, with their dependent input channels; `physical: true` also builds, evaluates
 and stores the physically smaller dense net.
 """
@@ -14,15 +15,16 @@ from pai_core import gradual as gradual_lib
 from pai_core import structured
 from pai_core.callbacks import MaskUpdate, register_callback
 from pai_core.models import model_info, model_names
-from pai_core.paradigms.common import pretty
+from pai_core.paradigms.common import nm_tag, pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
 from pai_core.prune_checks import meta_model
+from pai_core.specs import STRUCTURES as SHARED_STRUCTURES
 from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec, schedule_help
 
 
-STRUCTURES = {"unstructured": "single weights", "filter": "whole filters/neurons and their dependent input "
-                                                          "channels (chain-shaped models)"}
+STRUCTURES = {**SHARED_STRUCTURES, "filter": "whole filters/neurons and their dependent input channels "
+                                             "(chain-shaped models; prune_after_training only)"}
 
 
 class GradualSpec(Frozen):
@@ -42,7 +44,8 @@ class PaTPrune(PruneSpec):
     schedule: Literal["one_shot", "iterative", "gradual"] = Field(
         "one_shot", description=schedule_help("one_shot", "iterative", "gradual"))
     gradual: GradualSpec = Field(default_factory=GradualSpec, description="schedule: gradual")
-    structure: Literal["unstructured", "filter"] = Field("unstructured", description="filter: whole filters/neurons")
+    structure: Literal["unstructured", "nm", "filter"] = Field(
+        "unstructured", description="what is pruned: " + "; ".join(f"{k}: {v}" for k, v in STRUCTURES.items()))
     filter_norm: Literal["l1", "l2"] = Field("l1", description="structure filter: how a filter's scores combine")
     physical: bool = Field(False, description="structure filter: also build and evaluate the smaller dense net")
 
@@ -111,7 +114,7 @@ def plan(spec: PruneAfterTrainingSpec) -> Plan:
 def label(spec: PruneAfterTrainingSpec, rnd: Round) -> str:
     p = spec.prune
     extra = [s for s in (p.schedule != "one_shot" and p.schedule, p.structure == "filter" and "filter") if s]
-    return f"PaT {pretty(p.criterion)}" + (f" ({', '.join(extra)})" if extra else "")
+    return f"PaT {pretty(p.criterion)}{nm_tag(p)}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 PARADIGM = register_paradigm("prune_after_training", PruneAfterTrainingSpec, plan, label,

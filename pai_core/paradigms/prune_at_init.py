@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pai_core.paradigms.common import pretty
+from pai_core.paradigms.common import nm_tag, pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, iterative_mask_node, mask_node, score_node, train_node
 from pai_core.specs import ExperimentBase, PruneSpec
@@ -23,8 +23,9 @@ class AtInitPrune(PruneSpec):
     @classmethod
     def _synflow_default(cls, data: Any) -> Any:
         """SynFlow's own default, here and only here (rounds at fixed weights at init): 100
-        score-and-prune rounds on the exponential schedule."""
-        if isinstance(data, dict) and data.get("criterion") == "synflow" and "schedule" not in data:
+        score-and-prune rounds on the exponential schedule. Not for N:M, which prunes once."""
+        if (isinstance(data, dict) and data.get("criterion") == "synflow" and "schedule" not in data
+                and data.get("structure") != "nm"):
             data = {**data, "schedule": "iterative", "rounds": data.get("rounds", SYNFLOW_ROUNDS)}
         return data
 
@@ -37,7 +38,7 @@ class PruneAtInitSpec(ExperimentBase):
 def plan(spec: PruneAtInitSpec) -> Plan:
     init, dense = dense_round(spec)
     densities = spec.prune.round_densities()
-    if spec.prune.schedule == "one_shot":
+    if spec.prune.schedule == "one_shot" or spec.prune.structure == "nm":  # N:M: one round, one mask
         mask = mask_node(spec, score_node(spec, init, None), None, densities[-1])
     else:
         mask = iterative_mask_node(spec, init, densities)
@@ -48,7 +49,7 @@ def plan(spec: PruneAtInitSpec) -> Plan:
 
 def label(spec: PruneAtInitSpec, rnd: Round) -> str:
     p = spec.prune
-    return pretty(p.criterion) + ("" if p.schedule == "one_shot" else f" ({p.schedule})")
+    return pretty(p.criterion) + nm_tag(p) + ("" if p.schedule == "one_shot" else f" ({p.schedule})")
 
 
 PARADIGM = register_paradigm("prune_at_init", PruneAtInitSpec, plan, label,

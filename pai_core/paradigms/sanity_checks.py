@@ -55,8 +55,11 @@ class SanityChecksSpec(ExperimentBase):
         except ValidationError as err:
             e = err.errors(include_url=False)[0]
             loc = ".".join(map(str, e["loc"]))
-            raise ValueError(f"{loc + ': ' if loc else ''}{e['msg'].removeprefix('Value error, ')} "
-                             f"(as a {self.sanity.base} spec)") from None
+            msg = e["msg"].removeprefix("Value error, ")
+            head, sep, rest = msg.partition(": ")
+            if loc and sep and head.replace(".", "_").isidentifier():  # the message names a deeper field itself
+                loc, msg = (head if head.startswith(f"{loc}.") else f"{loc}.{head}"), rest
+            raise ValueError(f"{loc + ': ' if loc else ''}{msg} (as a {self.sanity.base} spec)") from None
 
     def summary(self) -> str:
         return f"{self.base_spec.summary()} ({self.sanity.base} base)"

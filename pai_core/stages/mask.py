@@ -10,7 +10,7 @@ from pai_core import structured
 from pai_core.infos import MaskInfo
 from pai_core.masks import Mask, density_report, sparsity
 from pai_core.plan import Node
-from pai_core.selection import select
+from pai_core.selection import select, select_nm
 from pai_core.stages.common import build_arch, check_collapse, generator
 from pai_core.stages.registry import Runtime, stage
 from pai_core.store import Ref
@@ -18,12 +18,13 @@ from pai_core.store import Ref
 
 @stage("mask", salt=1, info=MaskInfo)
 def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, MaskInfo]:
-    """Keep the highest-scoring surviving weights (or whole filters) to the round's density."""
+    """Keep the highest-scoring surviving weights (or whole filters, or n of every m) to the
+    round's density."""
     f = node.fields
     scores: dict[str, torch.Tensor] = rt.store.load(inputs["scores"])["scores"]
     previous: Mask = (rt.store.load(inputs["previous"])["mask"] if "previous" in inputs
                       else {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()})
-    if f.get("invert"):  # filter masks: the inverted ranking of filters (sanity checks)
+    if f.get("invert"):  # filter and N:M masks: the inverted ranking (sanity checks)
         scores = {n: -v for n, v in scores.items()}
     arch = inputs["scores"].info.arch
     model = build_arch(arch)  # the shape, not the weights
@@ -32,6 +33,8 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
     if f.get("structure") == "filter":
         mask = structured.select_filters(model, scores, previous, f["density"], f["filter_norm"], f["min_density"])
         costs = structured.costs(model, mask, in_shape)
+    elif f.get("structure") == "nm":
+        mask = select_nm(scores, previous, f["n"], f["m"])
     else:
         mask = select(scores, previous, f["density"], f["scope"], f["min_density"])
     report = check_collapse(mask, model, in_shape, f["on_collapse"], None)
