@@ -164,6 +164,44 @@ def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg)
     console.print(table)
 
 
+@app.command("export")
+def export_cmd(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg,
+               fmt: str = typer.Option(..., "--format", "-f",
+                                       help="dense | csr | bsr | semi_structured | structured"),
+               out: Path = typer.Option(..., "--out", "-o", help="folder for the model file and manifest.json"),
+               round_: Optional[str] = typer.Option(None, "--round", "-r",
+                                                    help="round name ('round 2') or row of `pai results` "
+                                                         "(0 = first); default: the last round"),
+               block_size: Optional[int] = typer.Option(None, "--block-size", help="bsr: the B of B×B blocks"),
+               sparse_conv: Optional[bool] = typer.Option(None, "--sparse-conv/--dense-conv",
+                                                          help="convs as im2col @ sparse matrix "
+                                                               "(default: csr yes, bsr no)"),
+               device: str = typer.Option("cpu", help="where to build and check it (semi_structured: cuda)")) -> None:
+    """Export a finished round as a model that loads without pai-flow (torch.export or TorchScript),
+    checked against the masked model; exit 2 with one line if it cannot be exported faithfully."""
+    from rich.markup import escape
+
+    from pai_core.export import ExportRefused, RoundNotStored, export_round
+    from pai_core.spec_io import one_line
+
+    s = _spec(spec, overrides)
+    try:
+        m = export_round(s, round_, fmt, out, block_size=block_size, device=device, sparse_conv=sparse_conv,
+                         store=Store(pai_home() / "store"))
+    except ExportRefused as e:
+        msg = str(e)
+        if isinstance(e, RoundNotStored):  # the exact command
+            msg = msg.replace("`pai run`", f"`pai run {' '.join([str(spec), *(overrides or [])])}`")
+        err_console.print(f"[red]cannot export:[/red] {escape(one_line(msg))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    table = Table("layer", "shape", "density", "stored as", title=f"{s.name}, {m.round['name']}: {fmt}")
+    for name, layer in m.layers.items():
+        table.add_row(name, "x".join(map(str, layer.shape)), f"{layer.density:.4f}", layer.stored_as)
+    console.print(table)
+    console.print(f"{escape(str(out / m.file))} ({m.serialization}; load: {m.loader}) and manifest.json; "
+                  f"check on {escape(m.check.inputs)}: {m.check.describe()}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def sweep(path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps/criteria_lenet300.yaml"),
           sequential: bool = typer.Option(False, help="run stages one by one in this process, not on Dask"),

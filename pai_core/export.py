@@ -1,0 +1,747 @@
+"""Export a finished round as a model that runs without pai-flow: masked weights folded into a
+plain net (`dense`), sparse matrices (`csr`, `bsr`), 2:4 semi-structured weights on a GPU
+(`semi_structured`), or the physically smaller dense net of filter pruning (`structured`).
+
+Each export is one self-contained file (a `torch.export` program or a TorchScript archive,
+whichever torch can serialize for that format, see `FORMATS`) plus `manifest.json` and
+`reference.pt` (the check inputs and the masked model's outputs on them). Before an export is
+kept it is loaded back as a user would load it, and its outputs are compared with the masked
+model's within the format's tolerance. What a format cannot express is refused by name
+(`ExportRefused`, one line) before any work; an export that fails the check is deleted and refused.
+
+For notebooks and benchmarks: `load_masked_model` (a stored round, weights loaded, mask applied),
+`build` / `to_format` (the exportable module of a format, in memory, no files), `save_module` /
+`load_exported`, `check_outputs`, and `export_round` (everything, as `pai export` does).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from pai_core.masks import Mask, apply_mask, dense_mask
+from pai_core.store import atomic_write
+
+# ---------------------------------------------------------------------------- formats
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    serialization: str  # "torch.export" (.pt2) or "torchscript"
+    file: str           # the file name inside the export folder
+    atol: float
+    rtol: float
+    description: str
+
+    @property
+    def loader(self) -> str:
+        """The line that loads it, with nothing but torch installed."""
+        if self.serialization == "torch.export":
+            return f"torch.export.load('{self.file}').module()"
+        return f"torch.jit.load('{self.file}')"
+
+
+FP32_ATOL, FP32_RTOL = 1e-4, 1e-4   # fp32 formats: only the summation order differs
+FP16_ATOL, FP16_RTOL = 5e-2, 1e-2   # semi_structured runs in float16 (about 3 significant digits)
+SEMI_MIN_CAPABILITY = (8, 0)        # 2:4 sparse tensor cores: Ampere and later
+CHECK_BATCH = 64
+
+# torch.export cannot hold a sparse CSR/BSR tensor (export: "Sparse CSR tensors do not have
+# strides"; strict mode traces a CSR constant but torch.export.save fails on it; building one in
+# the graph fails too). TorchScript saves a CSR tensor but not a BSR one, so BSR is stored as its
+# crow/col/value tensors and assembled in forward. semi_structured is TorchScript too: torch's
+# subclass dispatches to lazily registered Python custom ops, the aten op's fake kernel reads the
+# rows from the packed weight's size(0), and padding a dynamic batch to the kernel's multiple of 8
+# fails export's guards. docs/export.md has the details.
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("dense", "torch.export", "model.pt2", FP32_ATOL, FP32_RTOL,
+           "masked weights folded into the plain net (m ⊙ w), dense kernels"),
+    Format("csr", "torchscript", "model.jit.pt", FP32_ATOL, FP32_RTOL,
+           "Linear (and Conv2d as im2col matmul) weights as torch.sparse_csr tensors, y = W @ x"),
+    Format("bsr", "torchscript", "model.jit.pt", FP32_ATOL, FP32_RTOL,
+           "as csr with B×B blocks (torch.sparse_bsr); --block-size must divide every sparse matrix"),
+    Format("semi_structured", "torchscript", "model.jit.pt", FP16_ATOL, FP16_RTOL,
+           "2:4 Linear weights on cuSPARSELt (CUDA, compute capability >= 8.0), float16"),
+    Format("structured", "torch.export", "model.pt2", FP32_ATOL, FP32_RTOL,
+           "the physically smaller dense net (whole filters/neurons removed)"),
+)}
+SPARSE_FORMATS = ("csr", "bsr")
+
+
+class ExportRefused(ValueError):
+    """An export that cannot be made (or was not faithful); the message is one line."""
+
+
+class RoundNotStored(ExportRefused):
+    """The round's weights or mask are not in the verified store yet."""
+
+
+def get_format(fmt: str) -> Format:
+    if fmt not in FORMATS:
+        raise ExportRefused(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+# --------------------------------------------------------------- the exported layers
+# Plain TorchScript-able modules: their code is saved into the archive, so loading needs no pai-flow.
+
+
+class CsrMatrix(nn.Module):
+    """A weight matrix held as a torch.sparse_csr tensor (TorchScript saves these)."""
+
+    def __init__(self, matrix: Tensor):
+        super().__init__()
+        self.register_buffer("weight", matrix)
+
+    def forward(self) -> Tensor:
+        return self.weight
+
+
+class BsrMatrix(nn.Module):
+    """A weight matrix in BSR layout, held as its index and block tensors (TorchScript cannot
+    save a sparse_bsr tensor) and assembled, without copying, on each call."""
+
+    def __init__(self, matrix: Tensor):
+        super().__init__()
+        self.register_buffer("crow_indices", matrix.crow_indices())
+        self.register_buffer("col_indices", matrix.col_indices())
+        self.register_buffer("values", matrix.values())
+        self.size: list[int] = list(matrix.shape)
+
+    def forward(self) -> Tensor:
+        return torch.sparse_compressed_tensor(self.crow_indices, self.col_indices, self.values, self.size,
+                                              layout=torch.sparse_bsr)
+
+
+class SparseLinear(nn.Module):
+    """y = (W_sparse @ x^T)^T + b: the sparse operand on the left, as torch's kernels want it."""
+
+    def __init__(self, matrix: nn.Module, bias: Optional[Tensor], in_features: int, out_features: int):
+        super().__init__()
+        self.matrix = matrix
+        self.register_buffer("bias", bias)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = list(x.shape[:-1])
+        y = torch.sparse.mm(self.matrix(), x.reshape(-1, self.in_features).t()).t()
+        bias = self.bias
+        if bias is not None:
+            y = y + bias
+        return y.reshape(lead + [self.out_features])
+
+
+class SparseConv2d(nn.Module):
+    """Conv2d as im2col + sparse matmul: W_sparse (out, C·kh·kw) @ unfold(x) (C·kh·kw, N·L)."""
+
+    def __init__(self, matrix: nn.Module, bias: Optional[Tensor], conv: nn.Conv2d):
+        super().__init__()
+        self.matrix = matrix
+        self.register_buffer("bias", bias)
+        self.out_channels: int = conv.out_channels
+        self.kernel_size: list[int] = list(conv.kernel_size)
+        self.dilation: list[int] = list(conv.dilation)
+        self.padding: list[int] = list(conv.padding)
+        self.stride: list[int] = list(conv.stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # N, K, L
+        k, length = cols.shape[1], cols.shape[2]
+        y = torch.sparse.mm(self.matrix(), cols.transpose(0, 1).reshape(k, n * length))  # out, N·L
+        y = y.reshape(self.out_channels, n, length).transpose(0, 1)
+        bias = self.bias
+        if bias is not None:
+            y = y + bias.reshape(1, -1, 1)
+        h_out = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        w_out = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        return y.reshape(n, self.out_channels, h_out, w_out)
+
+
+class SemiStructuredLinear(nn.Module):
+    """A 2:4 Linear on cuSPARSELt. The weight, zero-padded to the kernel's multiples (zeros keep
+    2:4 and add nothing), is compressed by torch.sparse.to_sparse_semi_structured; forward calls
+    the aten op `_cslt_sparse_mm` that torch's own SparseSemiStructuredTensor calls, with the
+    input padded the same way (features to the weight's, rows to the kernel's multiple) and the
+    padding sliced off the result."""
+
+    def __init__(self, packed: Tensor, bias: Optional[Tensor], in_features: int, out_features: int,
+                 padded_in: int, row_multiple: int = 8):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("bias", bias)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.padded_in = padded_in
+        self.row_multiple = row_multiple
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = list(x.shape[:-1])
+        x2 = x.reshape(-1, self.in_features)
+        n = x2.shape[0]
+        pad_rows = (self.row_multiple - n % self.row_multiple) % self.row_multiple
+        x2 = F.pad(x2, [0, self.padded_in - self.in_features, 0, pad_rows])
+        y = torch._cslt_sparse_mm(self.packed, x2.t())  # (padded out, padded n)
+        y = y[: self.out_features, :n].t()
+        bias = self.bias
+        if bias is not None:
+            y = y + bias
+        return y.reshape(lead + [self.out_features])
+
+
+class HalfPrecision(nn.Module):
+    """float32 in and out, float16 inside: a drop-in replacement for the float32 net."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.half()).float()
+
+
+# ------------------------------------------------------------- which layer goes how
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str        # module name
+    kind: str        # "linear" | "conv"
+    stored_as: str   # "sparse" | "dense"
+    why_dense: str = ""
+
+
+def _prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _conv_as_matmul(conv: nn.Conv2d) -> str:
+    """Why this conv cannot run as im2col @ sparse matrix, or ''."""
+    if conv.groups != 1:
+        return "grouped conv"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"padding {conv.padding!r} ({conv.padding_mode})"
+    return ""
+
+
+def conv_default(fmt: str, sparse_conv: bool | None) -> bool:
+    """Whether convs go sparse (im2col @ sparse matrix): by default in csr, not in bsr (an
+    im2col matrix's C·kh·kw columns, 9 or 27 for a first 3x3 conv, rarely divide into blocks)."""
+    return (fmt == "csr") if sparse_conv is None else sparse_conv
+
+
+def layer_plan(fmt: str, model: nn.Module, sparse_conv: bool | None = None) -> list[LayerPlan]:
+    """Each Linear/Conv2d of `model` and whether `fmt` stores its weight sparse or dense."""
+    sparse_conv = conv_default(fmt, sparse_conv)
+    out = []
+    for name, m in _prunable_layers(model):
+        kind = "linear" if isinstance(m, nn.Linear) else "conv"
+        why = ""
+        if fmt in ("dense", "structured"):
+            why = f"{fmt} format"
+        elif kind == "conv" and fmt == "semi_structured":
+            why = "semi_structured covers Linear layers only"
+        elif kind == "conv" and not sparse_conv:
+            why = f"{fmt} keeps convs dense (sparse_conv off)"
+        elif kind == "conv":
+            why = _conv_as_matmul(m)
+        out.append(LayerPlan(name, kind, "dense" if why else "sparse", why))
+    return out
+
+
+def _matrix(layer: nn.Module) -> tuple[int, int]:
+    """The weight as the matrix the sparse kernels see: (out, in·kh·kw)."""
+    return layer.weight.shape[0], math.prod(layer.weight.shape[1:])
+
+
+def two_four_problem(mask: Mask, names: Sequence[str]) -> str | None:
+    """The first of `names` (weight parameters) whose mask is not 2:4 along rows: some group of 4
+    consecutive weights of mask.reshape(out, -1) (a last, shorter group too) keeps more than 2."""
+    for name in names:
+        m = mask[name].reshape(mask[name].shape[0], -1).to(torch.int64)
+        rows, cols = m.shape
+        groups = F.pad(m, (0, (-cols) % 4)).reshape(rows, -1, 4).sum(-1)
+        bad = (groups > 2).nonzero()
+        if len(bad):
+            r, g = (int(v) for v in bad[0])
+            return (f"{name} is not 2:4 along rows: row {r}, weights {4 * g}..{min(4 * g + 3, cols - 1)} "
+                    f"keep {int(groups[r, g])} (at most 2 of every 4 consecutive)")
+    return None
+
+
+def structure_problem(model: nn.Module, mask: Mask, chain: bool | None = None) -> str | None:
+    """Why `physically_prune` would not reproduce the masked net, or None: the net must be
+    chain-shaped (`chain`: the model registry's flag; None = judged from the layers' shapes) and
+    the mask must remove whole filters/neurons, exactly their dependent input channels, nothing else."""
+    from pai_core import structured
+
+    layers = structured.chain(model)
+    if not (_shapes_chain(layers) if chain is None else chain):
+        return (f"the net must be chain-shaped (each Conv/Linear feeding the next, as physically_prune "
+                f"assumes); {type(model).__name__} is not")
+    names = [f"{n}.weight" for n, _ in layers]
+    if missing := [n for n in names if n not in mask]:
+        return f"the mask does not cover {missing[0]}"
+    kept = structured.kept_filters(model, mask)
+    for name, k in kept.items():
+        if not bool(k.any()):
+            return f"the mask removes every filter of {name}"
+    expected = structured.filter_mask(model, kept)
+    for n in names:
+        m = mask[n].bool()
+        if not torch.equal(expected[n], m):
+            inside, outside = int((expected[n] & ~m).sum()), int((m & ~expected[n]).sum())
+            what = [f"prunes {inside} single weights inside kept filters/neurons"] if inside else []
+            what += [f"keeps {outside} weights of removed filters or their dependent channels"] if outside else []
+            return (f"{n} {' and '.join(what)}: structured needs a mask that removes whole filters/neurons "
+                    f"(use dense, csr or bsr for this one)")
+    return None
+
+
+def _shapes_chain(layers: list[tuple[str, nn.Module]]) -> bool:
+    """Necessary for a chain: each layer's inputs are the previous layer's outputs (a flatten
+    between conv and linear allowed), no grouped convs. A residual net's shortcut fails it."""
+    for (_, prev), (_, layer) in zip(layers, layers[1:]):
+        out = prev.out_channels if isinstance(prev, nn.Conv2d) else prev.out_features
+        if isinstance(layer, nn.Conv2d):
+            ok = isinstance(prev, nn.Conv2d) and layer.in_channels == out
+        else:
+            ok = layer.in_features == out or (isinstance(prev, nn.Conv2d) and layer.in_features % out == 0)
+        if not ok:
+            return False
+    return all(not isinstance(m, nn.Conv2d) or m.groups == 1 for _, m in layers)
+
+
+def check_supported(fmt: str, model: nn.Module, mask: Mask, *, block_size: int | None = None,
+                    device: str | torch.device = "cpu", sparse_conv: bool | None = None,
+                    chain: bool | None = None) -> None:
+    """Refuse (ExportRefused, one line) what `fmt` cannot export faithfully; returns None if it can.
+    For semi_structured the mask is checked before the device (no device makes a mask 2:4)."""
+    check_options(fmt, block_size=block_size)
+    plan = layer_plan(fmt, model, sparse_conv)
+    layers = dict(_prunable_layers(model))
+    if fmt == "semi_structured":
+        names = [f"{p.name}.weight" for p in plan if p.stored_as == "sparse"]
+        full = {n: mask[n] if n in mask else torch.ones_like(layers[n[:-len(".weight")]].weight, dtype=torch.bool)
+                for n in names}  # a layer the mask does not cover is dense: not 2:4
+        if problem := two_four_problem(full, names):
+            raise ExportRefused(f"semi_structured needs a 2:4 mask: {problem}")
+        check_device(fmt, device)
+    if fmt == "structured" and (problem := structure_problem(model, mask, chain)):
+        raise ExportRefused(f"structured: {problem}")
+    if fmt == "bsr":
+        for p in plan:
+            rows, cols = _matrix(layers[p.name])
+            if p.stored_as == "sparse" and (rows % block_size or cols % block_size):
+                hint = " (or keep convs dense: sparse_conv=False, --dense-conv)" if p.kind == "conv" else ""
+                raise ExportRefused(
+                    f"bsr block size {block_size} does not divide layer {p.name}'s {rows}x{cols} weight matrix; "
+                    f"choose a block size dividing both{hint}")
+
+
+def check_options(fmt: str, *, block_size: int | None = None) -> None:
+    """What can be refused from the format and block size alone, before reading anything."""
+    get_format(fmt)
+    if fmt == "bsr" and block_size is None:
+        raise ExportRefused("bsr needs a block size (--block-size B, B dividing every sparse layer's dimensions)")
+    if fmt != "bsr" and block_size is not None:
+        raise ExportRefused(f"a block size applies to bsr only, not {fmt}")
+    if block_size is not None and block_size < 1:
+        raise ExportRefused(f"bsr block size must be >= 1 (got {block_size})")
+
+
+def check_device(fmt: str, device: str | torch.device) -> None:
+    """semi_structured needs a CUDA device of compute capability >= 8.0 with cuSPARSELt."""
+    if fmt != "semi_structured":
+        return
+    need = f"semi_structured needs a CUDA device with compute capability >= {SEMI_MIN_CAPABILITY[0]}." \
+           f"{SEMI_MIN_CAPABILITY[1]}"
+    if not torch.cuda.is_available():
+        raise ExportRefused(f"{need}; torch sees no CUDA device")
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ExportRefused(f"{need}; the export device is {dev} (use device cuda)")
+    cap = torch.cuda.get_device_capability(dev)
+    if tuple(cap) < SEMI_MIN_CAPABILITY:
+        raise ExportRefused(f"{need}; {dev} ({torch.cuda.get_device_name(dev)}) is {cap[0]}.{cap[1]}")
+    if not torch.backends.cusparselt.is_available():
+        raise ExportRefused(f"{need} and cuSPARSELt, which this torch build lacks")
+
+
+# ------------------------------------------------------------------- building modules
+
+
+def masked_copy(model: nn.Module, mask: Mask) -> nn.Module:
+    """m ⊙ w folded into a copy of `model`, in eval mode (the reference every export must match)."""
+    out = copy.deepcopy(model)
+    apply_mask(out, mask)
+    return out.eval()
+
+
+def _csr(w: Tensor, keep: Tensor) -> Tensor:
+    """Exactly the kept entries (a kept weight that happens to be 0 stays stored)."""
+    crow = torch.zeros(w.shape[0] + 1, dtype=torch.int64, device=w.device)
+    crow[1:] = keep.sum(1).cumsum(0)
+    return torch.sparse_csr_tensor(crow, keep.nonzero()[:, 1], w[keep], w.shape)
+
+
+def _bsr(w: Tensor, keep: Tensor, b: int) -> Tensor:
+    """Every b×b block holding a kept weight, stored whole (its pruned entries as zeros)."""
+    rows, cols = w.shape
+    blocks = (w * keep).reshape(rows // b, b, cols // b, b).transpose(1, 2)      # R/b, C/b, b, b
+    kept = keep.reshape(rows // b, b, cols // b, b).transpose(1, 2).flatten(2).any(-1)
+    crow = torch.zeros(rows // b + 1, dtype=torch.int64, device=w.device)
+    crow[1:] = kept.sum(1).cumsum(0)
+    return torch.sparse_bsr_tensor(crow, kept.nonzero()[:, 1], blocks[kept].contiguous(), w.shape)
+
+
+def _replace(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _sparse_layer(fmt: str, layer: nn.Module, keep: Tensor, block_size: int | None) -> nn.Module:
+    w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    k = keep.to(w.device).bool().reshape(w.shape)
+    matrix = CsrMatrix(_csr(w, k)) if fmt == "csr" else BsrMatrix(_bsr(w, k, block_size))
+    bias = None if layer.bias is None else layer.bias.detach().clone()
+    if isinstance(layer, nn.Linear):
+        return SparseLinear(matrix, bias, layer.in_features, layer.out_features)
+    return SparseConv2d(matrix, bias, layer)
+
+
+def _semi_structured_layer(layer: nn.Linear) -> nn.Module:
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, to_sparse_semi_structured
+
+    rule = SparseSemiStructuredTensorCUSPARSELT._DTYPE_SHAPE_CONSTRAINTS[torch.float16]
+    out_f, in_f = layer.weight.shape
+    rows, cols = (max(m, -(-n // m) * m) for n, m in ((out_f, rule.sparse_min_rows), (in_f, rule.sparse_min_cols)))
+    w = F.pad(layer.weight.detach().half(), (0, cols - in_f, 0, rows - out_f)).contiguous()
+    compressed = to_sparse_semi_structured(w)
+    if not isinstance(compressed, SparseSemiStructuredTensorCUSPARSELT):  # _FORCE_CUTLASS was set
+        raise ExportRefused("semi_structured export uses cuSPARSELt; torch chose the CUTLASS backend "
+                            "(SparseSemiStructuredTensor._FORCE_CUTLASS is set)")
+    bias = None if layer.bias is None else layer.bias.detach().half().clone()
+    return SemiStructuredLinear(compressed.packed, bias, in_f, out_f, cols, rule.dense_min_rows)
+
+
+@torch.no_grad()
+def to_format(model: nn.Module, mask: Mask, fmt: str, *, block_size: int | None = None,
+              device: str | torch.device = "cpu", sparse_conv: bool | None = None,
+              chain: bool | None = None) -> nn.Module:
+    """The exportable module of `fmt` for `model` under `mask`, on `device`, in eval mode. It
+    computes what the masked model computes (within the format's tolerance). Refuses
+    (ExportRefused) what the format cannot express. Nothing is written. `sparse_conv=False`
+    keeps convs dense in csr, True makes them sparse in bsr; `chain` (structured) is the model registry's flag."""
+    check_supported(fmt, model, mask, block_size=block_size, device=device, sparse_conv=sparse_conv, chain=chain)
+    with _quiet():
+        return _to_format(model, mask, fmt, block_size, device, sparse_conv)
+
+
+def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, device: str | torch.device,
+               sparse_conv: bool | None) -> nn.Module:
+    masked = masked_copy(model, mask).to(device)
+    if fmt == "dense":
+        return masked
+    if fmt == "structured":
+        from pai_core.structured import physically_prune
+
+        return physically_prune(masked, mask).eval()
+    layers = dict(_prunable_layers(masked))
+    for p in layer_plan(fmt, masked, sparse_conv):
+        if p.stored_as == "sparse":
+            layer = layers[p.name]
+            new = (_semi_structured_layer(layer) if fmt == "semi_structured"
+                   else _sparse_layer(fmt, layer, mask.get(f"{p.name}.weight", torch.ones_like(layer.weight)),
+                                      block_size))
+            _replace(masked, p.name, new)
+    if fmt == "semi_structured":
+        return HalfPrecision(masked.half()).eval()
+    return masked.eval()
+
+
+def build(fmt: str, model: nn.Module, mask: Mask, example_input: Tensor | None = None, *,
+          block_size: int | None = None, device: str | torch.device = "cpu", sparse_conv: bool | None = None,
+          chain: bool | None = None) -> nn.Module:
+    """`to_format` for benchmarks: the module of `fmt`, with nothing written. Given an
+    `example_input`, its outputs are first checked against the masked model's (ExportRefused
+    past the format's tolerance), so what is timed is known to compute the same thing."""
+    module = to_format(model, mask, fmt, block_size=block_size, device=device, sparse_conv=sparse_conv, chain=chain)
+    if example_input is not None:
+        reference = masked_copy(model, mask).to(device)
+        with torch.no_grad():
+            check_outputs(module, reference(example_input.to(device)), example_input.to(device), fmt)
+    return module
+
+
+# ----------------------------------------------------------------- save, load, check
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """TorchScript's deprecation notices and the sparse 'beta' notices, once per call, are noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*is deprecated\. Please switch to", category=Warning)
+        warnings.filterwarnings("ignore", message=r"Sparse (CSR|BSR|invariant).*", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*Sparse invariant checks are implicitly disabled.*")
+        yield
+
+
+def save_module(module: nn.Module, fmt: str, path: str | Path, example_input: Tensor) -> Path:
+    """Serialize `module` (from `to_format`) as `fmt` does: torch.export with a dynamic batch
+    dimension, or TorchScript. Returns the path written."""
+    f, path = get_format(fmt), Path(path)
+    with _quiet(), torch.no_grad():
+        if f.serialization == "torch.export":
+            batch = torch.export.Dim("batch", min=1, max=1 << 30)
+            program = torch.export.export(module, (example_input,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(path))
+        else:
+            torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
+def load_exported(path: str | Path, device: str | torch.device | None = None) -> Any:
+    """Load an exported file as a user would (a callable module): .pt2 by torch.export, else TorchScript."""
+    with _quiet():
+        if str(path).endswith(".pt2"):
+            return torch.export.load(str(path)).module()
+        return torch.jit.load(str(path), map_location=device)
+
+
+class Check(BaseModel):
+    passed: bool
+    max_abs_diff: float
+    atol: float
+    rtol: float
+    batch: int
+    inputs: str = ""
+    device: str = "cpu"
+
+    def describe(self) -> str:
+        return f"max |Δ| {self.max_abs_diff:.3g} (tolerance atol {self.atol:g} + rtol {self.rtol:g}·|y|)"
+
+
+def check_outputs(module: Any, reference: Tensor, inputs: Tensor, fmt: str, *, what: str = "",
+                  raise_on_failure: bool = True) -> Check:
+    """Run `module` on `inputs` and compare with `reference` (the masked model's outputs):
+    |y − ref| <= atol + rtol·|ref| everywhere, with the format's tolerance."""
+    f = get_format(fmt)
+    with torch.no_grad():
+        out = module(inputs)
+    out, ref = out.detach().float().cpu(), reference.detach().float().cpu()
+    if out.shape != ref.shape:
+        raise ExportRefused(f"{fmt} export gives outputs of shape {tuple(out.shape)}, the masked model "
+                            f"{tuple(ref.shape)}")
+    diff = (out - ref).abs()
+    ok = bool(torch.isfinite(out).all()) and bool((diff <= f.atol + f.rtol * ref.abs()).all())
+    check = Check(passed=ok, max_abs_diff=float(diff.max()) if diff.numel() else 0.0, atol=f.atol, rtol=f.rtol,
+                  batch=int(inputs.shape[0]), inputs=what, device=str(inputs.device))
+    if not ok and raise_on_failure:
+        raise ExportRefused(f"{fmt} export does not reproduce the masked model: {check.describe()}"
+                            + (f" on {what}" if what else ""))
+    return check
+
+
+# ------------------------------------------------------------------- stored rounds
+
+
+@dataclass
+class MaskedRound:
+    """A stored round rebuilt: `model` has the trained weights with the mask applied (eval mode)."""
+    spec: Any
+    index: int
+    name: str
+    model: nn.Module
+    mask: Mask
+    arch: Any                       # infos.Arch: model name and params, input shape, classes
+    data: dict[str, Any]            # the evaluate stage's data fields (dataset, val_size, split_seed)
+    keys: dict[str, Any] = field(default_factory=dict)  # weights / mask / evaluate: stage, key, sha256
+
+
+def resolve_round(plan: Any, round_: int | str | None) -> tuple[int, Any]:
+    """(position, Round) of `round_`: its position in the plan (the row of `pai results`, 0 = the
+    first) or its name ('dense', 'round 2', ...); None = the last round."""
+    rounds = plan.rounds
+    if round_ is None:
+        return len(rounds) - 1, rounds[-1]
+    if isinstance(round_, str) and round_.strip().lstrip("-").isdigit():
+        round_ = int(round_)
+    if isinstance(round_, int):
+        if -len(rounds) <= round_ < len(rounds):
+            i = round_ % len(rounds)
+            return i, rounds[i]
+    else:
+        for i, r in enumerate(rounds):
+            if r.name == round_:
+                return i, r
+    names = ", ".join(f"{i} {r.name!r}" for i, r in enumerate(rounds))
+    raise ExportRefused(f"no round {round_!r} in this plan; rounds: {names}")
+
+
+def load_masked_model(spec: Any, round_: int | str | None = None, store: Any = None) -> MaskedRound:
+    """The round's trained weights with its mask applied, as the evaluate stage builds them.
+    Raises RoundNotStored when its weights or mask are not in the verified store."""
+    from pai_core.paradigms import build_plan
+    from pai_core.paths import pai_home
+    from pai_core.stages.common import build_arch
+    from pai_core.store import Store
+
+    store = store if store is not None else Store(pai_home() / "store")
+    index, rnd = resolve_round(build_plan(spec), round_)
+    needed = [("weights", rnd.trained)] + ([("mask", rnd.mask)] if rnd.mask is not None else [])
+    refs = {}
+    for role, node in needed:
+        ref = store.get(node.stage, node.key)
+        if ref is None:
+            raise RoundNotStored(f"round {rnd.name!r} of {spec.name} is not stored yet ({role}: {node.stage} "
+                                 f"{node.key[:12]}); run it first with `pai run`")
+        refs[role] = ref
+    payload = store.load(refs["weights"])
+    arch = refs["weights"].info.arch
+    model = build_arch(arch)
+    model.load_state_dict(payload["model"])
+    mask = payload.get("mask") or (store.load(refs["mask"])["mask"] if "mask" in refs else dense_mask(model))
+    mask = {n: m.bool().cpu() for n, m in mask.items()}
+    apply_mask(model, mask)
+    evaluated = store.get("evaluate", rnd.evaluate.key)
+    keys = {role: {"stage": r.stage, "key": r.key, "sha256": r.sha256} for role, r in refs.items()}
+    if payload.get("mask") is not None:  # a mask that moved while training (SET/RigL, gradual, early-bird, supermask)
+        keys["mask"] = {**keys["weights"], "from": "the weights' payload"}
+    keys.setdefault("mask", None)  # a dense round
+    keys["evaluate"] = {"stage": "evaluate", "key": rnd.evaluate.key, "stored": evaluated is not None,
+                        **({"test_acc": evaluated.info.test_acc, "sha256": evaluated.sha256} if evaluated else {})}
+    return MaskedRound(spec, index, rnd.name, model.eval(), mask, arch, dict(rnd.evaluate.fields["data"]), keys)
+
+
+def check_inputs(data: dict[str, Any], in_shape: Sequence[int], n: int = CHECK_BATCH) -> tuple[Tensor, str]:
+    """The first `n` examples of the dataset's test split (the round's own data), or, if it cannot
+    be had on this machine, `n` standard-normal inputs of the model's shape (seed 0)."""
+    from pai_core import data as data_lib
+
+    try:
+        bundle = data_lib.load(data["dataset"], val_size=data["val_size"], split_seed=data["split_seed"])
+        return bundle.test.x[:n].clone(), f"{data['dataset']} test[:{min(n, len(bundle.test))}]"
+    except (data_lib.DataUnavailable, OSError) as e:
+        gen = torch.Generator().manual_seed(0)
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        x = torch.randn((n, *in_shape), generator=gen)
+        return x, f"random normal (seed 0): {data['dataset']} unavailable ({why})"
+
+
+# --------------------------------------------------------------------- the manifest
+
+
+class LayerReport(BaseModel):
+    param: str
+    kind: str
+    shape: list[int]
+    kept: int
+    total: int
+    density: float
+    sparsity: float
+    stored_as: str              # "sparse" | "dense"
+    why_dense: str = ""
+    stored_values: int | None = None  # entries the sparse tensor holds (bsr: whole blocks)
+
+
+class Manifest(BaseModel):
+    format: str
+    file: str
+    serialization: str
+    loader: str
+    block_size: int | None
+    sparse_conv: bool  # convs as im2col @ sparse matrix (csr, bsr); see layers[*].stored_as
+    spec: dict[str, Any]
+    round: dict[str, Any]
+    stage_keys: dict[str, Any]
+    input_shape: list[int]
+    input_dtype: str = "float32"
+    num_classes: int
+    layers: dict[str, LayerReport]
+    density: float
+    sparsity: float
+    check: Check
+    reference: str = "reference.pt"
+    device: str
+    torch_version: str
+
+
+def _layer_reports(fmt: str, model: nn.Module, module: nn.Module, mask: Mask,
+                   sparse_conv: bool | None) -> dict[str, LayerReport]:
+    layers = dict(_prunable_layers(model))
+    out = {}
+    for p in layer_plan(fmt, model, sparse_conv):
+        param = f"{p.name}.weight"
+        w = layers[p.name].weight
+        m = mask.get(param, torch.ones_like(w, dtype=torch.bool))
+        kept, total = int(m.sum()), m.numel()
+        stored = None  # semi_structured keeps half of each (padded) row, by construction
+        if p.stored_as == "sparse" and fmt in SPARSE_FORMATS:
+            stored = int(module.get_submodule(p.name).matrix().values().numel())
+        out[p.name] = LayerReport(param=param, kind=p.kind, shape=list(w.shape), kept=kept, total=total,
+                                  density=kept / total, sparsity=1 - kept / total, stored_as=p.stored_as,
+                                  why_dense=p.why_dense, stored_values=stored)
+    return out
+
+
+def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | Path, *,
+                 block_size: int | None = None, device: str = "cpu", sparse_conv: bool | None = None,
+                 store: Any = None, batch: int = CHECK_BATCH) -> Manifest:
+    """Export a stored round as `fmt` into `out_dir`: the model file, `reference.pt` and
+    `manifest.json`. The file is loaded back and checked against the masked model first; an
+    export that fails the check is removed and refused (ExportRefused)."""
+    from pai_core.models import model_info
+
+    check_options(fmt, block_size=block_size)
+    check_device(fmt, device)
+    f, dev = get_format(fmt), torch.device(device)
+    r = load_masked_model(spec, round_, store)
+    chain = model_info(r.arch.model["name"]).chain
+    check_supported(fmt, r.model, r.mask, block_size=block_size, device=dev, sparse_conv=sparse_conv, chain=chain)
+    x, what = check_inputs(r.data, r.arch.in_shape, batch)
+    x = x.to(dev)
+    with torch.no_grad():
+        reference = r.model.to(dev)(x)
+    module = to_format(r.model, r.mask, fmt, block_size=block_size, device=dev, sparse_conv=sparse_conv, chain=chain)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f.file
+    tmp = out_dir / f".partial-{f.file}"  # same suffix: load_exported picks the loader by it
+    try:
+        save_module(module, fmt, tmp, x)
+        check = check_outputs(load_exported(tmp, dev), reference, x, fmt, what=what)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    for other in {g.file for g in FORMATS.values()} - {f.file}:  # an earlier export of another kind
+        (out_dir / other).unlink(missing_ok=True)
+    tmp.replace(final)
+    buf = io.BytesIO()
+    torch.save({"inputs": x.cpu(), "outputs": reference.cpu()}, buf)
+    atomic_write(out_dir / "reference.pt", buf.getvalue())
+    layers = _layer_reports(fmt, r.model, module, r.mask, sparse_conv)
+    kept, total = sum(lr.kept for lr in layers.values()), sum(lr.total for lr in layers.values())
+    manifest = Manifest(
+        format=fmt, file=f.file, serialization=f.serialization, loader=f.loader, block_size=block_size,
+        sparse_conv=conv_default(fmt, sparse_conv) and fmt in SPARSE_FORMATS, spec=spec.model_dump(mode="json"),
+        round={"index": r.index, "name": r.name},
+        stage_keys=r.keys, input_shape=list(r.arch.in_shape), num_classes=r.arch.num_classes, layers=layers,
+        density=kept / total, sparsity=1 - kept / total, check=check, device=str(dev), torch_version=torch.__version__)
+    atomic_write(out_dir / "manifest.json", (json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n").encode())
+    return manifest
