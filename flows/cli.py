@@ -203,6 +203,41 @@ def export_cmd(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesA
 
 
 @app.command()
+def speedup(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg,
+            round_: Optional[str] = typer.Option(None, "--round", "-r",
+                                                 help="round name or row of `pai results`; default: the last"),
+            formats: list[str] = typer.Option(["dense", "csr"], "--format", "-f",
+                                              help="export formats to time (repeat the option)"),
+            batches: list[int] = typer.Option([1, 64, 1024], "--batch", "-b", help="batch sizes (repeat the option)"),
+            block_size: Optional[int] = typer.Option(None, "--block-size", help="bsr: the B of B×B blocks"),
+            device: str = typer.Option("cpu", help="cpu or cuda"),
+            repeats: int = typer.Option(7, help="timed runs per figure (the median is reported)")) -> None:
+    """Time a finished round's exports against its dense torch model (outputs checked first);
+    the table is printed and logged to the round's MLflow run."""
+    from rich.markup import escape
+
+    from pai_core.export import ExportRefused, load_masked_model
+    from pai_core.spec_io import one_line
+    from pai_core.speedup import as_dicts, markdown, measure
+
+    s = _spec(spec, overrides)
+    try:
+        r = load_masked_model(s, round_, Store(pai_home() / "store"))
+    except ExportRefused as e:
+        err_console.print(f"[red]cannot time:[/red] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    rows = measure(f"{s.name}, {r.name}", r.model, r.mask, tuple(r.arch.in_shape), formats=formats, batches=batches,
+                   device=device, block_size=block_size, repeats=repeats)
+    table = markdown(rows)
+    console.print(table, highlight=False, soft_wrap=True)
+    from flows.tracking import log_to_round_run
+
+    where = log_to_round_run(s, r.index, {"speedup.md": table}, {"speedup.json": as_dicts(rows)})
+    console.print(f"logged to MLflow run {where}" if where else "no finished MLflow run of this round to log to",
+                  highlight=False)
+
+
+@app.command()
 def sweep(path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps/criteria_lenet300.yaml"),
           sequential: bool = typer.Option(False, help="run stages one by one in this process, not on Dask"),
           workers: Optional[int] = typer.Option(None, help="LocalCluster workers (overrides dask.workers)"),

@@ -288,3 +288,26 @@ class Tracking(Hooks):
         """The flow itself failed (an interrupt): close every parent still open as failed."""
         for t in self.trackers.values():
             t.client.set_terminated(t.parent, "FAILED")
+
+
+def log_to_round_run(spec: Any, row: int, texts: dict[str, str], dicts: dict[str, Any]) -> str | None:
+    """Attach files to the newest finished MLflow run of a round (row `row` of the plan's rounds),
+    found by its evaluation's stage key; returns its id, or None when the round was never tracked."""
+    from pai_core.paradigms import build_plan
+
+    client = mlflow_client()
+    exp = client.get_experiment_by_name(spec.experiment)
+    if exp is None:
+        return None
+    rnd = build_plan(spec).rounds[row]
+    runs = client.search_runs([exp.experiment_id], f"tags.`pai.eval_key` = '{rnd.evaluate.key}' and "
+                                                   "attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    rid = runs[0].info.run_id
+    for name, text in texts.items():
+        client.log_text(rid, text, name)
+    for name, d in dicts.items():
+        client.log_dict(rid, d, name)
+    return rid

@@ -1,0 +1,156 @@
+"""Are the sparse models faster? Every export format against the dense torch model, side by side.
+
+Cases (the issue's goals):
+- LeNet-300-100 at 98 % sparsity (global magnitude at init), MNIST-shaped inputs;
+- a wide MLP, 4096 → 4096 → 4096 → 4096 → 10, every layer at 98 % (random, layer-wise), batch 1
+  is the goal; also the same MLP with a 32×32 block mask for `bsr`;
+- LeNet-5 with half of each layer's filters removed (l1), `structured` vs dense, beside the
+  FLOP ratio of the two nets;
+- 2:4 on a 4096 × 4096 (×3) MLP in float16 on a CUDA GPU with compute capability >= 8.0 when
+  there is one (`semi_structured` vs the same net dense in float16); skipped, and said so, when not.
+
+Each format is built, saved, loaded back from its file and its outputs checked against the
+masked model before it is timed (pai_core.speedup). Times are medians per call after warm-up,
+under torch.inference_mode, with the thread count stated; batches 1, 64, 1024.
+
+    python benchmarks/speedup.py               # every case, CPU (+ CUDA case when present)
+    python benchmarks/speedup.py --quick       # small sizes, one repeat: a smoke run
+    python benchmarks/speedup.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from pai_core import structured  # noqa: E402
+from pai_core.masks import prunable_names  # noqa: E402
+from pai_core.models import build_model  # noqa: E402
+from pai_core.selection import select  # noqa: E402
+from pai_core.speedup import Row, as_dicts, markdown, measure, time_call  # noqa: E402
+
+
+def magnitude_mask(model: nn.Module, density: float, scope: str = "global", seed: int | None = None) -> dict:
+    """|w| (or, with a seed, uniform random scores) ranked to `density`."""
+    params = dict(model.named_parameters())
+    names = prunable_names(model)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    scores = {n: (params[n].detach().abs() if gen is None else torch.rand(params[n].shape, generator=gen))
+              for n in names}
+    return select(scores, {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}, density, scope)
+
+
+def block_mask(model: nn.Module, density: float, block: int, seed: int = 0) -> dict:
+    """Whole block×block tiles kept at random, `density` of them per layer (layers whose sides
+    `block` does not divide stay dense)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    mask = {}
+    for n in prunable_names(model):
+        rows, cols = params[n].shape
+        if rows % block or cols % block:
+            mask[n] = torch.ones(rows, cols, dtype=torch.bool)
+            continue
+        tiles = torch.rand(rows // block, cols // block, generator=gen)
+        k = max(1, round(density * tiles.numel()))
+        keep = torch.zeros(tiles.numel(), dtype=torch.bool)
+        keep[tiles.flatten().topk(k).indices] = True
+        mask[n] = keep.view_as(tiles).repeat_interleave(block, 0).repeat_interleave(block, 1)
+    return mask
+
+
+def wide_mlp(width: int, depth: int = 3, classes: int = 10, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, classes)).eval()
+
+
+def cases(args: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    opts = dict(batches=args.batches, repeats=args.repeats, min_run_s=args.min_run_s, log=print)
+    lenet = build_model("lenet_300_100", (1, 28, 28), 10, seed=0).eval()
+    rows += measure("LeNet-300-100, 98 %", lenet, magnitude_mask(lenet, 0.02), (1, 28, 28),
+                    formats=("dense", "csr", "bsr"), block_size=2, **opts)
+    width = args.width
+    mlp = wide_mlp(width)
+    rows += measure(f"MLP {width}×{width}×3, 98 %", mlp, magnitude_mask(mlp, 0.02, "layerwise", seed=0), (width,),
+                    formats=("dense", "csr"), **opts)
+    blocky = wide_mlp(width, classes=32)  # a head whose 32 rows split into 32×32 blocks too
+    rows += measure(f"MLP {width}×{width}×3, 98 % in 32×32 blocks", blocky, block_mask(blocky, 0.02, 32), (width,),
+                    formats=("bsr", "csr"), block_size=32, **opts)
+    lenet5 = build_model("lenet5", (1, 28, 28), 10, seed=0).eval()
+    params = dict(lenet5.named_parameters())
+    half = structured.select_filters(lenet5, {n: params[n].detach().abs() for n in prunable_names(lenet5)},
+                                     {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable_names(lenet5)},
+                                     0.5, "l1")
+    c = structured.costs(lenet5, half, (1, 28, 28))
+    flop_ratio = c["dense"]["flops"] / c["pruned"]["flops"]
+    found = measure("LeNet-5, half the filters", lenet5, half, (1, 28, 28), formats=("structured",), chain=True,
+                    **opts)
+    rows += [Row(**{**r.__dict__, "note": f"FLOPs {flop_ratio:.2f}× fewer"}) for r in found]
+    rows += semi_structured_case(args)
+    return rows
+
+
+def semi_structured_case(args: argparse.Namespace) -> list[Row]:
+    """2:4 in float16 on a capable GPU against the same net dense in float16."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        print("2:4 semi_structured: not measured (no CUDA device with compute capability >= 8.0 here)")
+        return []
+    from pai_core.selection import select_nm
+
+    mlp = wide_mlp(args.width)
+    params = dict(mlp.named_parameters())
+    names = [n for n in prunable_names(mlp) if params[n].shape[0] % 64 == 0]  # the head (10 rows) stays dense
+    mask = select_nm({n: params[n].detach().abs() for n in names},
+                     {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}, 2, 4)
+    rows = measure(f"MLP {args.width}×{args.width}×3, 2:4", mlp, mask, (args.width,), formats=("semi_structured",),
+                   device="cuda", batches=args.batches, repeats=args.repeats, min_run_s=args.min_run_s, log=print)
+    half = wide_mlp(args.width).cuda().half()  # the fair baseline: the same precision, dense
+    half.load_state_dict({k: v.half() for k, v in mlp.state_dict().items()})
+    out = []
+    for r in rows:
+        x = torch.randn(r.batch, args.width, device="cuda", dtype=torch.float16)
+        with torch.inference_mode():
+            t = time_call(lambda: half(x), repeats=args.repeats, min_run_s=args.min_run_s, sync=torch.cuda.synchronize)
+        out.append(Row(**{**r.__dict__, "dense_seconds": t.median_s, "speedup": t.median_s / r.seconds,
+                          "note": "vs dense float16"}))
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="width 512, batches 1 and 64, one repeat")
+    p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--min-run-s", type=float, default=0.05)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.width, args.batches, args.repeats, args.min_run_s = 512, [1, 64], 1, 0.005
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    rows = cases(args)
+    print()
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(as_dicts(rows), indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""How much faster is a sparse model, really: every export format timed against the dense
+torch model on the same inputs, outputs checked first.
+
+What is timed is what a user gets: each format is built (`pai_core.export.build`, which checks
+its outputs against the masked model), saved, loaded back from its file as `pai export` would
+leave it, checked again, and called under `torch.inference_mode`. The baseline is the plain
+torch model with the masked weights stored dense (what pai-flow trains). Each figure is the
+median over `repeats` timed runs after `warmup` calls; a run is as many calls as take at least
+`min_run_s`, so a 50 µs call is not timed by itself. Threads: torch's intra-op count, stated.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pai_core.export import (ExportRefused, build, check_outputs, get_format, load_exported, masked_copy,
+                             save_module)
+from pai_core.masks import Mask
+
+DEFAULT_FORMATS = ("dense", "csr", "bsr")
+DEFAULT_BATCHES = (1, 64, 1024)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float   # per call
+    spread: float     # (max - min) / median over the runs: how steady the machine was
+    calls: int        # calls per timed run
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    format: str
+    batch: int
+    device: str
+    threads: int
+    seconds: float       # median per call
+    dense_seconds: float
+    speedup: float       # dense / this
+    max_abs_diff: float  # against the masked model on these inputs
+    spread: float
+    note: str = ""
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 7, min_run_s: float = 0.05,
+              sync: Callable[[], None] = lambda: None) -> Timing:
+    """Median seconds per call of `fn` (see the module docstring)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    calls, elapsed = 1, 0.0
+    while True:  # calibrate: how many calls make one run of at least min_run_s
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_run_s or calls >= 1 << 16:
+            break
+        calls *= 2
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        runs.append((time.perf_counter() - start) / calls)
+    med = statistics.median(runs)
+    return Timing(med, (max(runs) - min(runs)) / med if med else 0.0, calls)
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
+            formats: Sequence[str] = DEFAULT_FORMATS, batches: Sequence[int] = DEFAULT_BATCHES,
+            device: str = "cpu", block_size: int | None = None, seed: int = 0, warmup: int = 3,
+            repeats: int = 7, min_run_s: float = 0.05, chain: bool | None = None,
+            log: Callable[[str], None] = lambda _: None) -> list[Row]:
+    """One row per (format, batch): its time, the dense model's, the ratio, the output check.
+    A format that cannot express this model and mask (`ExportRefused`) gets one row saying why."""
+    dev = torch.device(device)
+    reference = masked_copy(model, mask).to(dev).eval()
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {b: torch.randn(b, *in_shape, generator=gen).to(dev) for b in batches}
+    threads = torch.get_num_threads()
+    rows: list[Row] = []
+    with torch.inference_mode():
+        dense = {b: time_call(lambda x=x: reference(x), warmup=warmup, repeats=repeats, min_run_s=min_run_s,
+                              sync=_sync(dev)) for b, x in inputs.items()}
+        expected = {b: reference(x) for b, x in inputs.items()}
+    for fmt in formats:
+        try:
+            module = _loaded(fmt, model, mask, inputs[max(batches)], block_size, device, chain)
+        except ExportRefused as e:
+            rows += [Row(name, fmt, b, device, threads, float("nan"), dense[b].median_s, float("nan"), float("nan"),
+                         0.0, f"refused: {e}") for b in batches]
+            log(f"{name} {fmt}: refused: {e}")
+            continue
+        for b, x in inputs.items():
+            with torch.inference_mode():
+                check = check_outputs(module, expected[b], x, fmt, what=f"{name} {fmt} batch {b}")
+                t = time_call(lambda x=x: module(x), warmup=warmup, repeats=repeats, min_run_s=min_run_s,
+                              sync=_sync(dev))
+            rows.append(Row(name, fmt, b, device, threads, t.median_s, dense[b].median_s,
+                            dense[b].median_s / t.median_s, check.max_abs_diff, max(t.spread, dense[b].spread)))
+            log(f"{name} {fmt} batch {b}: {t.median_s * 1e3:.3f} ms vs dense {dense[b].median_s * 1e3:.3f} ms "
+                f"({rows[-1].speedup:.2f}x)")
+    return rows
+
+
+def _loaded(fmt: str, model: nn.Module, mask: Mask, example: Tensor, block_size: int | None, device: str,
+            chain: bool | None) -> Any:
+    """The format's module as its file loads back (built and checked first)."""
+    module = build(fmt, model, mask, example, block_size=block_size if fmt == "bsr" else None, device=device,
+                   chain=chain)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_module(module, fmt, Path(tmp) / get_format(fmt).file, example)
+        return load_exported(path, device)
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The table: model, format, batch, ms per call, dense ms, speedup, max |diff|."""
+    lines = ["| model | format | batch | device, threads | ms / call | dense ms / call | speedup | max abs diff |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.note.startswith("refused"):
+            lines.append(f"| {r.model} | {r.format} | {r.batch} | {r.device}, {r.threads} | — | "
+                         f"{r.dense_seconds * 1e3:.3f} | — | {r.note} |")
+            continue
+        lines.append(f"| {r.model} | {r.format} | {r.batch} | {r.device}, {r.threads} | {r.seconds * 1e3:.3f} | "
+                     f"{r.dense_seconds * 1e3:.3f} | **{r.speedup:.2f}×** | {r.max_abs_diff:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def as_dicts(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
