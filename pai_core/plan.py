@@ -128,6 +128,8 @@ def mask_node(spec: ExperimentBase, scores: Node, previous: Node | None, density
               "on_collapse": spec.prune.on_collapse} | (structure or {})
     if getattr(spec.prune, "structure", None) == "nm":
         fields |= {"structure": "nm", "n": spec.prune.n, "m": spec.prune.m}
+        if spec.prune.nm_indivisible != "error":  # what it changes enters the key; the default adds nothing
+            fields["nm_indivisible"] = spec.prune.nm_indivisible
     return Node("mask", "mask", fields, {"scores": scores} | ({"previous": previous} if previous else {}))
 
 

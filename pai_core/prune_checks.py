@@ -77,21 +77,28 @@ def nm_row(shape: tuple[int, ...]) -> int:
     return math.prod(shape[1:])
 
 
-def check_nm(n: int, m: int, layers: Layers) -> None:
-    """Refuse (one line naming prune.m) a layer whose row is not a multiple of m, or a 1-D parameter."""
+def check_nm(n: int, m: int, layers: Layers, indivisible: str = "error") -> None:
+    """Refuse (one line naming prune.m) a layer whose row is not a multiple of m, or a 1-D parameter;
+    with `indivisible: dense` such layers stay dense, as long as one layer can be N:M."""
     rows = [(name, nm_row(shape)) for name, shape in layers]
     for name, shape in layers:
         if len(shape) < 2:
             raise ValueError(f"prune.structure: nm groups the input weights of a row, and {name} has none "
                              f"(shape {tuple(shape)})")
     bad = [(name, row) for name, row in rows if row % m]
+    if bad and indivisible == "dense":
+        if len(bad) == len(rows):
+            raise ValueError(f"prune.m: no layer's row is a multiple of m={m} (e.g. {bad[0][0]}: {bad[0][1]:,}), so "
+                             "nothing would be N:M")
+        return
     if bad:
         name, row = bad[0]
         g = math.gcd(*(r for _, r in rows))
         fits = [d for d in range(max(n + 1, 2), min(g, 64) + 1) if g % d == 0]
         allowed = ", ".join(map(str, fits)) if fits else f"none (the rows' greatest common divisor is {g})"
         raise ValueError(f"prune.m: {name} has {row:,} input weights per row (in_features, or in_channels × kernel), "
-                         f"not a multiple of m={m}; allowed m for n={n} here: {allowed}")
+                         f"not a multiple of m={m}; allowed m for n={n} here: {allowed}; or prune.nm_indivisible: "
+                         "dense leaves such layers dense")
 
 
 def check_schedule(prune: Any, layers: Layers, scope: str, what: str = "weights") -> None:
@@ -100,7 +107,7 @@ def check_schedule(prune: Any, layers: Layers, scope: str, what: str = "weights"
     if not layers:
         return
     if getattr(prune, "structure", None) == "nm":
-        check_nm(prune.n, prune.m, layers)
+        check_nm(prune.n, prune.m, layers, getattr(prune, "nm_indivisible", "error"))
         return
     densities = prune.round_densities()
     sizes = [math.prod(s) for _, s in layers]

@@ -87,7 +87,7 @@ def erk_counts(shapes: list[tuple[int, ...]], density: float) -> list[int]:
     return counts
 
 
-def select_nm(scores: dict[str, torch.Tensor], previous: Mask, n: int, m: int) -> Mask:
+def select_nm(scores: dict[str, torch.Tensor], previous: Mask, n: int, m: int, indivisible: str = "error") -> Mask:
     """N:M sparsity: in every group of `m` consecutive weights along a layer's reduction
     dimension (the rows of `weight.reshape(out, -1)`: a Linear's in_features, a Conv's
     in_channels × kh × kw in that flatten order), keep the `n` highest-scoring weights that
@@ -97,7 +97,8 @@ def select_nm(scores: dict[str, torch.Tensor], previous: Mask, n: int, m: int) -
     give the same mask. A group in which `previous` already removed weights so that fewer
     than n survive keeps just its survivors (a pruned weight is never revived), so such a
     group is sparser than n:m. Every layer's row length must be a multiple of m
-    (prune_checks.check_nm refuses the spec before any compute; here it is a ValueError)."""
+    (prune_checks.check_nm refuses the spec before any compute; here it is a ValueError),
+    unless `indivisible="dense"`: then such a layer keeps `previous` as it is."""
     if not 1 <= n < m:
         raise ValueError(f"N:M needs 1 <= n < m, got n={n}, m={m}")
     out: Mask = {}
@@ -108,6 +109,9 @@ def select_nm(scores: dict[str, torch.Tensor], previous: Mask, n: int, m: int) -
         if s.dim() < 2:
             raise ValueError(f"{name}: N:M groups a row's input weights, and a {s.dim()}-D parameter has none")
         row = s[0].numel()
+        if row % m and indivisible == "dense":
+            out[name] = alive.detach().cpu().bool().clone()
+            continue
         if row % m:
             raise ValueError(f"{name}: {row} input weights per row is not a multiple of m={m}")
         groups = s.double().reshape(-1, m)

@@ -267,6 +267,9 @@ class PruneSpec(Frozen):
     n: int = Field(2, ge=1, description="structure nm: weights kept in every group of m (n < m)")
     m: int = Field(4, ge=2, le=MAX_NM_GROUP, description="structure nm: consecutive input weights per group; must "
                    "divide every layer's row (in_features, or in_channels × kernel for a conv)")
+    nm_indivisible: Literal["error", "dense"] = Field(
+        "error", description="structure nm: a layer whose row m does not divide (a first conv's 1×5×5 = 25) is "
+                             "refused (error) or left dense (dense, as NVIDIA's ASP does)")
 
     @model_validator(mode="before")
     @classmethod
@@ -332,7 +335,7 @@ class PruneSpec(Frozen):
         if self.structure == "nm" and self.NM_REFUSED:
             raise ValueError(f"prune.structure: {self.NM_REFUSED}; allowed: unstructured")
         if self.structure != "nm":
-            for field, default in (("n", 2), ("m", 4)):
+            for field, default in (("n", 2), ("m", 4), ("nm_indivisible", "error")):
                 if getattr(self, field) != default:
                     raise ValueError(f"prune.{field}: only structure nm uses it (this one is {self.structure})")
             return

@@ -56,9 +56,10 @@ def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str, 
                    wait_for: list[State] | None = None) -> tuple[Ref, State]:
     """Run the node's task; returns (ref, its final Prefect state: named Cached or Completed).
 
-    The task run is named "<label> (reused)" when the store holds the artifact, and tagged with
-    its stage and key, so reused and computed stages differ at a glance in the UI; `wait_for`
-    (the upstream task states) draws the graph's edges even when every stage is cached.
+    The task run is named "<label> (reused)" when the store holds the artifact, so reused and
+    computed stages differ at a glance in the UI (a reused one also gets a note naming its key
+    and producer, flows.results); `wait_for` (the upstream task states) draws the graph's edges
+    even when every stage is cached.
 
     Prefect's cache record only says the stage ran once; the artifact store says whether
     its output still exists and is intact. If it does not, the task is forced to run
@@ -66,7 +67,7 @@ def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str, 
     """
     get_stage(node.stage)  # an unknown stage fails here, by name, before Prefect is involved
     current = default_store().get(node.stage, node.key)
-    t = task_for(node.role).with_options(tags=stage_tags(node))
+    t = task_for(node.role)  # no per-key tags: Prefect checks tag concurrency limits per tag, ~1-2 s a task
     if current is None or not record_is_safe(node):
         t = t.with_options(refresh_cache=True)
     shown = label if current is None else f"{label} (reused)"
@@ -76,7 +77,3 @@ def run_stage_task(node: Node, inputs: dict[str, Ref], label: str, device: str, 
     # store holds the artifact, its own verified metadata is what the flow goes on with.
     return (current or ref), state
 
-
-def stage_tags(node: Node) -> set[str]:
-    """What the task-run list can filter on: the stage, and its key (first 16 hex digits)."""
-    return {f"stage:{node.stage}", f"key:{node.key[:16]}"}

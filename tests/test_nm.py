@@ -170,6 +170,27 @@ def test_a_conv_layer_is_checked_along_in_channels_times_kernel():
     # conv2's first conv has 1 input channel and a 3x3 kernel: rows of 9, which no m divides
     msg = refused(tiny_raw("prune_at_init", model={"name": "conv2"}, prune={**NM, "schedule": "one_shot"}))
     assert msg.startswith("prune.m: features.conv1.weight has 9 input weights per row"), msg
+    assert msg.endswith("or prune.nm_indivisible: dense leaves such layers dense"), msg
+
+
+def test_indivisible_layers_stay_dense_when_asked_and_the_rest_is_exactly_n_of_m(tmp_path):
+    """As NVIDIA's ASP does for a first conv: rows m does not divide stay as they were."""
+    spec = tiny_spec("prune_at_init", model={"name": "conv2"},
+                     prune={**NM, "criterion": "magnitude", "schedule": "one_shot", "nm_indivisible": "dense"})
+    plan = build_plan(spec)
+    (rnd,) = [r for r in plan.rounds if r.mask is not None]
+    assert rnd.mask.fields["nm_indivisible"] == "dense"  # it changes the mask, so it is in the key
+    rt = Runtime(Store(tmp_path), "cpu")
+    refs = run_plan(plan.nodes, rt)
+    mask = rt.store.load(refs[rnd.mask.key])["mask"]
+    assert mask["features.conv1.weight"].all()  # rows of 9
+    sparse = [n for n, mk in mask.items() if mk[0].numel() % 4 == 0]
+    assert len(sparse) == len(mask) - 1
+    for name in sparse:
+        assert (kept_per_group(mask[name], 4) == 2).all(), name
+    with pytest.raises(SpecError, match="prune.nm_indivisible: only structure nm uses it"):
+        parse_spec(tiny_raw("prune_at_init", prune={"criterion": "snip", "schedule": "one_shot", "sparsity": 0.5,
+                                                    "nm_indivisible": "dense"}))
 
 
 @pytest.mark.parametrize("flow, extra, says", [

@@ -34,7 +34,7 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
         mask = structured.select_filters(model, scores, previous, f["density"], f["filter_norm"], f["min_density"])
         costs = structured.costs(model, mask, in_shape)
     elif f.get("structure") == "nm":
-        mask = select_nm(scores, previous, f["n"], f["m"])
+        mask = select_nm(scores, previous, f["n"], f["m"], f.get("nm_indivisible", "error"))
     else:
         mask = select(scores, previous, f["density"], f["scope"], f["min_density"])
     report = check_collapse(mask, model, in_shape, f["on_collapse"], None)
