@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "test_loss", "test_acc", "lr")
-ARTIFACT_EVERY_S = 2.0  # progress-artifact updates at most this often between epochs
+ARTIFACT_EVERY_S = 10.0  # progress-artifact updates at most this often between epochs (each is an API call)
 
 
 @dataclass(frozen=True)
