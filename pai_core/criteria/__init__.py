@@ -1,6 +1,6 @@
 """Pruning criteria. Adding one: a file here and an import line below."""
 from pai_core.criteria.registry import Criterion, ScoreInputs, criterion_names, get_criterion, register
 
-from pai_core.criteria import grasp, magnitude, random, snip, synflow  # noqa: E402,F401  (registration)
+from pai_core.criteria import grasp, magnitude, obd, random, snip, synflow, taylor  # noqa: E402,F401  (registration)
 
 __all__ = ["Criterion", "ScoreInputs", "criterion_names", "get_criterion", "register"]
