@@ -181,7 +181,8 @@ def export_cmd(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesA
     checked against the masked model; exit 2 with one line if it cannot be exported faithfully."""
     from rich.markup import escape
 
-    from pai_core.export import ExportRefused, RoundNotStored, export_round
+    from pai_core.export import ExportRefused, RoundNotStored
+    from pai_core.export_round import export_round
     from pai_core.spec_io import one_line
 
     s = _spec(spec, overrides)
@@ -216,7 +217,8 @@ def speedup(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg,
     the table is printed and logged to the round's MLflow run."""
     from rich.markup import escape
 
-    from pai_core.export import ExportRefused, load_masked_model
+    from pai_core.export import ExportRefused
+    from pai_core.export_round import load_masked_model
     from pai_core.spec_io import one_line
     from pai_core.speedup import as_dicts, markdown, measure
 

@@ -10,7 +10,6 @@ artifact, so the Prefect UI shows it whether or not an MLflow server is running.
 from __future__ import annotations
 
 import base64
-import re
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -20,6 +19,7 @@ from pydantic import ValidationError
 from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
 
 from flows.env import local_tracking, mlflow_client, mlflow_ui_url, tracking_uri
+from flows.results import slug
 from flows.tracking import experiment_id
 from pai_core.paths import pai_home
 from pai_core.report import aggregate, write_report
@@ -27,11 +27,6 @@ from pai_core.paradigms import ExperimentSpec
 from pai_core.spec_io import SpecError, _one_line, parse_spec
 from pai_core.store import Store
 from pai_core.sweep import SweepSpec
-
-
-def _slug(name: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", name.lower())).strip("-") or "report"
 
 
 def _data_url(png: Path) -> str:
@@ -51,7 +46,7 @@ def publish_report(specs: list[ExperimentSpec], store: Store, name: str, mlflow_
 
     Without `mlflow_run_id`, a "report <name>" run is created in the first spec's experiment.
     Returns where everything went."""
-    out = pai_home() / "reports" / _slug(name)
+    out = pai_home() / "reports" / slug(name)
     report = write_report(specs, store, out)
     client = mlflow_client()
     own_run = mlflow_run_id is None
@@ -64,7 +59,7 @@ def publish_report(specs: list[ExperimentSpec], store: Store, name: str, mlflow_
         client.log_dict(mlflow_run_id, summary, "summary.json")
     client.set_terminated(mlflow_run_id)
 
-    key = _slug(f"pai-report-{name}")
+    key = slug(f"pai-report-{name}")
     table = report.markdown.read_text().split("\n![", 1)[0]
     link = mlflow_run_url(mlflow_run_id)
     where = f"[MLflow run]({link})" if link else f"MLflow run `{mlflow_run_id}` ({tracking_uri()})"

@@ -9,30 +9,29 @@ kept it is loaded back as a user would load it, and its outputs are compared wit
 model's within the format's tolerance. What a format cannot express is refused by name
 (`ExportRefused`, one line) before any work; an export that fails the check is deleted and refused.
 
-For notebooks and benchmarks: `load_masked_model` (a stored round, weights loaded, mask applied),
-`build` / `to_format` (the exportable module of a format, in memory, no files), `save_module` /
-`load_exported`, `check_outputs`, and `export_round` (everything, as `pai export` does).
+For notebooks and benchmarks: `build` / `to_format` (the exportable module of a format, in
+memory, no files), `save_module` / `load_exported`, `check_outputs`. A stored round in, files
+out (as `pai export` does): pai_core.export_round. The layers themselves: pai_core.sparse_layers.
 """
 from __future__ import annotations
 
 import copy
-import io
-import json
 import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
-from pai_core.masks import Mask, apply_mask, dense_mask
-from pai_core.store import atomic_write
+from pai_core.masks import Mask, apply_mask
+from pai_core.sparse_layers import (BsrMatrix, CsrMatrix, HalfPrecision, SemiStructuredLinear, SparseConv2d,
+                                    SparseLinear)
 
 # ---------------------------------------------------------------------------- formats
 
@@ -95,123 +94,6 @@ def get_format(fmt: str) -> Format:
     return FORMATS[fmt]
 
 
-# --------------------------------------------------------------- the exported layers
-# Plain TorchScript-able modules: their code is saved into the archive, so loading needs no pai-flow.
-
-
-class CsrMatrix(nn.Module):
-    """A weight matrix held as a torch.sparse_csr tensor (TorchScript saves these)."""
-
-    def __init__(self, matrix: Tensor):
-        super().__init__()
-        self.register_buffer("weight", matrix)
-
-    def forward(self) -> Tensor:
-        return self.weight
-
-
-class BsrMatrix(nn.Module):
-    """A weight matrix in BSR layout, held as its index and block tensors (TorchScript cannot
-    save a sparse_bsr tensor) and assembled, without copying, on each call."""
-
-    def __init__(self, matrix: Tensor):
-        super().__init__()
-        self.register_buffer("crow_indices", matrix.crow_indices())
-        self.register_buffer("col_indices", matrix.col_indices())
-        self.register_buffer("values", matrix.values())
-        self.size: list[int] = list(matrix.shape)
-
-    def forward(self) -> Tensor:
-        return torch.sparse_compressed_tensor(self.crow_indices, self.col_indices, self.values, self.size,
-                                              layout=torch.sparse_bsr)
-
-
-class SparseLinear(nn.Module):
-    """y = (W_sparse @ x^T)^T + b: the sparse operand on the left, as torch's kernels want it."""
-
-    def __init__(self, matrix: nn.Module, bias: Optional[Tensor], in_features: int, out_features: int):
-        super().__init__()
-        self.matrix = matrix
-        self.register_buffer("bias", bias)
-        self.in_features = in_features
-        self.out_features = out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        lead = list(x.shape[:-1])
-        y = torch.sparse.mm(self.matrix(), x.reshape(-1, self.in_features).t()).t()
-        bias = self.bias
-        if bias is not None:
-            y = y + bias
-        return y.reshape(lead + [self.out_features])
-
-
-class SparseConv2d(nn.Module):
-    """Conv2d as im2col + sparse matmul: W_sparse (out, C·kh·kw) @ unfold(x) (C·kh·kw, N·L)."""
-
-    def __init__(self, matrix: nn.Module, bias: Optional[Tensor], conv: nn.Conv2d):
-        super().__init__()
-        self.matrix = matrix
-        self.register_buffer("bias", bias)
-        self.out_channels: int = conv.out_channels
-        self.kernel_size: list[int] = list(conv.kernel_size)
-        self.dilation: list[int] = list(conv.dilation)
-        self.padding: list[int] = list(conv.padding)
-        self.stride: list[int] = list(conv.stride)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, h, w = x.shape[0], x.shape[2], x.shape[3]
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # N, K, L
-        k, length = cols.shape[1], cols.shape[2]
-        y = torch.sparse.mm(self.matrix(), cols.transpose(0, 1).reshape(k, n * length))  # out, N·L
-        y = y.reshape(self.out_channels, n, length).transpose(0, 1)
-        bias = self.bias
-        if bias is not None:
-            y = y + bias.reshape(1, -1, 1)
-        h_out = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        w_out = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        return y.reshape(n, self.out_channels, h_out, w_out)
-
-
-class SemiStructuredLinear(nn.Module):
-    """A 2:4 Linear on cuSPARSELt. The weight, zero-padded to the kernel's multiples (zeros keep
-    2:4 and add nothing), is compressed by torch.sparse.to_sparse_semi_structured; forward calls
-    the aten op `_cslt_sparse_mm` that torch's own SparseSemiStructuredTensor calls, with the
-    input padded the same way (features to the weight's, rows to the kernel's multiple) and the
-    padding sliced off the result."""
-
-    def __init__(self, packed: Tensor, bias: Optional[Tensor], in_features: int, out_features: int,
-                 padded_in: int, row_multiple: int = 8):
-        super().__init__()
-        self.register_buffer("packed", packed)
-        self.register_buffer("bias", bias)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.padded_in = padded_in
-        self.row_multiple = row_multiple
-
-    def forward(self, x: Tensor) -> Tensor:
-        lead = list(x.shape[:-1])
-        x2 = x.reshape(-1, self.in_features)
-        n = x2.shape[0]
-        pad_rows = (self.row_multiple - n % self.row_multiple) % self.row_multiple
-        x2 = F.pad(x2, [0, self.padded_in - self.in_features, 0, pad_rows])
-        y = torch._cslt_sparse_mm(self.packed, x2.t())  # (padded out, padded n)
-        y = y[: self.out_features, :n].t()
-        bias = self.bias
-        if bias is not None:
-            y = y + bias
-        return y.reshape(lead + [self.out_features])
-
-
-class HalfPrecision(nn.Module):
-    """float32 in and out, float16 inside: a drop-in replacement for the float32 net."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.half()).float()
 
 
 # ------------------------------------------------------------- which layer goes how
@@ -556,192 +438,3 @@ def check_outputs(module: Any, reference: Tensor, inputs: Tensor, fmt: str, *, w
         raise ExportRefused(f"{fmt} export does not reproduce the masked model: {check.describe()}"
                             + (f" on {what}" if what else ""))
     return check
-
-
-# ------------------------------------------------------------------- stored rounds
-
-
-@dataclass
-class MaskedRound:
-    """A stored round rebuilt: `model` has the trained weights with the mask applied (eval mode)."""
-    spec: Any
-    index: int
-    name: str
-    model: nn.Module
-    mask: Mask
-    arch: Any                       # infos.Arch: model name and params, input shape, classes
-    data: dict[str, Any]            # the evaluate stage's data fields (dataset, val_size, split_seed)
-    keys: dict[str, Any] = field(default_factory=dict)  # weights / mask / evaluate: stage, key, sha256
-
-
-def resolve_round(plan: Any, round_: int | str | None) -> tuple[int, Any]:
-    """(position, Round) of `round_`: its position in the plan (the row of `pai results`, 0 = the
-    first) or its name ('dense', 'round 2', ...); None = the last round."""
-    rounds = plan.rounds
-    if round_ is None:
-        return len(rounds) - 1, rounds[-1]
-    if isinstance(round_, str) and round_.strip().lstrip("-").isdigit():
-        round_ = int(round_)
-    if isinstance(round_, int):
-        if -len(rounds) <= round_ < len(rounds):
-            i = round_ % len(rounds)
-            return i, rounds[i]
-    else:
-        for i, r in enumerate(rounds):
-            if r.name == round_:
-                return i, r
-    names = ", ".join(f"{i} {r.name!r}" for i, r in enumerate(rounds))
-    raise ExportRefused(f"no round {round_!r} in this plan; rounds: {names}")
-
-
-def load_masked_model(spec: Any, round_: int | str | None = None, store: Any = None) -> MaskedRound:
-    """The round's trained weights with its mask applied, as the evaluate stage builds them.
-    Raises RoundNotStored when its weights or mask are not in the verified store."""
-    from pai_core.paradigms import build_plan
-    from pai_core.paths import pai_home
-    from pai_core.stages.common import build_arch
-    from pai_core.store import Store
-
-    store = store if store is not None else Store(pai_home() / "store")
-    index, rnd = resolve_round(build_plan(spec), round_)
-    needed = [("weights", rnd.trained)] + ([("mask", rnd.mask)] if rnd.mask is not None else [])
-    refs = {}
-    for role, node in needed:
-        ref = store.get(node.stage, node.key)
-        if ref is None:
-            raise RoundNotStored(f"round {rnd.name!r} of {spec.name} is not stored yet ({role}: {node.stage} "
-                                 f"{node.key[:12]}); run it first with `pai run`")
-        refs[role] = ref
-    payload = store.load(refs["weights"])
-    arch = refs["weights"].info.arch
-    model = build_arch(arch)
-    model.load_state_dict(payload["model"])
-    mask = payload.get("mask") or (store.load(refs["mask"])["mask"] if "mask" in refs else dense_mask(model))
-    mask = {n: m.bool().cpu() for n, m in mask.items()}
-    apply_mask(model, mask)
-    evaluated = store.get("evaluate", rnd.evaluate.key)
-    keys = {role: {"stage": r.stage, "key": r.key, "sha256": r.sha256} for role, r in refs.items()}
-    if payload.get("mask") is not None:  # a mask that moved while training (SET/RigL, gradual, early-bird, supermask)
-        keys["mask"] = {**keys["weights"], "from": "the weights' payload"}
-    keys.setdefault("mask", None)  # a dense round
-    keys["evaluate"] = {"stage": "evaluate", "key": rnd.evaluate.key, "stored": evaluated is not None,
-                        **({"test_acc": evaluated.info.test_acc, "sha256": evaluated.sha256} if evaluated else {})}
-    return MaskedRound(spec, index, rnd.name, model.eval(), mask, arch, dict(rnd.evaluate.fields["data"]), keys)
-
-
-def check_inputs(data: dict[str, Any], in_shape: Sequence[int], n: int = CHECK_BATCH) -> tuple[Tensor, str]:
-    """The first `n` examples of the dataset's test split (the round's own data), or, if it cannot
-    be had on this machine, `n` standard-normal inputs of the model's shape (seed 0)."""
-    from pai_core import data as data_lib
-
-    try:
-        bundle = data_lib.load(data["dataset"], val_size=data["val_size"], split_seed=data["split_seed"])
-        return bundle.test.x[:n].clone(), f"{data['dataset']} test[:{min(n, len(bundle.test))}]"
-    except (data_lib.DataUnavailable, OSError) as e:
-        gen = torch.Generator().manual_seed(0)
-        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        x = torch.randn((n, *in_shape), generator=gen)
-        return x, f"random normal (seed 0): {data['dataset']} unavailable ({why})"
-
-
-# --------------------------------------------------------------------- the manifest
-
-
-class LayerReport(BaseModel):
-    param: str
-    kind: str
-    shape: list[int]
-    kept: int
-    total: int
-    density: float
-    sparsity: float
-    stored_as: str              # "sparse" | "dense"
-    why_dense: str = ""
-    stored_values: int | None = None  # entries the sparse tensor holds (bsr: whole blocks)
-
-
-class Manifest(BaseModel):
-    format: str
-    file: str
-    serialization: str
-    loader: str
-    block_size: int | None
-    sparse_conv: bool  # convs as im2col @ sparse matrix (csr, bsr); see layers[*].stored_as
-    spec: dict[str, Any]
-    round: dict[str, Any]
-    stage_keys: dict[str, Any]
-    input_shape: list[int]
-    input_dtype: str = "float32"
-    num_classes: int
-    layers: dict[str, LayerReport]
-    density: float
-    sparsity: float
-    check: Check
-    reference: str = "reference.pt"
-    device: str
-    torch_version: str
-
-
-def _layer_reports(fmt: str, model: nn.Module, module: nn.Module, mask: Mask,
-                   sparse_conv: bool | None) -> dict[str, LayerReport]:
-    layers = dict(_prunable_layers(model))
-    out = {}
-    for p in layer_plan(fmt, model, sparse_conv):
-        param = f"{p.name}.weight"
-        w = layers[p.name].weight
-        m = mask.get(param, torch.ones_like(w, dtype=torch.bool))
-        kept, total = int(m.sum()), m.numel()
-        stored = None  # semi_structured keeps half of each (padded) row, by construction
-        if p.stored_as == "sparse" and fmt in SPARSE_FORMATS:
-            stored = int(module.get_submodule(p.name).matrix().values().numel())
-        out[p.name] = LayerReport(param=param, kind=p.kind, shape=list(w.shape), kept=kept, total=total,
-                                  density=kept / total, sparsity=1 - kept / total, stored_as=p.stored_as,
-                                  why_dense=p.why_dense, stored_values=stored)
-    return out
-
-
-def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | Path, *,
-                 block_size: int | None = None, device: str = "cpu", sparse_conv: bool | None = None,
-                 store: Any = None, batch: int = CHECK_BATCH) -> Manifest:
-    """Export a stored round as `fmt` into `out_dir`: the model file, `reference.pt` and
-    `manifest.json`. The file is loaded back and checked against the masked model first; an
-    export that fails the check is removed and refused (ExportRefused)."""
-    from pai_core.models import model_info
-
-    check_options(fmt, block_size=block_size)
-    check_device(fmt, device)
-    f, dev = get_format(fmt), torch.device(device)
-    r = load_masked_model(spec, round_, store)
-    chain = model_info(r.arch.model["name"]).chain
-    check_supported(fmt, r.model, r.mask, block_size=block_size, device=dev, sparse_conv=sparse_conv, chain=chain)
-    x, what = check_inputs(r.data, r.arch.in_shape, batch)
-    x = x.to(dev)
-    with torch.no_grad():
-        reference = r.model.to(dev)(x)
-    module = to_format(r.model, r.mask, fmt, block_size=block_size, device=dev, sparse_conv=sparse_conv, chain=chain)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f.file
-    tmp = out_dir / f".partial-{f.file}"  # same suffix: load_exported picks the loader by it
-    try:
-        save_module(module, fmt, tmp, x)
-        check = check_outputs(load_exported(tmp, dev), reference, x, fmt, what=what)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    for other in {g.file for g in FORMATS.values()} - {f.file}:  # an earlier export of another kind
-        (out_dir / other).unlink(missing_ok=True)
-    tmp.replace(final)
-    buf = io.BytesIO()
-    torch.save({"inputs": x.cpu(), "outputs": reference.cpu()}, buf)
-    atomic_write(out_dir / "reference.pt", buf.getvalue())
-    layers = _layer_reports(fmt, r.model, module, r.mask, sparse_conv)
-    kept, total = sum(lr.kept for lr in layers.values()), sum(lr.total for lr in layers.values())
-    manifest = Manifest(
-        format=fmt, file=f.file, serialization=f.serialization, loader=f.loader, block_size=block_size,
-        sparse_conv=conv_default(fmt, sparse_conv) and fmt in SPARSE_FORMATS, spec=spec.model_dump(mode="json"),
-        round={"index": r.index, "name": r.name},
-        stage_keys=r.keys, input_shape=list(r.arch.in_shape), num_classes=r.arch.num_classes, layers=layers,
-        density=kept / total, sparsity=1 - kept / total, check=check, device=str(dev), torch_version=torch.__version__)
-    atomic_write(out_dir / "manifest.json", (json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n").encode())
-    return manifest

@@ -12,7 +12,6 @@ empty a layer, or whose min_density floors miss the target, are refused (prune_c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
@@ -22,6 +21,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter,
 from pai_core import prune_checks
 from pai_core.criteria import criterion_names, get_criterion
 from pai_core.data import dataset_info, dataset_names
+from pai_core.form_schema import form_schema, model_params_schema, registry_enum
 from pai_core.models import model_info, model_names
 from pai_core.yaml_io import clip, dotted
 
@@ -51,61 +51,14 @@ Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_text)]
 
 
-_HOISTED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
-            "pattern", "minItems", "maxItems")
-
-
-def form_schema(schema: dict[str, Any]) -> None:
-    """Make a model's JSON schema give the deployment form plain, per-field errors.
-
-    pydantic writes an optional bounded field as `anyOf: [{number, maximum...}, {null}]`, which
-    a JSON-schema validator refuses as "1.5 is not valid under any of the given schemas". Bounds
-    apply only to values of their type, so they move up beside the `anyOf` (an enum gains
-    null): the same values pass, and a bad one gets "1.5 is greater than or equal to the maximum of 1"."""
-    for prop in schema.get("properties", {}).values():
-        branches = prop.get("anyOf")
-        if not branches or len(branches) != 2 or {"type": "null"} not in branches:
-            continue
-        value = next(b for b in branches if b != {"type": "null"})
-        for k in _HOISTED:
-            if k in value:
-                prop[k] = value.pop(k)
-        if "enum" in value:
-            prop["enum"] = [*value.pop("enum"), None]
-
-
-def registry_enum(names: Callable[[], list[str]]) -> Callable[[dict[str, Any]], None]:
-    """A field's allowed values for the form, read from a registry when the schema is made
-    (so a criterion or model registered later is offered too)."""
-    def extra(schema: dict[str, Any]) -> None:
-        schema["enum"] = list(names())
-    return extra
-
-
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, json_schema_extra=form_schema)
-
-
-def _model_schema(schema: dict[str, Any]) -> None:
-    """Every registered model's own parameters, as optional fields naming the models that take them
-    (the validator refuses one a model does not have)."""
-    takes: dict[str, list[str]] = {}
-    for name in model_names():
-        for field, spec in model_info(name).Params.model_json_schema().get("properties", {}).items():
-            if field not in schema["properties"]:  # empty (null) = the model's default
-                bounds = {k: v for k, v in spec.items() if k in _HOISTED}
-                schema["properties"][field] = {"anyOf": [{"type": spec["type"]}, {"type": "null"}], "default": None,
-                                               "title": spec.get("title", field), **bounds,
-                                               "description": spec.get("description", field.replace("_", " "))}
-            takes.setdefault(field, []).append(name)
-    for field, models in takes.items():
-        schema["properties"][field]["description"] += f"; only for {', '.join(models)}; empty = the model's default"
 
 
 class ModelSpec(Frozen):
     """A registered model and its own parameters (`width`, `batch_norm`, ... where it has them).
     Parameters left at their defaults are dropped, so `width: 1` and no width share a key."""
-    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False, json_schema_extra=_model_schema)
+    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False, json_schema_extra=model_params_schema)
     name: str = Field(description="a registered model (pai list)", json_schema_extra=registry_enum(model_names))
 
     @model_validator(mode="before")

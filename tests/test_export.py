@@ -19,8 +19,8 @@ from conftest import tiny_raw, tiny_spec
 from flows.cli import app
 from pai_core import export as ex
 from pai_core.export import (FORMATS, ExportRefused, RoundNotStored, SemiStructuredLinear, build, check_device,
-                             check_supported, export_round, load_exported, load_masked_model, save_module,
-                             two_four_problem)
+                             check_supported, load_exported, save_module, two_four_problem)
+from pai_core.export_round import export_round, load_masked_model
 from pai_core.masks import dense_mask
 from pai_core.models import build_model
 from pai_core.paradigms import build_plan

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from pai_core.criteria.registry import register
+from pai_core.criteria.registry import NoParams, register
 
 
-class OBDParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+class OBDParams(NoParams):  # frozen, unknown fields refused
     batches: int = Field(4, gt=0, le=10_000, description="training batches the Hessian diagonal is estimated on")
     samples: int = Field(8, gt=0, le=10_000, description="Rademacher draws per batch (Hutchinson's estimator)")
 

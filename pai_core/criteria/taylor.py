@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from pai_core.criteria.registry import register
+from pai_core.criteria.registry import NoParams, register
 
 
-class TaylorParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+class TaylorParams(NoParams):  # frozen, unknown fields refused
     batches: int = Field(10, gt=0, le=100_000, description="training batches whose (g·w)² are averaged")
 
 
