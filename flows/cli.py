@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from flows.cli_distributed import train_distributed
 from flows.cli_server import app as server_app
 from flows.cli_server import deploy as deploy_cmd
 from pai_core import progress as pai_progress
@@ -399,6 +400,9 @@ class RichProgress:
 
 def main() -> None:
     app()
+
+
+app.command("train-distributed")(train_distributed)  # flows/cli_distributed.py: one process of a torchrun launch
 
 
 if __name__ == "__main__":

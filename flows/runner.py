@@ -48,6 +48,13 @@ class PrefectTasks(InOrder):
         return ref, state.name
 
 
+def local_capacity(claims: dict[str, float]) -> dict[str, float] | None:
+    """What each LocalCluster worker holds of every resource a stage claims: one whole unit (one
+    GPU), or the claim if it is larger. A fractional claim then packs stages onto one device:
+    `resources: {GPU: 0.25}` with `threads_per_worker: 4` runs four trainings per GPU worker."""
+    return {k: max(1.0, float(v)) for k, v in claims.items()} or None
+
+
 class DaskTasks:
     """Every pending stage submitted at once; Dask starts each as soon as its inputs exist."""
     submit_stored = False
@@ -70,7 +77,7 @@ class DaskTasks:
             api = str(client.api_url)
         return DaskTaskRunner(cluster_kwargs={
             "n_workers": self.spec.workers, "threads_per_worker": self.spec.threads_per_worker, "processes": True,
-            "dashboard_address": ":0", "resources": dict(self.spec.resources) or None,
+            "dashboard_address": ":0", "resources": local_capacity(self.spec.resources),
             "env": {"PREFECT_API_URL": api}}), threads
 
     def run(self, work: Sequence[Work], refs: dict[str, Ref], done: Done) -> None:

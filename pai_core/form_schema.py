@@ -47,7 +47,8 @@ def model_params_schema(schema: dict[str, Any]) -> None:
         for field, spec in model_info(name).Params.model_json_schema().get("properties", {}).items():
             if field not in schema["properties"]:  # empty (null) = the model's default
                 bounds = {k: v for k, v in spec.items() if k in HOISTED}
-                schema["properties"][field] = {"anyOf": [{"type": spec["type"]}, {"type": "null"}], "default": None,
+                kind = {"type": spec["type"], **({"enum": spec["enum"]} if "enum" in spec else {})}  # a choice stays one
+                schema["properties"][field] = {"anyOf": [kind, {"type": "null"}], "default": None,
                                                "title": spec.get("title", field), **bounds,
                                                "description": spec.get("description", field.replace("_", " "))}
             takes.setdefault(field, []).append(name)

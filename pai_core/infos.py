@@ -48,6 +48,11 @@ class InitInfo(Info):
     iteration: int = 0
 
 
+class IsometryInfo(InitInfo):
+    """Re-initialised weights; per layer the singular values' min/max/mean before and after."""
+    singular_values: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
+
+
 class TrainInfo(Info):
     arch: Arch
     iteration: int

@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import Any
 
 from pai_core.criteria import get_criterion
-from pai_core.data import dataset_info
+from pai_core.data import image_folder
 from pai_core.keys import stage_key
 from pai_core.models import model_info
 from pai_core.specs import ExperimentBase, PruneSpec, TrainSpec
@@ -77,13 +77,20 @@ class Plan:
 # ---------------------------------------------------------------- node builders
 
 def data_fields(spec: ExperimentBase) -> dict[str, Any]:
-    info = dataset_info(spec.data.dataset)
+    """What identifies the data. An image folder adds its folder name, the fingerprint of its
+    file list and the image size, never its path: machines holding the same files in
+    different places share every artifact (pai_core.data.image_folder)."""
+    info = spec.data.info
     val = info.default_val_size if spec.data.val_size is None else spec.data.val_size
-    return {"dataset": spec.data.dataset, "val_size": val, "split_seed": spec.data.split_seed}
+    fields = {"dataset": spec.data.dataset, "val_size": val, "split_seed": spec.data.split_seed}
+    if spec.data.dataset == image_folder.NAME:
+        folder = spec.data.folder
+        fields |= {"root": folder.name, "files": folder.fingerprint, "image_size": info.in_shape[-1]}
+    return fields
 
 
 def init_node(spec: ExperimentBase, seed: int | None = None) -> Node:
-    info = dataset_info(spec.data.dataset)
+    info = spec.data.info
     return Node("init", "init", {
         "model": spec.model.model_dump(mode="json"), "seed": spec.seed if seed is None else seed,
         "in_shape": list(info.in_shape), "num_classes": info.num_classes,
@@ -96,10 +103,10 @@ def train_node(spec: ExperimentBase, role: str, start: Node, train: TrainSpec, *
     `finetune` keeps only its weights and starts a fresh schedule (PaT); `replay` keeps its
     weights and replays the schedule from `from_iter` (LR rewinding). `extra` fields ask the
     train stage for a callback registered under their name (pai_core.callbacks)."""
-    fields = {
-        "data": {**data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed},
-        "train": train.model_dump(mode="json"), "mode": mode, "stop_iter": stop_iter, **extra,
-    }
+    data = {**data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed}
+    if spec.data.augment_kinds:  # only then: an unaugmented (MNIST) training keeps the key it had
+        data["augment"] = list(spec.data.augment_kinds)
+    fields = {"data": data, "train": train.key_fields(), "mode": mode, "stop_iter": stop_iter, **extra}
     inputs = {"start": start} | ({"mask": mask} if mask else {})
     return Node("train", role, fields, inputs)
 
@@ -139,6 +146,8 @@ def iterative_mask_node(spec: ExperimentBase, weights: Node, densities: list[flo
     score = score_node(spec, weights, None)
     fields = {**score.fields, "densities": densities, "scope": spec.prune.scope,
               "min_density": spec.prune.min_density, "on_collapse": spec.prune.on_collapse}
+    if "data" in fields:  # each round reads new batches (FORCE, iterative SNIP), as their references do
+        fields["rotate_batches"] = True
     return Node("iterative_mask", "prune_at_init", fields, {"weights": weights})
 
 

@@ -24,10 +24,9 @@ from typing import Any
 
 from torch import nn
 
-from pai_core.data import dataset_info
 from pai_core.masks import prunable_names
 from pai_core.models import model_info
-from pai_core.selection import erk_counts
+from pai_core.selection import layer_counts
 
 Layers = list[tuple[str, tuple[int, ...]]]  # (name, shape) of each unit the densities apply to
 
@@ -43,7 +42,7 @@ def _meta(model: str, params: tuple[tuple[str, Any], ...], in_shape: tuple[int, 
 
 def meta_model(spec: Any) -> nn.Module:
     """The spec's network built on the meta device (cached: a sweep validates it many times)."""
-    info = dataset_info(spec.data.dataset)
+    info = spec.data.info  # an image folder's shape and classes come from the folder
     params = tuple(sorted(spec.model.params.items()))
     return _meta(spec.model.name, params, tuple(info.in_shape), info.num_classes)
 
@@ -67,9 +66,7 @@ def _what(prune: Any, r: int) -> str:
 
 
 def _counts(layers: Layers, density: float, scope: str) -> list[int]:
-    if scope == "erk":
-        return erk_counts([s for _, s in layers], density)
-    return [round(math.prod(s) * density) for _, s in layers]
+    return layer_counts([s for _, s in layers], density, scope)
 
 
 def nm_row(shape: tuple[int, ...]) -> int:

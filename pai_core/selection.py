@@ -1,7 +1,8 @@
 """From scores to a mask: keep the highest-scoring surviving weights.
 
 Scopes: `global` ranks all layers together, `layerwise` keeps the same fraction of every
-layer, `erk` gives each layer the Erdős–Rényi-kernel share. Conventions (DESIGN.md §1):
+layer, `erk` gives each layer the Erdős–Rényi-kernel share, `smart_ratio` Su et al.'s
+depth-decaying shares (random tickets). Conventions (DESIGN.md §1):
 higher score = keep; only weights still alive are ranked, so
 a later round can only remove more; ties go to the lower flat index (a stable sort), so
 the same scores always give the same mask. The kept count is rounded from the density
@@ -33,7 +34,7 @@ def select(
     scores: dict[str, torch.Tensor],
     previous: Mask,
     density: float,
-    scope: Literal["global", "layerwise", "erk"] = "global",
+    scope: Literal["global", "layerwise", "erk", "smart_ratio"] = "global",
     min_density: float = 0.0,
 ) -> Mask:
     """Mask keeping `density` of the weights in `previous`'s layers (see module doc)."""
@@ -51,9 +52,8 @@ def select(
     # from what remains, per layer or across all layers. A floor can exceed the target.
     floor = [_top_k(s, a, min(math.ceil(min_density * n), int(a.sum())))
              for s, a, n in zip(flat_scores, flat_alive, sizes)]
-    if scope in ("layerwise", "erk"):
-        targets = ([round(n * density) for n in sizes] if scope == "layerwise"
-                   else erk_counts([tuple(previous[n].shape) for n in names], density))
+    if scope != "global":
+        targets = layer_counts([tuple(previous[n].shape) for n in names], density, scope)
         kept = [f | _top_k(s, a & ~f, t - int(f.sum()))
                 for f, s, a, t in zip(floor, flat_scores, flat_alive, targets)]
     else:
@@ -62,6 +62,55 @@ def select(
                        torch.cat([a & ~f for a, f in zip(flat_alive, floor)]), rest)
         kept = [f | e for f, e in zip(floor, torch.split(extra, sizes))]
     return {n: k.reshape(previous[n].shape) for n, k in zip(names, kept)}
+
+
+def layer_counts(shapes: list[tuple[int, ...]], density: float, scope: str) -> list[int]:
+    """Weights each layer keeps under a per-layer scope (every scope but `global`)."""
+    if scope == "erk":
+        return erk_counts(shapes, density)
+    if scope == "smart_ratio":
+        return smart_ratio_counts(shapes, density)
+    if scope == "layerwise":
+        return [round(math.prod(s) * density) for s in shapes]
+    raise ValueError(f"scope {scope!r} has no fixed per-layer counts; allowed: layerwise, erk, smart_ratio")
+
+
+SMART_RATIO_LAST = 0.3  # Su et al.'s code: `linear_keep_ratio`, default 0.3, for the classifier
+
+
+def smart_ratio_counts(shapes: list[tuple[int, ...]], density: float) -> list[int]:
+    """Su et al. 2020's smart ratio ("random tickets"): with L layers in forward order, layer
+    l < L keeps a density ∝ (L−l+1)² + (L−l+1), decaying with depth, and the classifier
+    (layer L) keeps SMART_RATIO_LAST of its weights; scaled so the total is `density`.
+
+    The reference code keeps every nn.Linear at 30 % because its nets (VGG, ResNet) have one,
+    the classifier; here that applies to the last layer only, so MLPs get the decaying rule
+    too. Its VGG variant also divides by l² (`arch != 'resnet'`); not done here. A layer that
+    would exceed density 1 is kept dense and the rest re-solved (the reference hands the
+    excess to the next layers in order; the totals agree). Largest-remainder rounding, as ERK."""
+    sizes = [math.prod(s) for s in shapes]
+    total = round(sum(sizes) * density)
+    if len(sizes) == 1:
+        return [total]
+    last = min(round(sizes[-1] * SMART_RATIO_LAST), total)
+    depth = len(sizes)
+    raw = [(depth - l + 1) ** 2 + (depth - l + 1) for l in range(1, depth)]  # noqa: E741
+    body, budget = sizes[:-1], total - last
+    dense: set[int] = set()
+    while True:
+        free = [i for i in range(len(body)) if i not in dense]
+        rest = budget - sum(body[i] for i in dense)
+        scale = rest / sum(raw[i] * body[i] for i in free) if free else 0.0
+        over = {i for i in free if scale * raw[i] > 1}
+        if not over:
+            break
+        dense |= over
+    exact = [float(body[i]) if i in dense else scale * raw[i] * body[i] for i in range(len(body))]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(body)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: max(budget - sum(counts), 0)]:
+        counts[i] += 1
+    return [*counts, last]
 
 
 def erk_counts(shapes: list[tuple[int, ...]], density: float) -> list[int]:

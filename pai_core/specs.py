@@ -1,13 +1,12 @@
-"""The spec sections every paradigm shares, and the experiment base each paradigm's spec
-extends (`pai_core/paradigms/<name>.py`). Loading and the one-line errors: spec_io.py.
+"""The pruning section every pruning paradigm shares, and the experiment base each paradigm's
+spec extends (`pai_core/paradigms/<name>.py`); the model, data and training sections are in
+spec_sections.py and re-exported here. Loading and the one-line errors: spec_io.py.
 
 Every field is checked before any compute starts. Specs are frozen so a stage can never
-change what it was keyed on. Bounds: seeds 0 <= seed < 2**63 (torch generators; the reinit
-control's +7919 still fits manual_seed's 64 bits); floats finite everywhere (inf/NaN would
-reach JSON keys, `pai show` and the optimizer); lr <= 1000 (Zhou's supermask SGD uses 100);
-epochs <= 10,000, iterations <= 10**8, rounds <= 1000 (the plan is built whole up front);
-names 1-200 printable characters, `experiment` <= 500 (MLflow's limit). Schedules that must
-empty a layer, or whose min_density floors miss the target, are refused (prune_checks.py).
+change what it was keyed on. Bounds: rounds <= 1000 (the plan is built whole up front),
+`experiment` <= 500 characters (MLflow's limit); the sections' own: spec_sections.py.
+Schedules that must empty a layer, or whose min_density floors miss the target, are refused
+(prune_checks.py).
 """
 from __future__ import annotations
 
@@ -15,158 +14,27 @@ import math
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
-                      model_validator)
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from pai_core import prune_checks
 from pai_core.criteria import criterion_names, get_criterion
-from pai_core.data import dataset_info, dataset_names
-from pai_core.form_schema import form_schema, model_params_schema, registry_enum
+from pai_core.form_schema import form_schema, registry_enum
 from pai_core.models import model_info, model_names
+from pai_core.spec_sections import (LR_MAX, MAX_EPOCHS, MAX_ITERATIONS, MAX_NAME, SEED_LIMIT, DataSpec,  # noqa: F401
+                                    Frozen, ModelSpec, Name, Seed, TrainSpec, _text, registered)
 from pai_core.yaml_io import clip, dotted
 
-SEED_LIMIT = 2**63
-LR_MAX = 1e3
-MAX_EPOCHS, MAX_ITERATIONS = 10_000, 10**8
 MAX_ROUNDS = 1000
 MAX_NM_GROUP = 1024  # N:M groups: hardware uses 4 or 8; any m up to this works
-MAX_NAME, MAX_EXPERIMENT = 200, 500  # MLflow: experiment names up to 500 characters
-
-
-def registered(value: str, names: list[str], what: str) -> str:
-    if value not in names:
-        raise ValueError(f"unknown {what} {clip(value)}; allowed: {', '.join(names)}")
-    return value
-
-
-def _text(value: str) -> str:
-    if not value.isprintable():
-        raise ValueError("must be printable characters on one line (no tabs, line breaks or control characters)")
-    if "[/" in value:
-        raise ValueError("must not contain '[/' (terminal markup: the CLI's tables cannot print it)")
-    return value
-
-
-Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
-Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_text)]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, json_schema_extra=form_schema)
-
-
-class ModelSpec(Frozen):
-    """A registered model and its own parameters (`width`, `batch_norm`, ... where it has them).
-    Parameters left at their defaults are dropped, so `width: 1` and no width share a key."""
-    model_config = ConfigDict(frozen=True, extra="allow", allow_inf_nan=False, json_schema_extra=model_params_schema)
-    name: str = Field(description="a registered model (pai list)", json_schema_extra=registry_enum(model_names))
-
-    @model_validator(mode="before")
-    @classmethod
-    def _params(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            return data
-        if data["name"] not in model_names():
-            raise ValueError(f"model.name: unknown model {clip(data['name'])}; allowed: {', '.join(model_names())}")
-        info = model_info(data["name"])
-        given = {k: v for k, v in data.items() if k != "name" and v is not None}  # None: a form's empty field
-        try:
-            params = info.Params.model_validate(given)
-        except ValidationError as err:
-            e = err.errors()[0]
-            allowed = ", ".join(["name", *info.Params.model_fields])
-            what = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-            raise ValueError(f"model.{dotted(e['loc'])}: {what} for {info.name}; allowed: {allowed}") from None
-        return {"name": data["name"], **params.model_dump(mode="json", exclude_defaults=True)}
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.__pydantic_extra__ or {})
-
-
-class DataSpec(Frozen):
-    dataset: str = Field(description="a registered dataset (pai list)", json_schema_extra=registry_enum(dataset_names))
-    batch_size: int = Field(60, gt=0, le=2**20, description="examples per training step (iteration)")
-    val_size: int | None = Field(None, description="examples held out of train for validation; None = dataset default")
-    split_seed: Seed = Field(0, description="seed of the train/val split")
-    order_seed: Seed | None = Field(None, description="data-order seed; None = experiment seed")
-
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return registered(v, dataset_names(), "dataset")
-
-    @field_validator("val_size")
-    @classmethod
-    def _some_val(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("at least 1 example: val_acc and best-val selection need a validation split "
-                             "(leave it unset for the dataset's default)")
-        return v
-
-    @model_validator(mode="after")
-    def _val_fits(self) -> DataSpec:
-        info = dataset_info(self.dataset)
-        if self.val_size is not None and self.val_size >= info.train_size:
-            raise ValueError(f"val_size: must be < {info.train_size} (the {self.dataset} train split)")
-        return self
-
-    @property
-    def train_examples(self) -> int:
-        info = dataset_info(self.dataset)
-        val = info.default_val_size if self.val_size is None else self.val_size
-        return info.train_size - val
-
-    @property
-    def iterations_per_epoch(self) -> int:
-        return math.ceil(self.train_examples / self.batch_size)
-
-
-class TrainSpec(Frozen):
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="torch.optim.SGD or Adam")
-    lr: float = Field(gt=0, le=LR_MAX, description="peak learning rate (per step, before warmup and decay)")
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
-    nesterov: bool = Field(False, description="Nesterov momentum (SGD with momentum > 0)")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 coefficient (coupled, as torch's SGD/Adam)")
-    epochs: int | None = Field(None, gt=0, le=MAX_EPOCHS, description="training length in passes over the train split")
-    iterations: int | None = Field(None, gt=0, le=MAX_ITERATIONS,
-                                   description="training length in steps (instead of epochs)")
-    lr_schedule: Literal["constant", "step", "cosine"] = Field(
-        "constant", description="constant; step: × gamma at each milestone; cosine: to 0 over the training")
-    milestones: tuple[int, ...] = Field((), description="step schedule; in epochs if `epochs` is set, else iterations")
-    gamma: float = Field(0.1, gt=0, le=1, description="step schedule: factor at each milestone")
-    warmup_iterations: int = Field(0, ge=0, le=MAX_ITERATIONS, description="linear warmup (iterations)")
-
-    @model_validator(mode="after")
-    def _length(self) -> TrainSpec:
-        if (self.epochs is None) == (self.iterations is None):
-            raise ValueError("set exactly one of epochs or iterations")
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            raise ValueError("nesterov: needs optimizer sgd with momentum > 0")
-        if list(self.milestones) != sorted(set(self.milestones)):
-            raise ValueError("milestones: must be strictly increasing")
-        if self.milestones and self.lr_schedule != "step":
-            raise ValueError(f"milestones: only lr_schedule step uses them (this one is {self.lr_schedule})")
-        length, unit = (self.epochs, "epochs") if self.epochs is not None else (self.iterations, "iterations")
-        if self.milestones and not (1 <= self.milestones[0] and self.milestones[-1] < length):
-            bad = self.milestones[0] if self.milestones[0] < 1 else self.milestones[-1]
-            raise ValueError(f"milestones: each must be within the training length, 1..{length - 1} {unit} "
-                             f"(got {clip(bad)})")
-        return self
-
-    def total_iterations(self, iterations_per_epoch: int) -> int:
-        return self.iterations if self.iterations is not None else self.epochs * iterations_per_epoch
-
-    def milestone_iterations(self, iterations_per_epoch: int) -> tuple[int, ...]:
-        unit = iterations_per_epoch if self.epochs is not None else 1
-        return tuple(m * unit for m in self.milestones)
+MAX_EXPERIMENT = 500  # MLflow: experiment names up to 500 characters
 
 
 SCHEDULES = {"one_shot": "prune once to the target sparsity",
              "iterative": "prune `rate` of the remaining weights, `rounds` times",
              "gradual": "PaT: Zhu & Gupta's cubic ramp inside the fine-tune"}
 SCOPES = {"global": "one ranking over all layers", "layerwise": "each layer to the same density",
-          "erk": "Erdős–Rényi-kernel layer densities (Evci et al.)"}
+          "erk": "Erdős–Rényi-kernel layer densities (Evci et al.)",
+          "smart_ratio": "Su et al.'s random-ticket ratios: density ∝ (L-l+1)²+(L-l+1) by depth, classifier 30 %"}
 
 
 def schedule_help(*allowed: str) -> str:
@@ -209,7 +77,7 @@ class PruneSpec(Frozen):
                                                                   "structure nm: 1 - n/m, derived when unset")
     rate: float | None = Field(None, gt=0, lt=1, description="per round, fraction of the remaining weights removed (0-1)")
     rounds: int = Field(1, gt=0, description="pruning rounds (iterative)")
-    scope: Literal["global", "layerwise", "erk"] = Field("global", description=SCOPE_HELP)
+    scope: Literal["global", "layerwise", "erk", "smart_ratio"] = Field("global", description=SCOPE_HELP)
     min_density: float = Field(0.0, ge=0, le=1, description="per-layer floor on the kept fraction")
     prune_biases: bool = Field(False, description=PRUNE_BIASES_HELP)
     on_collapse: Literal["error", "warn"] = Field("error", description="a mask that empties a layer or cuts every path")
@@ -358,7 +226,7 @@ class ExperimentBase(Frozen):
 
     @model_validator(mode="after")
     def _model_takes_data(self) -> ExperimentBase:
-        info = dataset_info(self.data.dataset)
+        info = self.data.info
         problem = model_info(self.model.name).input_problem(info.in_shape, info.num_classes, self.model.params)
         if problem:
             raise ValueError(f"model.name: {self.model.name} cannot take {self.data.dataset} ({problem})")
@@ -369,6 +237,12 @@ class ExperimentBase(Frozen):
             total = train.total_iterations(self.data.iterations_per_epoch) if isinstance(train, TrainSpec) else 0
             if total and train.warmup_iterations >= total:
                 raise ValueError(f"{field}.warmup_iterations: must be < the {total:,} training iterations")
+            if total and train.bn_l1 and not model_info(self.model.name).has_batch_norm(self.model.params):
+                with_bn = [m if model_info(m).batch_norm is True else f"{m} with {model_info(m).batch_norm}: true"
+                           for m in model_names() if model_info(m).batch_norm]
+                raise ValueError(f"{field}.bn_l1: network slimming's L1 acts on BatchNorm scales and this "
+                                 f"{self.model.name} has none; allowed: 0, or a model with BatchNorm "
+                                 f"({', '.join(with_bn)})")
         if (units := self.pruned_units()) is not None:
             prune_checks.check_schedule(self.prune, *units)
         return self

@@ -1,10 +1,16 @@
 """Training and evaluation on in-memory tensors, resumable at any epoch boundary.
 
 Everything that decides the trajectory is a pure function of the iteration number: the
-data order of epoch e is a permutation seeded by (order_seed, e), the learning rate is
-computed from the iteration, and the optimizer state is saved with the weights. So
-resuming from a checkpoint, or rewinding to iteration k and training on, replays exactly
-the steps an uninterrupted run would take.
+data order of epoch e is a permutation seeded by (order_seed, e), the augmentation of
+iteration i is drawn from a generator seeded by (order_seed, i) (pai_core.augment), the
+learning rate is computed from the iteration, and the optimizer state is saved with the
+weights. So resuming from a checkpoint, or rewinding to iteration k and training on,
+replays exactly the steps an uninterrupted run would take; on CUDA only with deterministic
+kernels (`train.deterministic`, the default).
+
+The step loop never waits for the device: the loss is summed on it and read once per epoch,
+and augmentation draws reach it by non-blocking copies. Only rare callbacks (progress every
+PROGRESS_EVERY steps, mask updates) may synchronise.
 """
 from __future__ import annotations
 
@@ -12,16 +18,20 @@ import copy
 import logging
 import math
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pai_core import distributed
+from pai_core.augment import augment_batch, check_kinds, generator_at
 from pai_core.data import DataBundle, Split
+from pai_core.data.stream import eval_batches, train_batches
 from pai_core.masks import Mask, MaskEnforcer
 from pai_core.progress import Progress
 from pai_core.specs import TrainSpec
@@ -34,7 +44,8 @@ PROGRESS_EVERY = 50  # iterations between progress-bar updates
 
 def resolve_device(name: str) -> torch.device:
     """`auto` = CUDA when present. On CUDA, deterministic kernels are switched on: resuming
-    and rewinding are only exact if the same steps give the same numbers."""
+    and rewinding are only exact if the same steps give the same numbers. A training with
+    `train.deterministic: false` lifts this for its own duration only (`fast_kernels`)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -49,6 +60,42 @@ def _deterministic_cuda() -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextmanager
+def fast_kernels() -> Iterator[None]:
+    """Nondeterministic, autotuned kernels (cuDNN benchmark) inside the block; the previous
+    settings are restored after it. Faster convolutions, but the same steps no longer give
+    bit-identical numbers, so a resumed or rewound CUDA run is not bit-exact."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+@contextmanager
+def dropout_rng(model: nn.Module, device: torch.device, order_seed: int) -> Iterator[Any]:
+    """Dropout draws from torch's global generator, which no checkpoint holds and whose state
+    depends on what ran earlier in the process. For a model with dropout, the generator is
+    reseeded from (order_seed, iteration) before every step, so a resumed or rewound run
+    draws the same masks; the caller's generator state is restored afterwards. Yields the
+    per-step seeding function, or None for a model without dropout (nothing changes)."""
+    if not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
+        yield None
+        return
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        def seed_step(it: int) -> None:
+            seed = (order_seed * 1_000_003 + it) ^ 0xD50_90A7
+            torch.default_generator.manual_seed(seed % 2**63)
+            if cuda:
+                torch.cuda.default_generators[device.index or 0].manual_seed(seed % 2**63)
+        yield seed_step
 
 
 def epoch_order(n: int, order_seed: int, epoch: int) -> torch.Tensor:
@@ -86,8 +133,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> dict[str
     device = next(model.parameters()).device
     loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for i in range(0, len(split), batch_size):
-        x, y = split.x[i:i + batch_size], split.y[i:i + batch_size]
+    for x, y in eval_batches(split, batch_size, device):  # tensors in memory, or streamed files
         out = model(x)
         loss += F.cross_entropy(out, y, reduction="sum").double()
         correct += (out.argmax(1) == y).sum()
@@ -206,15 +252,32 @@ def train(
     checkpoint: Path | None = None,
     eval_batch_size: int = 1000,
     callbacks: Sequence[Callback] = (),
+    augment: Sequence[str] = (),
+    crop_fill: float | Sequence[float] = 0.0,
 ) -> TrainOutcome:
     """Train from `start_iter` to `stop_iter` (default: the spec's length), masked.
 
-    `data` must already be on the model's device. With `checkpoint`, the state is saved
-    atomically at every epoch boundary and a run that finds one resumes from it.
+    `data` must already be on the model's device, or be an image folder's streamed splits
+    (pai_core.data.stream: loader workers decode, the batches arrive on the device). With
+    `checkpoint`, the state is saved atomically at every epoch boundary and a run that finds
+    one resumes from it.
+    `augment` (kinds of pai_core.augment) is applied to each training batch, padding crops
+    with `crop_fill`; evaluation never augments. The spec's speed options: `precision: bf16`
+    autocasts forward and loss (evaluation stays fp32), `channels_last` converts conv weights
+    and batches (restored to the standard layout at the end), `compile` runs the forward
+    through torch.compile (the model's own state_dict keys are unchanged), and
+    `deterministic: false` uses fast nondeterministic CUDA kernels for this training, which
+    breaks bit-exact resume and rewinding on CUDA (no effect on CPU). In a torchrun launch of
+    several processes, each trains its slice of every global batch in DDP and rank 0 alone
+    writes the checkpoint (pai_core.distributed); the result is one process's, to float tolerance.
     """
+    augment = check_kinds(augment)
+    device = next(model.parameters()).device
     ipe = math.ceil(len(data.train) / batch_size)
     total = spec.total_iterations(ipe)
     stop = total if stop_iter is None else stop_iter
+    if spec.channels_last:  # before the optimizer: its state is created in the same layout
+        model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, spec)
     history: list[dict[str, float]] = []
     it = start_iter
@@ -232,50 +295,68 @@ def train(
         cb.on_start(state)
 
     model.train()
-    running, seen = torch.zeros((), device=data.train.x.device), 0
-    order = None
-    while it < stop:
-        epoch, pos = divmod(it, ipe)
-        if order is None or pos == 0:
-            order = epoch_order(len(data.train), order_seed, epoch).to(data.train.x.device)
-        idx = order[pos * batch_size:(pos + 1) * batch_size]
-        lr = lr_at(it, spec, ipe, total)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = F.cross_entropy(model(data.train.x[idx]), data.train.y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        state.it, state.skip_step, before = it, False, state.mask
-        for cb in callbacks:
-            cb.after_backward(state)
-        if state.mask is not before:
-            enforcer = MaskEnforcer(model, state.mask)
-        enforcer.before_step()
-        if not state.skip_step:
-            opt.step()
-        enforcer.after_step()
-        running += loss.detach()
-        seen += 1
-        it += 1
-        state.it = it
-        for cb in callbacks:
-            cb.on_step_end(state)
-        if it % ipe == 0 or it == stop:
-            row = {"iteration": it, "epoch": it / ipe, "lr": lr,
-                   "train_loss": (running / seen).item()}
-            for split_name in ("val", "test"):
-                for k, v in evaluate(model, getattr(data, split_name), eval_batch_size).items():
-                    row[f"{split_name}_{k}"] = v
-            history.append(row)
-            running, seen = torch.zeros_like(running), 0
+    # under torchrun: DDP, each process a slice of the same global batch (pai_core.distributed)
+    ddp = distributed.DataParallel(model, it) if distributed.world() > 1 else None
+    net = model if ddp is None else ddp.net
+    forward = torch.compile(net) if spec.compile else net  # same parameters, same state_dict
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if spec.precision == "bf16" else nullcontext
+    with fast_kernels() if device.type == "cuda" and not spec.deterministic else nullcontext(), \
+            dropout_rng(model, device, order_seed) as seed_step:
+        running, seen = torch.zeros((), device=device), 0
+        # iteration i's batch: rows of epoch_order(n, order_seed, epoch), in memory or streamed
+        batches = train_batches(data, it, stop, batch_size, order_seed, device)
+        while it < stop:
+            lr = lr_at(it, spec, ipe, total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = next(batches)
+            if seed_step is not None:
+                seed_step(it)
+            if augment:
+                x = augment_batch(x, augment, generator_at(order_seed, it), fill=crop_fill)
+            if ddp is not None:  # this process's slice, after augmenting the whole batch
+                x, y = ddp.shard(x, y)
+            if spec.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                loss = F.cross_entropy(forward(x), y) if ddp is None else ddp.loss(forward(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            state.it, state.skip_step, before = it, False, state.mask
             for cb in callbacks:
-                cb.on_epoch_end(state, row)
-            if state.stop:
-                break
-            if checkpoint is not None and it < stop:
-                save_checkpoint(checkpoint, {
-                    "model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
-                    "history": history, "mask": state.mask, "callbacks": [cb.state_dict() for cb in callbacks]})
+                cb.after_backward(state)
+            if state.mask is not before:
+                enforcer = MaskEnforcer(model, state.mask)
+            enforcer.before_step()
+            if not state.skip_step:
+                opt.step()
+            enforcer.after_step()
+            running += loss.detach().float()
+            seen += 1
+            it += 1
+            state.it = it
+            for cb in callbacks:
+                cb.on_step_end(state)
+            if it % ipe == 0 or it == stop:
+                row = {"iteration": it, "epoch": it / ipe, "lr": lr,
+                       "train_loss": ((running if ddp is None else ddp.mean(running)) / seen).item()}
+                for split_name in ("val", "test"):
+                    for k, v in evaluate(model, getattr(data, split_name), eval_batch_size).items():
+                        row[f"{split_name}_{k}"] = v
+                history.append(row)
+                running, seen = torch.zeros_like(running), 0
+                for cb in callbacks:
+                    cb.on_epoch_end(state, row)
+                if state.stop:
+                    break
+                if checkpoint is not None and it < stop and (ddp is None or ddp.main):
+                    save_checkpoint(checkpoint, {
+                        "model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it,
+                        "history": history, "mask": state.mask, "callbacks": [cb.state_dict() for cb in callbacks]})
+    if ddp is not None:
+        ddp.close()
+    if spec.channels_last:
+        model.to(memory_format=torch.contiguous_format)
     for cb in callbacks:
         cb.on_end(state)
     return TrainOutcome(history=history, optimizer_state=opt.state_dict(), iteration=it, mask=state.mask,

@@ -291,7 +291,8 @@ def test_synthetic_shapes_determinism_and_learnability():
 
 
 def test_names_info_and_errors():
-    assert data.dataset_names() == ["cifar10", "fashion_mnist", "mnist", "synthetic"]
+    assert data.dataset_names() == ["cifar10", "cifar100", "fashion_mnist", "image_folder", "mnist", "synthetic",
+                                    "synthetic_cifar"]
     assert data.dataset_info("mnist") == data.DatasetInfo("mnist", (1, 28, 28), 10, 60000, 5000)
     with pytest.raises(ValueError, match=r"cifar10.*fashion_mnist.*mnist.*synthetic"):
         data.load("imagenet")

@@ -199,11 +199,13 @@ def test_anneal_and_paper_defaults():
 
 
 @pytest.mark.parametrize("method", ["set", "rigl"])
-def test_random_grow_init_is_seeded_and_drawn_at_the_active_std(method):
+def test_random_grow_init_is_seeded_and_drawn_at_the_masked_layer_std(method):
+    """RigL's `random_normal`: the std of the whole masked layer, zeros included (not the active
+    weights' alone, which compounded update after update and made SET diverge)."""
     def run(seed, it):
         model, opt, mask = setup("sgd")
         params = dict(model.named_parameters())
-        std = {n: params[n].detach()[mask[n]].std(unbiased=False).item() for n in mask}
+        std = {n: (params[n].detach() * mask[n]).std(unbiased=False).item() for n in mask}
         new = DynamicSparsity(method, 10, 0.3, 1000, seed, grow_init="random")(it, model, opt, mask)
         grown = {n: params[n].detach()[new[n] & ~mask[n]].clone() for n in mask}
         return new, grown, std

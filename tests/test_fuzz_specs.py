@@ -124,7 +124,7 @@ CROSS = {"batch_size": ("prune.rewind_iter", "prune.lr_rewind_iter", "prune.spar
          "val_size": ("prune.rewind_iter", "prune.lr_rewind_iter"),
          "dataset": ("model.name",), "name": ("model.name", "model", "data.dataset"),
          "flow": ("flow",), "epochs": ("prune.rewind_iter", "prune.lr_rewind_iter", "train.warmup_iterations"),
-         "iterations": ("prune.rewind_iter",), "batch_norm": ("early_bird.structure",)}
+         "iterations": ("prune.rewind_iter",), "batch_norm": ("early_bird.structure", "train.bn_l1", "prune.criterion")}
 
 
 def test_corpus_size():

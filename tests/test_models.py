@@ -15,6 +15,14 @@ from pai_core.models import build_model, model_names
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 ALL = model_names()
+# The big nets run these generic checks at a small size of their own params (the same code
+# paths), which keeps this file fast; their full sizes are counted on the meta device in
+# test_models_scale.py. resnet18/50 (torchvision's, no size params) are cheap at 32x32.
+SMALL = {"wrn": {"depth": 10, "widen": 2}, "vgg19": {"width": 0.25}}
+
+
+def _build(name: str, in_shape: tuple[int, int, int], seed: int = 0) -> nn.Module:
+    return build_model(name, in_shape, 10, seed=seed, **SMALL.get(name, {}))
 
 
 def _weights(model: nn.Module) -> list[torch.Tensor]:
@@ -28,7 +36,7 @@ def _count(tensors) -> int:
 @pytest.mark.parametrize("in_shape", [MNIST, CIFAR])
 @pytest.mark.parametrize("name", ALL)
 def test_forward_shape_and_finite(name: str, in_shape: tuple[int, int, int]) -> None:
-    model = build_model(name, in_shape, 10, seed=0)
+    model = _build(name, in_shape)
     assert model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
     out = model(torch.randn(2, *in_shape))
@@ -39,9 +47,9 @@ def test_forward_shape_and_finite(name: str, in_shape: tuple[int, int, int]) -> 
 @pytest.mark.parametrize("name", ALL)
 def test_seed_determines_weights_and_leaves_global_rng_alone(name: str) -> None:
     rng_before = torch.get_rng_state()
-    a = build_model(name, CIFAR, 10, seed=1).state_dict()
-    b = build_model(name, CIFAR, 10, seed=1).state_dict()
-    c = build_model(name, CIFAR, 10, seed=2).state_dict()
+    a = _build(name, CIFAR, seed=1).state_dict()
+    b = _build(name, CIFAR, seed=1).state_dict()
+    c = _build(name, CIFAR, seed=2).state_dict()
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -50,7 +58,7 @@ def test_seed_determines_weights_and_leaves_global_rng_alone(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_every_conv_and_linear_has_trainable_weight(name: str) -> None:
-    model = build_model(name, CIFAR, 10, seed=0)
+    model = _build(name, CIFAR)
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert layers
     for m in layers:
@@ -59,7 +67,7 @@ def test_every_conv_and_linear_has_trainable_weight(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_backward_gives_finite_grads(name: str) -> None:
-    model = build_model(name, MNIST, 10, seed=0)
+    model = _build(name, MNIST)
     loss = nn.functional.cross_entropy(model(torch.randn(2, *MNIST)), torch.tensor([3, 7]))
     loss.backward()
     for pname, p in model.named_parameters():

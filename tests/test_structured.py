@@ -79,3 +79,21 @@ def test_structured_needs_a_chain_model_and_layerwise_scope():
         tiny_spec("prune_after_training", model={"name": "resnet20"},
                   prune={"schedule": "one_shot", "sparsity": 0.5, "rate": None, "rounds": 1, "scope": "layerwise",
                          "structure": "filter"})
+
+
+def test_inverted_filter_selection_keeps_the_lowest_ranked_filters():
+    """The sanity checks' inverted filter mask: negating the weights' scores changes nothing under
+    a norm, so the filter scores themselves are negated."""
+    from pai_core import structured
+    from pai_core.masks import dense_mask
+    from pai_core.models import build_model
+
+    model = build_model("lenet5", (1, 28, 28), 10, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    previous = dense_mask(model)
+    scores = {n: torch.rand(m.shape, generator=gen) for n, m in previous.items()}
+    kept = structured.kept_filters(model, structured.select_filters(model, scores, previous, 0.5, "l1"))
+    inverted = structured.kept_filters(model, structured.select_filters(model, scores, previous, 0.5, "l1",
+                                                                        invert=True))
+    for name, k in kept.items():
+        assert int(k.sum()) == int(inverted[name].sum()) and not (k & inverted[name]).any()

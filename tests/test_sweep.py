@@ -140,3 +140,16 @@ def test_a_failing_point_fails_alone_and_is_reported_missing(prefect, pai_home):
     assert summary["executed"]["sparse_train"] == 1
     table = open(summary["report"]["markdown"]).read()
     assert "| magnitude | 0.5000 |" in table and "Not computed yet (1)" in table
+
+
+def test_fractional_claims_pack_stages_onto_one_local_gpu_worker():
+    """A LocalCluster worker holds one whole unit of each claimed resource, so a stage claiming a
+    quarter GPU shares it with three others (as many as the worker's threads)."""
+    from flows.runner import local_capacity
+
+    assert local_capacity({"GPU": 0.25}) == {"GPU": 1.0}
+    assert local_capacity({"GPU": 1}) == {"GPU": 1.0}
+    assert local_capacity({"GPU": 2, "MEM": 0.5}) == {"GPU": 2.0, "MEM": 1.0}
+    assert local_capacity({}) is None
+    packed = sweep_spec(workers=1, threads_per_worker=4, resources={"GPU": 0.25})
+    assert packed.dask.resources == {"GPU": 0.25} and 4 * 0.25 <= local_capacity(packed.dask.resources)["GPU"]

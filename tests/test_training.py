@@ -138,3 +138,38 @@ def test_lth_rewinds_to_the_stored_point(tmp_path, rewind_iter):
           start_iter=rewind_iter, optimizer_state=stored.get("optimizer"))
     final = rt.store.load(refs[retrain.key])["model"]
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+
+
+class DropoutNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 64), torch.nn.ReLU(),
+                                        torch.nn.Dropout(0.5), torch.nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def dropout_net():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return DropoutNet()
+
+
+def test_dropout_draws_are_a_function_of_the_iteration(tmp_path):
+    """A model with dropout resumes and rewinds bit for bit, whatever the process's generator did
+    before; a model without dropout leaves the global generator alone."""
+    data = load("synthetic")
+    full = dropout_net()
+    train(full, data, SGD, batch_size=50, order_seed=3)
+    torch.rand(1000)  # the process's global generator moves on: must not matter
+    part = dropout_net()
+    first = train(part, data, SGD, batch_size=50, order_seed=3, stop_iter=37)
+    train(part, data, SGD, batch_size=50, order_seed=3, start_iter=37, optimizer_state=first.optimizer_state)
+    assert same_weights(full, part)
+    before = torch.get_rng_state()
+    train(dropout_net(), data, SGD, batch_size=50, order_seed=3, stop_iter=5)
+    assert torch.equal(torch.get_rng_state(), before), "the caller's generator is restored"
+    other = dropout_net()
+    train(other, data, SGD, batch_size=50, order_seed=4)
+    assert not same_weights(full, other), "another order seed draws other masks"

@@ -27,6 +27,7 @@ class ScoreInputs:
     in_shape: tuple[int, ...]
     num_classes: int
     batches: Batches | None = None  # train batches in epoch-0 order, if the criterion needs data
+    dense_weights: dict[str, torch.Tensor] | None = None  # a `revives` criterion: the weights before masking
 
 
 ScoreFn = Callable[[nn.Module, Mask, ScoreInputs, BaseModel], dict[str, torch.Tensor]]
@@ -45,17 +46,21 @@ class Criterion:
     stochastic: bool = False  # draws from the generator, so its key includes the seed
     bn_mode: str | None = None  # "train" | "eval": BatchNorm mode it scores in (paper's); None: no forward pass
     description: str = ""
+    # A pruned weight may come back in a later round at fixed weights: it is scored at its
+    # unmasked value (ScoreInputs.dense_weights) and every weight is ranked, not only survivors.
+    revives: bool = False
 
 
 _CRITERIA: dict[str, Criterion] = {}
 
 
 def register(name: str, *, description: str, params: type[BaseModel] = NoParams, needs_data: bool = False,
-             stochastic: bool = False, bn_mode: str | None = None) -> Callable[[ScoreFn], ScoreFn]:
+             stochastic: bool = False, bn_mode: str | None = None, revives: bool = False,
+             ) -> Callable[[ScoreFn], ScoreFn]:
     def deco(fn: ScoreFn) -> ScoreFn:
         if name in _CRITERIA:
             raise ValueError(f"criterion {name!r} registered twice")
-        _CRITERIA[name] = Criterion(name, fn, params, needs_data, stochastic, bn_mode, description)
+        _CRITERIA[name] = Criterion(name, fn, params, needs_data, stochastic, bn_mode, description, revives)
         return fn
     return deco
 

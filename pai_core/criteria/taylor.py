@@ -4,8 +4,8 @@ change of the loss when a weight is removed, (g·w)², averaged over training ba
 Each batch contributes (g_b ⊙ w)² with g_b that batch's gradient (the square is taken per
 batch, then averaged, as the paper accumulates it over minibatches), so a weight whose
 gradient flips sign from batch to batch still scores high. Whole filters: PaT's
-`structure: filter` combines these per-weight scores with `filter_norm` (the paper's group
-variant squares the summed g·w of a filter instead).
+`structure: filter` combines these per-weight scores with `filter_norm: l1` (the reference's
+"Taylor_weight"); the paper's group criterion, one square per filter, is `taylor_filter`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Datasets as in-memory tensors with a reproducible train/val/test split.
+"""Datasets with a reproducible train/val/test split: in-memory tensors (MNIST, CIFAR, ...),
+or `image_folder`, files streamed from disk by DataLoader workers (pai_core.data.stream).
 
 Adding a dataset: one module with a `@register_dataset(info)` loader, plus its import below.
 """
@@ -16,7 +17,7 @@ from pai_core.data.registry import (
 )
 
 # Imported for their registration side effect.
-from pai_core.data import mnist, cifar, synthetic  # noqa: E402,F401  isort: skip
+from pai_core.data import mnist, cifar, synthetic, image_folder  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "DataBundle",

@@ -4,6 +4,10 @@ Datasets are small enough (MNIST-sized) to live in memory as normalised tensors,
 loader decodes once per process and every later `load` only re-slices. The validation
 split is drawn from the official train split with its own seed so that it stays fixed
 while model seeds vary, as in the lottery-ticket experiments.
+
+Sets that do not fit in memory are not loaded here: `image_folder` (ImageNet layouts) is
+registered so that specs can name it, and streamed from disk (pai_core.data.image_folder,
+pai_core.data.stream) with the same split rule applied to its file list.
 """
 from __future__ import annotations
 
@@ -51,6 +55,12 @@ class DatasetInfo:
     num_classes: int
     train_size: int  # official train split, before holding out validation
     default_val_size: int
+    # `data.augment` when unset (pai_core.augment kinds): the paper standard for the dataset
+    default_augment: tuple[str, ...] = ()
+    # per channel, the normalised value of a black pixel: the crop's padding, as the reference
+    # pads before Normalize; None = 0 (the mean colour)
+    crop_fill: tuple[float, ...] | None = None
+    description: str = ""  # what `pai list` prints instead of the shape line, when set
 
 
 _REGISTRY: dict[str, tuple[DatasetInfo, LoaderFn]] = {}

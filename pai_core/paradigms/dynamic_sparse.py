@@ -1,47 +1,92 @@
-"""Dynamic sparse training: SET (Mocanu et al. 2018) and RigL (Evci et al. 2020). k1 = 0,
-then the mask is updated while training: every `update_interval` iterations each layer
-drops its smallest weights and regrows as many, at random (SET) or by dense-gradient
-magnitude (RigL). The initial mask is prune.criterion (random) with prune.scope (ERK);
-evaluation uses the final mask.
+"""Dynamic sparse training. k1 = 0, then the mask is updated while training by the method
+`dynamic.method` names (pai_core/dynamic_methods: SET, RigL, DeepR, DSR, SNFS). SET/RigL:
+every `update_interval` iterations each layer drops its smallest weights and regrows as
+many, at random (SET) or by dense-gradient magnitude (RigL); the later methods take their
+options in `dynamic.params`. The initial mask is prune.criterion (random) with prune.scope
+(ERK); evaluation uses the final mask.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pai_core.callbacks import MaskUpdate, register_callback
+from pai_core.callbacks import register_callback
 from pai_core.dynamic import DynamicSparsity
-from pai_core.paradigms.common import pretty
+from pai_core.dynamic_methods import dynamic_method_names, get_method
+from pai_core.form_schema import registry_enum
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
-from pai_core.specs import ExperimentBase, Frozen, PruneSpec, schedule_help
+from pai_core.specs import ExperimentBase, Frozen, PruneSpec, registered, schedule_help
+from pai_core.training import Callback
+from pai_core.yaml_io import clip, dotted
 
-
-METHODS = {"set": "Mocanu et al. 2018: drop the smallest weights, regrow as many at random",
-           "rigl": "Evci et al. 2020: drop the smallest weights, regrow by dense-gradient magnitude"}
+# The options SET and RigL read (their stage keys are these, resolved); later methods refuse them.
+SET_RIGL_OPTIONS = ("update_interval", "drop_fraction", "end_fraction", "anneal", "grow_init", "regrow_dropped",
+                    "skip_step_on_update")
 
 
 class DynamicSpec(Frozen):
     """How the mask moves while training."""
-    method: Literal["set", "rigl"] = Field(description="set: regrow at random; rigl: by gradient magnitude")
-    update_interval: int = Field(100, gt=0, description="iterations between mask updates")
-    drop_fraction: float = Field(0.3, gt=0, lt=1, description="fraction of each layer's active weights moved "
-                                                                 "(at the first update, when annealed)")
-    end_fraction: float = Field(0.75, gt=0, le=1, description="no updates after this fraction of training")
+    method: str = Field(description="a registered dynamic sparse method (pai list): set, rigl, deepr, dsr, snfs",
+                        json_schema_extra=registry_enum(dynamic_method_names))
+    update_interval: int = Field(100, gt=0, description="set/rigl: iterations between mask updates")
+    drop_fraction: float = Field(0.3, gt=0, lt=1, description="set/rigl: fraction of each layer's active weights "
+                                                                 "moved (at the first update, when annealed)")
+    end_fraction: float = Field(0.75, gt=0, le=1, description="set/rigl: no updates after this fraction of training")
     anneal: Literal["cosine", "constant"] | None = Field(
-        None, description="drop fraction over time; None = the paper's (RigL: cosine, SET: constant)")
+        None, description="set/rigl: drop fraction over time; None = the paper's (RigL: cosine, SET: constant)")
     grow_init: Literal["zero", "random"] | None = Field(
-        None, description="value of a new connection; None = the paper's (RigL: zero, SET: random)")
-    regrow_dropped: bool = Field(True, description="a weight dropped in an update may be regrown in it "
+        None, description="set/rigl: value of a new connection; None = the paper's (RigL: zero, SET: random)")
+    regrow_dropped: bool = Field(True, description="set/rigl: a weight dropped in an update may be regrown in it "
                                                    "(both references); false: grow only among the inactive")
     skip_step_on_update: bool | None = Field(
-        None, description="no optimizer step on update iterations; None = the reference's (RigL: yes, SET: no)")
+        None, description="set/rigl: no optimizer step on update iterations; None = the reference's (RigL: yes, "
+                          "SET: no)")
+    params: dict[str, Any] = Field(default_factory=dict, description="deepr, dsr, snfs: the method's own options "
+                                                                     "(pai list names them); empty = the paper's")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return registered(v, dynamic_method_names(), "dynamic method")
+
+    @model_validator(mode="after")
+    def _options(self) -> DynamicSpec:
+        """SET/RigL read the fields above and have no params; every other method reads only
+        its params, validated against its own model, and refuses a SET/RigL field by name."""
+        method = get_method(self.method)
+        if method.top_level:
+            if self.params:
+                raise ValueError(f"params.{dotted([next(iter(self.params))])}: unknown field; allowed: none "
+                                 f"({self.method} takes its options as dynamic.{', dynamic.'.join(SET_RIGL_OPTIONS)})")
+            return self
+        own = ", ".join(method.Params.model_fields)
+        stray = [f for f in SET_RIGL_OPTIONS  # at its default it changes nothing (a form sends every field)
+                 if getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True)]
+        if stray:
+            raise ValueError(f"{stray[0]}: a set/rigl option; {self.method} takes its options in dynamic.params; "
+                             f"allowed: {own}")
+        try:
+            method.Params.model_validate(self.params)
+        except ValidationError as err:
+            e = err.errors(include_url=False)[0]
+            what = "unknown field" if e["type"] == "extra_forbidden" else f"{e['msg']} (got {clip(e.get('input'))})"
+            raise ValueError(f"params.{dotted(e['loc'])}: {what}; allowed: {own}") from None
+        return self
 
     def resolved(self) -> dict:
-        """Every option with the method's paper default filled in: what the training runs, and its key."""
-        given = self.model_dump(mode="json")
-        return {k: (DynamicSparsity.paper_defaults(self.method).get(k) if v is None else v) for k, v in given.items()}
+        """What the training runs, and its key. SET/RigL: every option with the method's paper
+        default filled in (the key they always had); others: the method and its params, all
+        of them, defaults filled in."""
+        method = get_method(self.method)
+        if not method.top_level:
+            return {"method": self.method, "params": method.Params.model_validate(self.params).model_dump(mode="json")}
+        given = self.model_dump(mode="json", exclude={"params"})
+        out = {k: (DynamicSparsity.paper_defaults(self.method).get(k) if v is None else v) for k, v in given.items()}
+        if out["grow_init"] == "random":  # new keys: random growth once drew at the active weights' std (diverged)
+            out["grow_std"] = "masked_layer"
+        return out
 
 
 class OneShotPrune(PruneSpec):
@@ -53,12 +98,19 @@ class OneShotPrune(PruneSpec):
 class DynamicSparseSpec(ExperimentBase):
     flow: Literal["dynamic_sparse"] = "dynamic_sparse"
     prune: OneShotPrune = Field(description="the initial mask at init (criterion random, scope erk in the papers)")
-    dynamic: DynamicSpec = Field(description="how the mask moves during training (SET, RigL)")
+    dynamic: DynamicSpec = Field(description="how the mask moves during training (SET, RigL, DeepR, DSR, SNFS)")
 
     @model_validator(mode="after")
     def _updates_happen(self) -> DynamicSparseSpec:
-        """A mask update at every multiple of update_interval below end_fraction of training: none
-        at all would train the initial mask statically while the spec says SET/RigL."""
+        """At least one mask update before the method stops: none at all would train the
+        initial mask statically while the spec names a dynamic method."""
+        method = get_method(self.dynamic.method)
+        if not method.top_level:
+            problem = method.Params.model_validate(self.dynamic.params).schedule_problem(
+                self.total_iterations, self.data.iterations_per_epoch)
+            if problem:
+                raise ValueError(f"dynamic.{problem}")
+            return self
         end = int(self.dynamic.end_fraction * self.total_iterations)
         if self.dynamic.update_interval >= end:
             raise ValueError(f"dynamic.update_interval: no mask update would happen: updates stop at iteration {end:,} "
@@ -68,11 +120,9 @@ class DynamicSparseSpec(ExperimentBase):
 
 
 @register_callback("dynamic")
-def _dynamic(d: dict, total: int, key: str) -> MaskUpdate:
-    return MaskUpdate(DynamicSparsity(d["method"], d["update_interval"], d["drop_fraction"],
-                                      int(d["end_fraction"] * total), int(key[:12], 16), anneal=d["anneal"],
-                                      grow_init=d["grow_init"], regrow_dropped=d["regrow_dropped"],
-                                      skip_step_on_update=d["skip_step_on_update"]))
+def _dynamic(d: dict, total: int, key: str) -> Callback:
+    """The method's callback; its random draws are seeded from the train node's key."""
+    return get_method(d["method"]).build(d, total, int(key[:12], 16))
 
 
 def plan(spec: DynamicSparseSpec) -> Plan:
@@ -86,9 +136,9 @@ def plan(spec: DynamicSparseSpec) -> Plan:
 
 
 def label(spec: DynamicSparseSpec, rnd: Round) -> str:
-    return pretty(spec.dynamic.method)
+    return get_method(spec.dynamic.method).label
 
 
 PARADIGM = register_paradigm("dynamic_sparse", DynamicSparseSpec, plan, label,
-                             "sparse training with a moving mask: SET (random regrowth), RigL (gradient regrowth)",
-                             __doc__)
+                             "sparse training with a moving mask: SET, RigL, DeepR, DSR, SNFS (pai list: dynamic "
+                             "methods)", __doc__)

@@ -12,7 +12,9 @@ saved are recorded.
 - `structure: channel` (the paper's): network-slimming style, on models with BatchNorm. The
   mask keeps the channels whose BN scale |γ| is above the global p-quantile, with an L1
   penalty on γ during the search (`l1`, 1e-4 as `--sr --s 0.0001`); a dropped channel removes
-  its filter and the next layer's dependent inputs (chain-shaped models).
+  its filter and the next layer's dependent inputs (chain-shaped models). The BatchNorm helpers
+  (which BN follows which layer, the L1 subgradient) are pai_core.structured's, shared with
+  PaT's network slimming (`train.bn_l1`, criterion `bn_scale`).
 - `structure: unstructured`: global magnitude over the prunable weights.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pai_core.selection import select
 from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec, schedule_help
 from pai_core.training import Callback, TrainState
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_BN = structured.BN
 
 
 class EarlyBirdOptions(Frozen):
@@ -79,6 +81,9 @@ class EarlyBirdSpec(ExperimentBase):
             raise ValueError(f"early_bird.window: {self.early_bird.window} masks (one per epoch) never fit in the "
                              f"{self.train.epochs} pretraining epochs, so no ticket could be drawn; allowed: "
                              f"2..{self.train.epochs}")
+        if self.early_bird.structure == "channel" and self.train.bn_l1:
+            raise ValueError("train.bn_l1: the channel search applies early_bird.l1 to the BatchNorm scales itself; "
+                             "allowed: 0 (set early_bird.l1 instead)")
         if self.early_bird.structure == "channel":
             bns = [m.weight.shape[0] for m in meta_model(self).modules() if isinstance(m, _BN)]
             kept = sum(bns) - int(sum(bns) * self.prune.sparsity)  # channel_keep's count
@@ -112,13 +117,7 @@ def channel_keep(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
 
 def channel_weight_mask(model: nn.Module, keep_bn: dict[str, torch.Tensor]) -> Mask:
     """Weights that remove the dropped channels' filters and the next layer's inputs from them."""
-    layer_of: dict[str, str] = {}  # BN -> the Conv/Linear just before it in module order
-    last = None
-    for n, m in model.named_modules():
-        if isinstance(m, structured.LAYERS):
-            last = n
-        elif isinstance(m, _BN) and last is not None:
-            layer_of[n] = last
+    layer_of = {bn: layer for layer, bn in structured.bn_after(model).items()}  # BN -> the layer it normalizes
     keep = {n: torch.ones(m.weight.shape[0], dtype=torch.bool) for n, m in structured.chain(model)[:-1]}
     for bn, k in keep_bn.items():
         if layer_of.get(bn) in keep:
@@ -145,9 +144,7 @@ class EarlyBird(Callback):
 
     def after_backward(self, state: TrainState) -> None:
         if self.cfg["structure"] == "channel" and self.cfg["l1"]:  # network slimming's subgradient
-            for m in state.model.modules():
-                if isinstance(m, _BN) and m.weight.grad is not None:
-                    m.weight.grad.add_(self.cfg["l1"] * torch.sign(m.weight.detach()))
+            structured.bn_l1_subgradient(state.model, self.cfg["l1"])
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
         flat, mask = self.draw(state.model)

@@ -1,9 +1,16 @@
 """Prune after training (PaT): k1 = k2 = K, f3 = fine-tune. One-shot, iterative (prune and
 fine-tune, repeated), or gradual (Zhu & Gupta's cubic ramp, pruning every n steps inside the
 fine-tune). Unstructured, `structure: nm` (n of every m consecutive input weights, one
-round), or `structure: filter`: whole filters/neurons by the l1/l2 norm of
-their scores, with their dependent input channels; `physical: true` also builds, evaluates
-and stores the physically smaller dense net.
+round), or `structure: filter`: whole filters/neurons by the l1/l2 norm (or max) of
+their scores, with their dependent input channels, per layer (`scope: layerwise`) or by one
+ranking over all layers (`scope: global`); `physical: true` also builds, evaluates and stores
+the physically smaller dense net.
+
+Network slimming (Liu et al. 2017) is `train.bn_l1` (L1 on the BN scales while pretraining),
+then `criterion: bn_scale` with `structure: filter, scope: global`: one threshold over every
+BN |γ|, only the channels a BatchNorm follows. Molchanov et al.'s (2019) filter Taylor is
+`criterion: taylor_filter` with `structure: filter, scope: global`. Both give every weight of a
+unit the unit's own score, so the filter score is its max (`filter_norm` defaults to max).
 """
 from __future__ import annotations
 
@@ -25,6 +32,9 @@ from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec, schedul
 
 STRUCTURES = {**SHARED_STRUCTURES, "filter": "whole filters/neurons and their dependent input channels "
                                              "(chain-shaped models; prune_after_training only)"}
+# Criteria that score whole units (one score spread over a unit's weights): filter structure
+# only, filter_norm max, and the layers they prune by default.
+UNIT_CRITERIA = {"bn_scale": "batch_norm", "taylor_filter": "all"}
 
 
 class GradualSpec(Frozen):
@@ -46,7 +56,13 @@ class PaTPrune(PruneSpec):
     gradual: GradualSpec = Field(default_factory=GradualSpec, description="schedule: gradual")
     structure: Literal["unstructured", "nm", "filter"] = Field(
         "unstructured", description="what is pruned: " + "; ".join(f"{k}: {v}" for k, v in STRUCTURES.items()))
-    filter_norm: Literal["l1", "l2"] = Field("l1", description="structure filter: how a filter's scores combine")
+    filter_norm: Literal["l1", "l2", "max"] | None = Field(
+        None, description="structure filter: how a filter's per-weight scores combine into one: l1 or l2 norm, or "
+                          "max; None = max for criteria that score whole units (bn_scale, taylor_filter), else l1")
+    filter_layers: Literal["all", "batch_norm"] | None = Field(
+        None, description="structure filter: the layers that lose units: all (every layer but the output) or "
+                          "batch_norm (those a BatchNorm follows: network slimming's channels); None = batch_norm "
+                          "for bn_scale, else all")
     physical: bool = Field(False, description="structure filter: also build and evaluate the smaller dense net")
 
     @model_validator(mode="after")
@@ -55,9 +71,36 @@ class PaTPrune(PruneSpec):
             raise ValueError("gradual needs sparsity and criterion magnitude (Zhu & Gupta)")
         if self.physical and self.structure != "filter":
             raise ValueError("prune.physical removes whole filters: it needs structure filter")
-        if self.structure == "filter" and (self.schedule == "gradual" or self.scope != "layerwise"):
-            raise ValueError("structure filter prunes one_shot or iterative with scope layerwise")
+        if self.structure != "filter":
+            for field in ("filter_norm", "filter_layers"):
+                if getattr(self, field) is not None:
+                    raise ValueError(f"prune.{field}: only structure filter uses it (this one is {self.structure})")
+            if self.criterion in UNIT_CRITERIA:
+                raise ValueError(f"prune.structure: {self.criterion} scores whole filters/neurons; allowed: filter")
+            return self
+        if self.schedule == "gradual":
+            raise ValueError("prune.schedule: structure filter prunes one_shot or iterative; allowed: one_shot, "
+                             "iterative")
+        if self.scope not in ("layerwise", "global"):
+            raise ValueError(f"prune.scope: structure filter ranks the filters of each layer (layerwise) or of all "
+                             f"layers together (global); allowed: layerwise, global (got {self.scope})")
+        if self.criterion in UNIT_CRITERIA and self.filter_norm not in (None, "max"):
+            raise ValueError(f"prune.filter_norm: {self.criterion} gives every weight of a unit the unit's score, so "
+                             f"a norm would weight it by the filter's size; allowed: max (or unset)")
+        if self.criterion == "bn_scale" and self.filter_layers == "all":
+            raise ValueError("prune.filter_layers: bn_scale scores the channels a BatchNorm follows; allowed: "
+                             "batch_norm (or unset)")
         return self
+
+    @property
+    def norm(self) -> str:
+        """filter_norm as used: max for criteria that score whole units, l1 otherwise."""
+        return self.filter_norm or ("max" if self.criterion in UNIT_CRITERIA else "l1")
+
+    @property
+    def unit_layers(self) -> str:
+        """filter_layers as used: the criterion's own (batch_norm for bn_scale), else all."""
+        return self.filter_layers or UNIT_CRITERIA.get(self.criterion, "all")
 
 
 class PruneAfterTrainingSpec(ExperimentBase):
@@ -67,9 +110,18 @@ class PruneAfterTrainingSpec(ExperimentBase):
 
     @model_validator(mode="after")
     def _chain(self) -> PruneAfterTrainingSpec:
-        if self.prune.structure == "filter" and not model_info(self.model.name).chain:
+        info = model_info(self.model.name)
+        if self.prune.structure == "filter" and not info.chain:
             chains = [m for m in model_names() if model_info(m).chain]
             raise ValueError(f"structure filter needs a chain-shaped model; allowed: {', '.join(chains)}")
+        if self.prune.structure == "filter" and self.prune.unit_layers == "batch_norm" and not info.has_batch_norm(
+                self.model.params):
+            field = "criterion" if self.prune.filter_layers is None else "filter_layers"
+            what = "bn_scale ranks BatchNorm scales" if field == "criterion" else "batch_norm prunes BN channels"
+            with_bn = [m if model_info(m).batch_norm is True else f"{m} with {model_info(m).batch_norm}: true"
+                       for m in model_names() if model_info(m).chain and model_info(m).batch_norm]
+            raise ValueError(f"prune.{field}: {what}, and this {self.model.name} has no BatchNorm; allowed: a "
+                             f"chain-shaped model with BatchNorm ({', '.join(with_bn)})")
         return self
 
     @property
@@ -77,12 +129,14 @@ class PruneAfterTrainingSpec(ExperimentBase):
         return self.retrain
 
     def pruned_units(self) -> tuple | None:
-        """Whole filters: the densities apply per layer to the output units of every chain layer
-        but the last (structured.select_filters)."""
+        """Whole filters: the densities apply to the output units of the candidate layers (every
+        chain layer but the last, or those a BatchNorm follows), per layer or all together
+        (structured.select_filters)."""
         if self.prune.structure != "filter" or not model_info(self.model.name).chain:
             return super().pruned_units()
-        layers = [(f"{name}.weight", (m.weight.shape[0],)) for name, m in structured.chain(meta_model(self))[:-1]]
-        return layers, "layerwise", "filters"
+        layers = [(f"{name}.weight", (m.weight.shape[0],))
+                  for name, m in structured.unit_layers(meta_model(self), self.prune.unit_layers)]
+        return layers, self.prune.scope, "filters"
 
 
 @register_callback("gradual")
@@ -102,7 +156,10 @@ def plan(spec: PruneAfterTrainingSpec) -> Plan:
             "min_density": p.min_density, "prune_biases": p.prune_biases})
         return Plan("prune_after_training", [dense, Round(1, "gradual", 1 - p.sparsity, None, ft,
                                                           evaluate_node(spec, ft, None))])
-    structure = {"structure": "filter", "filter_norm": p.filter_norm} if p.structure == "filter" else None
+    structure = None
+    if p.structure == "filter":  # a default filter_layers adds no field: earlier filter masks keep their keys
+        structure = {"structure": "filter", "filter_norm": p.norm}
+        structure |= {"filter_layers": p.unit_layers} if p.unit_layers != "all" else {}
     for r, density in enumerate(p.round_densities(), start=1):
         mask = mask_node(spec, score_node(spec, weights, mask), mask, density, structure)
         weights = train_node(spec, "finetune", weights, spec.retrain, mask=mask, mode="finetune")

@@ -1,8 +1,10 @@
-"""Pruning at initialization: SNIP, GraSP, SynFlow, random, magnitude at init. k1 = k2 = 0,
-f3 = train from scratch. One-shot scores once; iterative scores and prunes `rounds` times
-at the init, re-ranking only the survivors (SynFlow's default: 100 rounds on the
-exponential schedule). The dense round is the same node as LTH's and PaT's pretrain, so it
-is shared, not retrained.
+"""Pruning at initialization: SNIP, GraSP, SynFlow, FORCE, random (with random-ticket
+ratios: `scope: smart_ratio`), magnitude at init. k1 = k2 = 0, f3 = train from scratch.
+One-shot scores once; iterative scores and prunes `rounds` times at the init, re-ranking
+the survivors (FORCE: every weight) on the net masked so far (SynFlow's default: 100 rounds,
+FORCE's 60, on the exponential schedule). `init_after_mask: isometry` re-initialises the
+kept weights towards approximate isometry (Lee et al. 2020) before training. The dense
+round is the same node as LTH's and PaT's pretrain, so it is shared, not retrained.
 """
 from __future__ import annotations
 
@@ -10,23 +12,34 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from pai_core.criteria.force import FORCE_ROUNDS
+from pai_core.isometry import ISOMETRY_LR, ISOMETRY_STEPS
 from pai_core.paradigms.common import nm_tag, pretty
 from pai_core.paradigms.registry import register_paradigm
-from pai_core.plan import Plan, Round, dense_round, evaluate_node, iterative_mask_node, mask_node, score_node, train_node
+from pai_core.plan import (Node, Plan, Round, dense_round, evaluate_node, iterative_mask_node, mask_node, score_node,
+                           train_node)
 from pai_core.specs import ExperimentBase, PruneSpec
 
-SYNFLOW_ROUNDS = 100  # Tanaka et al.: 100 score-and-prune rounds at fixed weights
+# Score-and-prune rounds at fixed weights, on the exponential schedule, as each paper runs it.
+DEFAULT_ROUNDS = {"synflow": 100, "force": FORCE_ROUNDS}  # Tanaka et al. 2020; de Jorge et al. 2021
+INIT_AFTER_MASK = {"keep": "train the kept init weights as they are",
+                   "isometry": "first re-initialise them towards approximate isometry: min ||(M⊙W)(M⊙W)ᵀ − I||_F "
+                               "per layer, SGD lr 0.1 × 10,000 steps (Lee et al. 2020)"}
 
 
 class AtInitPrune(PruneSpec):
+    init_after_mask: Literal["keep", "isometry"] = Field(
+        "keep", description="; ".join(f"{k}: {v}" for k, v in INIT_AFTER_MASK.items()))
+
     @model_validator(mode="before")
     @classmethod
-    def _synflow_default(cls, data: Any) -> Any:
-        """SynFlow's own default, here and only here (rounds at fixed weights at init): 100
-        score-and-prune rounds on the exponential schedule. Not for N:M, which prunes once."""
-        if (isinstance(data, dict) and data.get("criterion") == "synflow" and "schedule" not in data
+    def _paper_rounds(cls, data: Any) -> Any:
+        """SynFlow's and FORCE's own default, here and only here (rounds at fixed weights at
+        init): their papers' score-and-prune rounds on the exponential schedule. Not for N:M,
+        which prunes once."""
+        if (isinstance(data, dict) and data.get("criterion") in DEFAULT_ROUNDS and "schedule" not in data
                 and data.get("structure") != "nm"):
-            data = {**data, "schedule": "iterative", "rounds": data.get("rounds", SYNFLOW_ROUNDS)}
+            data = {**data, "schedule": "iterative", "rounds": data.get("rounds", DEFAULT_ROUNDS[data["criterion"]])}
         return data
 
 
@@ -42,16 +55,21 @@ def plan(spec: PruneAtInitSpec) -> Plan:
         mask = mask_node(spec, score_node(spec, init, None), None, densities[-1])
     else:
         mask = iterative_mask_node(spec, init, densities)
-    trained = train_node(spec, "sparse_train", init, spec.train, mask=mask)
+    start = init
+    if spec.prune.init_after_mask == "isometry":
+        start = Node("isometry", "isometry", {"steps": ISOMETRY_STEPS, "lr": ISOMETRY_LR}, {"weights": init, "mask": mask})
+    trained = train_node(spec, "sparse_train", start, spec.train, mask=mask)
     return Plan("prune_at_init", [dense, Round(1, spec.prune.criterion, densities[-1], mask, trained,
                                                 evaluate_node(spec, trained, mask))])
 
 
 def label(spec: PruneAtInitSpec, rnd: Round) -> str:
     p = spec.prune
-    return pretty(p.criterion) + nm_tag(p) + ("" if p.schedule == "one_shot" else f" ({p.schedule})")
+    extra = [s for s in (p.schedule != "one_shot" and p.schedule, p.scope == "smart_ratio" and "smart ratio",
+                         p.init_after_mask == "isometry" and "isometry") if s]
+    return pretty(p.criterion) + nm_tag(p) + (f" ({', '.join(extra)})" if extra else "")
 
 
 PARADIGM = register_paradigm("prune_at_init", PruneAtInitSpec, plan, label,
-                             "PaI: a mask from the init's scores (SNIP, GraSP, SynFlow, ...), then train from scratch",
+                             "PaI: a mask from the init's scores (SNIP, GraSP, SynFlow, FORCE, ...), then train from scratch",
                              __doc__)

@@ -73,6 +73,8 @@ def plan(spec: SanityChecksSpec) -> Plan:
     rounds = [Round(orig.index, "original", orig.density, orig.mask, t, orig.evaluate)]
 
     def branch(name: str, mask: Node, start: Node) -> None:
+        if start.stage == "isometry":  # the base re-initialises for its mask: do so for this one
+            start = Node("isometry", "isometry", start.fields, {**start.inputs, "mask": mask})
         trained = Node("train", name, t.fields, {"start": start, "mask": mask})
         rounds.append(Round(orig.index, name, orig.density, mask, trained, evaluate_node(spec, trained, mask)))
 
@@ -90,7 +92,10 @@ def plan(spec: SanityChecksSpec) -> Plan:
 def inverted(mask: Node) -> Node:
     """The inverted mask of a pruning history: every round's mask and scores feed it."""
     if mask.stage != "mask" or mask.fields.get("structure"):  # fixed-weight rounds; filters
-        return Node(mask.stage, "invert", {**mask.fields, "invert": True}, mask.inputs)
+        # filters invert their ranked norms ("filters": a new key, as the old inversion of the
+        # weights' scores did nothing under the norm's abs)
+        how = "filters" if mask.fields.get("structure") == "filter" else True
+        return Node(mask.stage, "invert", {**mask.fields, "invert": how}, mask.inputs)
     history: list[Node] = []
     node: Node | None = mask
     while node is not None:

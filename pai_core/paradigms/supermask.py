@@ -85,7 +85,7 @@ def plan(spec: SupermaskSpec) -> Plan:
     sel = spec.selection
     fields = {"selection": sel.resolved(),
               "data": {**data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed},
-              "train": spec.train.model_dump(mode="json")}
+              "train": spec.train.key_fields()}
     select = Node("select", "select", fields, {"init": init})
     density = sel.keep if sel.method == "edge_popup" else float("nan")
     return Plan("supermask", [Round(1, sel.method, density, None, select, evaluate_node(spec, select, None))])

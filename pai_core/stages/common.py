@@ -3,6 +3,7 @@ stage's own seeded generator, and the layer-collapse check."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from typing import Any
@@ -11,13 +12,14 @@ import torch
 from torch import nn
 
 from pai_core import data as data_lib
+from pai_core.data import image_folder
+from pai_core.data.stream import default_workers, train_batches
 from pai_core.collapse import LayerCollapse, collapse_report, describe
 from pai_core.infos import Arch
 from pai_core.masks import Mask, sparsity
 from pai_core.models import build_model
 from pai_core.stages.registry import Runtime
 from pai_core.store import Ref
-from pai_core.training import epoch_order
 
 log = logging.getLogger("pai_core.stages")
 
@@ -31,7 +33,19 @@ def _bundle(dataset: str, val_size: int, split_seed: int, device: str) -> data_l
     return data_lib.DataBundle(b.name, move(b.train), move(b.val), move(b.test), b.in_shape, b.num_classes)
 
 
+@lru_cache(maxsize=2)
+def _folder_bundle(name: str, files: str, image_size: int, val_size: int, split_seed: int, device: str,
+                   workers: int) -> data_lib.DataBundle:
+    """An image folder's streamed splits (file lists, not tensors), found on this machine by
+    its name and fingerprint; cached like the tensors, with their evaluation loaders."""
+    return image_folder.bundle(image_folder.locate(name, files), image_size=image_size, val_size=val_size,
+                               split_seed=split_seed, workers=workers, pin_memory=device.startswith("cuda"))
+
+
 def bundle_for(fields: Mapping[str, Any], rt: Runtime) -> data_lib.DataBundle:
+    if fields["dataset"] == image_folder.NAME:
+        return _folder_bundle(fields["root"], fields["files"], fields["image_size"], fields["val_size"],
+                              fields["split_seed"], str(rt.torch_device), default_workers())
     return _bundle(fields["dataset"], fields["val_size"], fields["split_seed"], str(rt.torch_device))
 
 
@@ -53,12 +67,18 @@ def generator(key: str) -> torch.Generator:
 
 
 def first_batches(d: Mapping[str, Any], rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Training batches in the order training itself would see them first (epoch 0)."""
+    """Training batches in the order training itself would see them first (epoch 0). An image
+    folder's are the very batches training reads (random crops and flips included), as
+    SynFlow's reference scores on its augmented training loader."""
     b = bundle_for(d, rt)
-    order = epoch_order(len(b.train), d["order_seed"], 0).to(b.train.x.device)
-    for i in range(0, len(order), d["batch_size"]):
-        idx = order[i:i + d["batch_size"]]
-        yield b.train.x[idx], b.train.y[idx]
+    ipe = math.ceil(len(b.train) / d["batch_size"])
+    yield from train_batches(b, 0, ipe, d["batch_size"], d["order_seed"], rt.torch_device)
+
+
+def batch_stream(d: Mapping[str, Any], rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Training batches in training order, epoch after epoch, without end: rounds that each
+    need new batches share one stream."""
+    yield from train_batches(bundle_for(d, rt), 0, None, d["batch_size"], d["order_seed"], rt.torch_device)
 
 
 def check_collapse(mask: Mask, model: nn.Module, in_shape: tuple[int, ...], policy: str,

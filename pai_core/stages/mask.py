@@ -24,14 +24,15 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
     scores: dict[str, torch.Tensor] = rt.store.load(inputs["scores"])["scores"]
     previous: Mask = (rt.store.load(inputs["previous"])["mask"] if "previous" in inputs
                       else {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()})
-    if f.get("invert"):  # filter and N:M masks: the inverted ranking (sanity checks)
+    if f.get("invert") and f.get("structure") != "filter":  # N:M masks: the inverted ranking (sanity checks)
         scores = {n: -v for n, v in scores.items()}
     arch = inputs["scores"].info.arch
     model = build_arch(arch)  # the shape, not the weights
     in_shape = tuple(arch.in_shape)
     costs = None
     if f.get("structure") == "filter":
-        mask = structured.select_filters(model, scores, previous, f["density"], f["filter_norm"], f["min_density"])
+        mask = structured.select_filters(model, scores, previous, f["density"], f["filter_norm"], f["min_density"],
+                                         f["scope"], f.get("filter_layers", "all"), bool(f.get("invert")))
         costs = structured.costs(model, mask, in_shape)
     elif f.get("structure") == "nm":
         mask = select_nm(scores, previous, f["n"], f["m"], f.get("nm_indivisible", "error"))

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pai_core import distributed
 from pai_core.infos import Info
 from pai_core.progress import Progress, get_progress
 from pai_core.store import Ref, Store
@@ -96,18 +97,31 @@ def stage_names() -> list[str]:
 
 
 def run(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> Ref:
-    """The stored artifact for `node`, computing it only if it is absent or corrupt."""
+    """The stored artifact for `node`, computing it only if it is absent or corrupt. In a torchrun
+    launch of several processes, rank 0 alone looks and writes (pai_core.distributed.run_stage)."""
+    if distributed.world() > 1:
+        return distributed.run_stage(node, inputs, rt)
     hit = rt.store.get(node.stage, node.key)
     if hit is not None:
         log.info("%s %s: reused", node.role, node.key)
         return hit
     rt.store.check_writable(node.stage)  # a read-only store fails here, in one line, before any compute
     log.info("%s %s: computing", node.role, node.key)
+    payload, info = compute(node, inputs, rt)
+    return store_result(node, inputs, rt, payload, info)
+
+
+def compute(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, Info]:
+    """The stage's payload and info with its provenance; stores nothing."""
     start = time.perf_counter()
     payload, info = get_stage(node.stage).fn(node, inputs, rt)
     info.seconds = round(time.perf_counter() - start, 3)  # provenance, not part of the key
     info.computed_by = {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads()}
     info.flow_run_id = rt.flow_run_id
+    return payload, info
+
+
+def store_result(node: Node, inputs: Mapping[str, Ref], rt: Runtime, payload: dict, info: Info) -> Ref:
     rt.computed.append(f"{node.stage}/{node.key}")
     provenance = {"role": node.role, "fields": node.fields, "inputs": {k: r.key for k, r in inputs.items()}}
     return rt.store.put(node.stage, node.key, payload, info, provenance)

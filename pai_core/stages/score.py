@@ -13,7 +13,7 @@ from pai_core.infos import Arch, MaskInfo, ScoreInfo
 from pai_core.masks import Mask, apply_mask, dense_mask, density_report, sparsity
 from pai_core.plan import Node
 from pai_core.selection import select
-from pai_core.stages.common import check_collapse, first_batches, generator, model_from
+from pai_core.stages.common import batch_stream, check_collapse, first_batches, generator, model_from
 from pai_core.stages.registry import Runtime, stage
 from pai_core.store import Ref
 
@@ -30,21 +30,27 @@ def score_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
 
 @stage("iterative_mask", salt=1, info=MaskInfo)
 def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict, MaskInfo]:
-    """Score and prune at fixed weights, round after round: only survivors are re-scored
-    (on the net masked so far) and re-ranked."""
+    """Score and prune at fixed weights, round after round, each round on the net masked so
+    far. Only survivors are ranked, unless the criterion `revives` pruned weights (FORCE):
+    then every weight is ranked again. With `rotate_batches`, each round reads the training
+    batches after those the previous rounds read (FORCE and iterative SNIP draw a new batch
+    per round), else every round reads the first ones."""
     f, weights = node.fields, inputs["weights"]
     model = model_from(weights, rt.store.load(weights), rt)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     mask = dense_mask(model, f["prune_biases"])
+    everything = dict(mask)
+    revives = get_criterion(f["criterion"]).revives
+    stream = batch_stream(f["data"], rt) if f.get("rotate_batches") else None
     gen, per_round, best = generator(node.key), [], 0.0
     for density in f["densities"]:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(original[n])
-        scores = score(model, mask, node, weights.info.arch, gen, rt)
+        scores = score(model, mask, node, weights.info.arch, gen, rt, batches=stream)
         if f.get("invert"):
             scores = {n: -v for n, v in scores.items()}
-        mask = select(scores, mask, density, f["scope"], f["min_density"])
+        mask = select(scores, everything if revives else mask, density, f["scope"], f["min_density"])
         per_round.append(sparsity(mask))
         report = check_collapse(mask, model, tuple(weights.info.arch.in_shape), f["on_collapse"], best)
         if not report["collapsed"]:
@@ -70,14 +76,17 @@ def scoring_mode(model: nn.Module, bn_mode: str | None) -> Iterator[None]:
 
 
 def score(model: nn.Module, mask: Mask, node: Node, arch: Arch, gen: torch.Generator,
-          rt: Runtime) -> dict[str, torch.Tensor]:
-    """The criterion's scores of the masked model; refuses a criterion that moved a weight."""
+          rt: Runtime, batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """The criterion's scores of the masked model; refuses a criterion that moved a weight.
+    `batches`: where the criterion's data comes from (default: the first training batches)."""
     f = node.fields
-    apply_mask(model, mask)
     crit = get_criterion(f["criterion"])
     ctx = ScoreInputs(gen, tuple(arch.in_shape), arch.num_classes)
+    if crit.revives:
+        ctx.dense_weights = {n: p.detach().clone() for n, p in model.named_parameters() if n in mask}
+    apply_mask(model, mask)
     if crit.needs_data:
-        ctx.batches = first_batches(f["data"], rt)
+        ctx.batches = batches if batches is not None else first_batches(f["data"], rt)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # Without BN the mode changes nothing, so BN-free models keep their keys (no bn_mode field).
     with scoring_mode(model, f.get("bn_mode", "train")):

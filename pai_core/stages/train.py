@@ -6,7 +6,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from pai_core import structured
 from pai_core.callbacks import callbacks_for
+from pai_core.data import dataset_info
 from pai_core.infos import TrainInfo
 from pai_core.masks import dense_mask, sparsity
 from pai_core.plan import Node
@@ -14,7 +16,19 @@ from pai_core.specs import TrainSpec
 from pai_core.stages.common import bundle_for, model_from
 from pai_core.stages.registry import Runtime, stage
 from pai_core.store import Ref
-from pai_core.training import ProgressCallback, best_val, train
+from pai_core.training import Callback, ProgressCallback, TrainState, best_val, train
+
+
+class SlimmingL1(Callback):
+    """`train.bn_l1`: network slimming's L1 on the BatchNorm scales, λ·sign(γ) added to their
+    gradients after backward, before the step (Liu et al. 2017's `updateBN`). It moves no mask,
+    so it is not among the callbacks that make the train stage store one."""
+
+    def __init__(self, lam: float):
+        self.lam = lam
+
+    def after_backward(self, state: TrainState) -> None:
+        structured.bn_l1_subgradient(state.model, self.lam)
 
 
 @stage("train", salt=1, info=TrainInfo)
@@ -41,7 +55,9 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
         start_iter=start_iter, stop_iter=f["stop_iter"],
         optimizer_state=payload.get("optimizer") if f["mode"] == "continue" else None,
         checkpoint=rt.store.checkpoint_path(node.stage, node.key),
-        callbacks=[*callbacks, ProgressCallback(rt.watcher, node.role)],
+        callbacks=[*callbacks, *([SlimmingL1(spec.bn_l1)] if spec.bn_l1 else []),
+                   ProgressCallback(rt.watcher, node.role)],
+        augment=f["data"].get("augment", ()), crop_fill=dataset_info(f["data"]["dataset"]).crop_fill or 0.0,
     )
     record: dict[str, Any] = {}
     for cb in callbacks:

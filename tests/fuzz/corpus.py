@@ -11,8 +11,9 @@ import yaml
 
 from conftest import ROOT, tiny_raw
 from pai_core import yaml_io
+from pai_core.sweep import is_sweep_file
 
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "sweeps" not in p.parts)
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not is_sweep_file(p))  # sweeps: test_sweep
 
 
 def tiny_base(flow: str = "lottery_ticket") -> dict[str, Any]:

@@ -1,0 +1,67 @@
+"""Dynamic sparse training methods: one file each, registered by name.
+
+A method is what `dynamic.method` names in a `dynamic_sparse` spec. It brings its own
+pydantic `Params` (the paper's defaults; `dynamic.params` is validated against it before
+anything runs) and a factory that builds the training callback from the train node's
+`dynamic` fields, the run's total iterations and a seed drawn from the node's key.
+
+SET and RigL predate the registry: their options are the `dynamic.*` fields themselves
+(`top_level=True`) and their stage keys stay exactly what they were. Every later method
+takes its options in `dynamic.params` only, and its train key holds them resolved
+(`{"method": ..., "params": {every field, defaults filled in}}`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from pai_core.training import Callback
+
+Build = Callable[[dict[str, Any], int, int], Callback]  # (node's `dynamic` fields, total iterations, seed)
+
+
+class MethodParams(BaseModel):
+    """A method's own options: frozen, unknown fields and NaN/inf refused."""
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    def schedule_problem(self, total: int, iterations_per_epoch: int) -> str | None:
+        """`"params.<field>: why; allowed: ..."` when no mask update would ever happen in
+        `total` iterations (the spec would claim a dynamic method and train a static mask)."""
+        return None
+
+
+@dataclass(frozen=True)
+class DynamicMethod:
+    name: str
+    label: str  # how results tables and reports name it
+    description: str
+    Params: type[MethodParams]
+    build: Build
+    top_level: bool = False  # SET/RigL: options are the dynamic.* fields, not dynamic.params
+
+
+_METHODS: dict[str, DynamicMethod] = {}
+
+
+def register(name: str, *, label: str, description: str, params: type[MethodParams] = MethodParams,
+             top_level: bool = False) -> Callable[[Build], Build]:
+    def deco(fn: Build) -> Build:
+        if name in _METHODS:
+            raise ValueError(f"dynamic method {name!r} registered twice")
+        _METHODS[name] = DynamicMethod(name, label, description, params, fn, top_level)
+        return fn
+    return deco
+
+
+def dynamic_method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> DynamicMethod:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown dynamic method {name!r}; allowed: {', '.join(dynamic_method_names())}") from None
