@@ -89,6 +89,14 @@ def data_fields(spec: ExperimentBase) -> dict[str, Any]:
     return fields
 
 
+def train_data_fields(spec: ExperimentBase) -> dict[str, Any]:
+    """The data as a training reads it: batches, their order and their augmentation."""
+    data = {**data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed}
+    if spec.data.augment_kinds:  # only then: an unaugmented (MNIST) training keeps the key it had
+        data["augment"] = list(spec.data.augment_kinds)
+    return data
+
+
 def init_node(spec: ExperimentBase, seed: int | None = None) -> Node:
     info = spec.data.info
     return Node("init", "init", {
@@ -103,10 +111,8 @@ def train_node(spec: ExperimentBase, role: str, start: Node, train: TrainSpec, *
     `finetune` keeps only its weights and starts a fresh schedule (PaT); `replay` keeps its
     weights and replays the schedule from `from_iter` (LR rewinding). `extra` fields ask the
     train stage for a callback registered under their name (pai_core.callbacks)."""
-    data = {**data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed}
-    if spec.data.augment_kinds:  # only then: an unaugmented (MNIST) training keeps the key it had
-        data["augment"] = list(spec.data.augment_kinds)
-    fields = {"data": data, "train": train.key_fields(), "mode": mode, "stop_iter": stop_iter, **extra}
+    fields = {"data": train_data_fields(spec), "train": train.key_fields(), "mode": mode, "stop_iter": stop_iter,
+              **extra}
     inputs = {"start": start} | ({"mask": mask} if mask else {})
     return Node("train", role, fields, inputs)
 

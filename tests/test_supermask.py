@@ -194,3 +194,29 @@ def test_edge_popup_unchanged():
     assert mask["2.weight"].flatten().nonzero().flatten().tolist() == [
         2, 4, 6, 8, 10, 16, 17, 20, 23, 24, 26, 28, 30, 31, 34, 35, 37, 40, 43, 44, 48, 52, 58, 59, 62, 63]
     assert int(mask["0.weight"].sum()) == 51
+
+
+def test_selection_on_cifar_like_data_trains_with_its_augmentation(tmp_path, monkeypatch):
+    """The select stage runs the same training loop, so CIFAR-shaped data gets crop+flip there too
+    (and an MNIST-like spec keeps an unaugmented key)."""
+    import pai_core.training as training
+
+    raw = tiny_raw("supermask", train={"optimizer": "adam", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0,
+                                       "epochs": 1}, data={"dataset": "synthetic_cifar", "batch_size": 100})
+    raw.pop("prune")
+    raw["selection"] = {"method": "edge_popup", "keep": 0.3}
+    plan = build_plan(parse_spec(raw))
+    select = plan.rounds[0].trained
+    assert select.fields["data"]["augment"] == ["crop", "flip"]
+    plain = build_plan(spec_for({"method": "edge_popup", "keep": 0.3})).rounds[0].trained
+    assert "augment" not in plain.fields["data"]
+    calls = []
+    real = training.augment_batch
+
+    def spy(x, kinds, *args, **kwargs):
+        calls.append(tuple(kinds))
+        return real(x, kinds, *args, **kwargs)
+
+    monkeypatch.setattr(training, "augment_batch", spy)
+    run_plan(plan.nodes, Runtime(Store(tmp_path), "cpu"))
+    assert calls and set(calls) == {("crop", "flip")}

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from pai_core.paradigms.common import pretty
 from pai_core.paradigms.registry import register_paradigm
-from pai_core.plan import Node, Plan, Round, data_fields, evaluate_node, init_node
+from pai_core.plan import Node, Plan, Round, evaluate_node, init_node, train_data_fields
 from pai_core.prune_checks import weight_layers
 from pai_core.specs import ExperimentBase, Frozen
 from pai_core.supermask import Selector
@@ -84,7 +84,7 @@ def plan(spec: SupermaskSpec) -> Plan:
     init = init_node(spec)
     sel = spec.selection
     fields = {"selection": sel.resolved(),
-              "data": {**data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed},
+              "data": train_data_fields(spec),
               "train": spec.train.key_fields()}
     select = Node("select", "select", fields, {"init": init})
     density = sel.keep if sel.method == "edge_popup" else float("nan")

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 
 import torch
 
+from pai_core.data import dataset_info
 from pai_core.infos import SelectInfo
 from pai_core.masks import prunable_names, sparsity
 from pai_core.plan import Node
@@ -33,6 +34,8 @@ def select_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[di
                         **{k: sel[k] for k in ("score_init", "score_constant", "eval_samples") if k in sel})
     outcome = train(selector, bundle_for(f["data"], rt), TrainSpec(**f["train"]),
                     batch_size=f["data"]["batch_size"], order_seed=f["data"]["order_seed"],
+                    augment=f["data"].get("augment", ()),
+                    crop_fill=dataset_info(f["data"]["dataset"]).crop_fill or 0.0,
                     checkpoint=rt.store.checkpoint_path(node.stage, node.key),
                     callbacks=[ProgressCallback(rt.watcher, node.role)])
     state, mask = selector.result()
