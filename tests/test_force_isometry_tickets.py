@@ -229,3 +229,11 @@ def test_sparse_and_dense_isometry_steps_agree():
         iso.SPARSE_BELOW = dense_path
     torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5)
     assert torch.count_nonzero(sparse[~m]) == 0
+
+
+@pytest.mark.parametrize("flow", ["prune_at_init", "lottery_ticket"])
+@pytest.mark.parametrize("criterion", ["bn_scale", "taylor_filter"])
+def test_whole_unit_criteria_are_refused_where_no_filters_are_selected(flow, criterion):
+    with pytest.raises(SpecError, match=rf"prune.criterion: {criterion} scores whole filters/neurons, which only "
+                                        r"prune_after_training with structure: filter removes; allowed here: .*force"):
+        tiny_spec(flow, prune={"criterion": criterion, "params": {}})

@@ -17,7 +17,7 @@ from pai_core import structured
 from pai_core.criteria.registry import register
 
 
-@register("bn_scale", description="Liu et al. 2017: network slimming, a channel's BatchNorm |γ| "
+@register("bn_scale", whole_units=True, description="Liu et al. 2017: network slimming, a channel's BatchNorm |γ| "
                                   "(structure filter; train with train.bn_l1)")
 def bn_scale(model, mask, inputs, params) -> dict[str, torch.Tensor]:
     modules, named = dict(model.named_modules()), dict(model.named_parameters())

@@ -49,6 +49,9 @@ class Criterion:
     # A pruned weight may come back in a later round at fixed weights: it is scored at its
     # unmasked value (ScoreInputs.dense_weights) and every weight is ranked, not only survivors.
     revives: bool = False
+    # Scores whole filters/neurons (every weight of a unit carries the unit's score): only a
+    # filter selection (PaT's `structure: filter`) may use it.
+    whole_units: bool = False
 
 
 _CRITERIA: dict[str, Criterion] = {}
@@ -56,11 +59,12 @@ _CRITERIA: dict[str, Criterion] = {}
 
 def register(name: str, *, description: str, params: type[BaseModel] = NoParams, needs_data: bool = False,
              stochastic: bool = False, bn_mode: str | None = None, revives: bool = False,
-             ) -> Callable[[ScoreFn], ScoreFn]:
+             whole_units: bool = False) -> Callable[[ScoreFn], ScoreFn]:
     def deco(fn: ScoreFn) -> ScoreFn:
         if name in _CRITERIA:
             raise ValueError(f"criterion {name!r} registered twice")
-        _CRITERIA[name] = Criterion(name, fn, params, needs_data, stochastic, bn_mode, description, revives)
+        _CRITERIA[name] = Criterion(name, fn, params, needs_data, stochastic, bn_mode, description, revives,
+                                    whole_units)
         return fn
     return deco
 

@@ -41,7 +41,7 @@ class TaylorFilterParams(NoParams):  # frozen, unknown fields refused
                             "(Σ g·w)² over the filter's weights")
 
 
-@register("taylor_filter", params=TaylorFilterParams, needs_data=True, bn_mode="train",
+@register("taylor_filter", whole_units=True, params=TaylorFilterParams, needs_data=True, bn_mode="train",
           description="Molchanov et al. 2019: Taylor importance of whole filters, (Σ g·w)² of a unit "
                       "(gate after BN by default), averaged over batches")
 def taylor_filter(model, mask, inputs, params: TaylorFilterParams) -> dict[str, torch.Tensor]:

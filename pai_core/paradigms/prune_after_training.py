@@ -51,6 +51,7 @@ class GradualSpec(Frozen):
 
 
 class PaTPrune(PruneSpec):
+    SELECTS_FILTERS = True
     schedule: Literal["one_shot", "iterative", "gradual"] = Field(
         "one_shot", description=schedule_help("one_shot", "iterative", "gradual"))
     gradual: GradualSpec = Field(default_factory=GradualSpec, description="schedule: gradual")
