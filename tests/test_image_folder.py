@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import ROOT, tiny_spec
 from pai_core.data import image_folder as imf
+from pai_core.data import image_transforms as imt
 from pai_core.data.registry import DataUnavailable, split_indices
 from pai_core.data.stream import IterationSampler, example_seed, train_batches
 from pai_core.executor import run_specs
@@ -127,39 +128,39 @@ def test_crop_boxes_follow_random_resized_crop():
     """Area 8-100 % of the image and aspect 3/4-4/3 (up to rounding to whole pixels), inside
     the image; the same seed gives the same box."""
     for seed in range(300):
-        left, top, w, h = imf.crop_box(40, 30, random.Random(seed))
+        left, top, w, h = imt.crop_box(40, 30, random.Random(seed))
         assert 0 <= left and left + w <= 40 and 0 <= top and top + h <= 30
         assert 0.08 * 1200 * 0.8 <= w * h <= 1200
         assert 3 / 4 * 0.8 <= w / h <= 4 / 3 * 1.25
-        assert imf.crop_box(40, 30, random.Random(seed)) == (left, top, w, h)
+        assert imt.crop_box(40, 30, random.Random(seed)) == (left, top, w, h)
 
 
 def test_crop_box_falls_back_to_the_centre_clamped_to_the_aspect_range():
     """A 400×10 strip admits no crop of 8 % of its area at aspect <= 4/3: the centre crop
     10 high and round(10 · 4/3) = 13 wide, at left (400 - 13) // 2 = 193."""
-    assert imf.crop_box(400, 10, random.Random(0)) == (193, 0, 13, 10)
-    assert imf.crop_box(10, 400, random.Random(0)) == (0, 193, 10, 13)  # 10 / (3/4) = 13.3 -> 13
+    assert imt.crop_box(400, 10, random.Random(0)) == (193, 0, 13, 10)
+    assert imt.crop_box(10, 400, random.Random(0)) == (0, 193, 10, 13)  # 10 / (3/4) = 13.3 -> 13
 
 
 def test_transform_shapes_and_normalisation(folder):
     img = Image.open(next((folder / "train" / "cat").iterdir())).convert("RGB")
-    assert imf.to_uint8(imf.train_image(img, 32, seed=5)).shape == (3, 32, 32)
-    assert imf.to_uint8(imf.eval_image(img, 24)).shape == (3, 24, 24)
-    assert torch.equal(imf.to_uint8(imf.train_image(img, 32, 5)), imf.to_uint8(imf.train_image(img, 32, 5)))
+    assert imt.to_uint8(imt.train_image(img, 32, seed=5)).shape == (3, 32, 32)
+    assert imt.to_uint8(imt.eval_image(img, 24)).shape == (3, 24, 24)
+    assert torch.equal(imt.to_uint8(imt.train_image(img, 32, 5)), imt.to_uint8(imt.train_image(img, 32, 5)))
     # eval of a 40×30 image at 16: shorter side to round(16 · 256/224) = 18, so 24×18, centre 16×16
     grad = Image.fromarray(np.tile(np.arange(40, dtype=np.uint8) * 6, (30, 1))[..., None].repeat(3, 2))
-    out = imf.eval_image(grad, 16)
+    out = imt.eval_image(grad, 16)
     assert out.size == (16, 16)
     # ToTensor + Normalize by hand: (v / 255 - mean) / std per channel
     x = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
-    expect = [(v / 255 - m) / s for v, m, s in zip((0, 128, 255), imf.MEAN, imf.STD)]
-    assert torch.allclose(imf.normalize(x)[1, :, 1, 1], torch.tensor(expect), atol=1e-6)
+    expect = [(v / 255 - m) / s for v, m, s in zip((0, 128, 255), imt.MEAN, imt.STD)]
+    assert torch.allclose(imt.normalize(x)[1, :, 1, 1], torch.tensor(expect), atol=1e-6)
 
 
 def test_flip_is_drawn_with_probability_one_half(folder):
     """A mirrored crop of a left-right gradient runs right to left."""
     ramp = Image.fromarray(np.tile(np.arange(0, 240, 6, dtype=np.uint8), (40, 1))[..., None].repeat(3, 2))
-    flips = [int(imf.to_uint8(imf.train_image(ramp, 16, s))[0, 8, 0]) > int(imf.to_uint8(imf.train_image(
+    flips = [int(imt.to_uint8(imt.train_image(ramp, 16, s))[0, 8, 0]) > int(imt.to_uint8(imt.train_image(
         ramp, 16, s))[0, 8, 15]) for s in range(200)]
     assert 70 <= sum(flips) <= 130
 

@@ -8,18 +8,8 @@ Layout (ImageNet, and Tiny-ImageNet as unpacked):
 
 A validation split is held out of train by `data.split_seed` / `data.val_size` as for every
 dataset, on the file list. Files are read by DataLoader workers (pai_core.data.stream) and
-decoded with PIL. Transforms (the torchvision / He et al. ImageNet recipe, written here so
-that their randomness is seeded per example, never from a global or worker RNG):
-
-- train: RandomResizedCrop(size; area 8-100 %, aspect 3/4-4/3 log-uniform, 10 tries, then the
-  centre crop clamped to that aspect) + horizontal flip (p = 0.5);
-- eval: Resize(shorter side to round(size * 256 / 224)) + CenterCrop(size);
-- both then ToTensor + Normalize(ImageNet mean/std), done on the device (pai_core.data.stream):
-  workers ship uint8, a quarter of the bytes, and the arithmetic is the same.
-
-References differ: OpenLTH's ImageNet uses RandomResizedCrop(224, scale=(0.1, 1), ratio=(0.8,
-1.25)); SynFlow's Tiny-ImageNet uses RandomCrop(64, padding=4) + flip with Tiny-ImageNet
-statistics. We follow the torchvision / pytorch-examples defaults for both sizes.
+decoded with PIL, with the ImageNet transforms of pai_core.data.image_transforms (seeded per
+example, never from a global or worker RNG).
 
 Where the data is: `data.root` (relative paths are under PAI_DATA). The stage keys name the
 data by what identifies it, never by where it lies: the folder's own name, a fingerprint of
@@ -32,9 +22,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,18 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pai_core.data.image_transforms import FolderDataset
 from pai_core.data.registry import (DataBundle, DatasetInfo, DataUnavailable, Split, register_dataset,
                                     split_indices)
 from pai_core.paths import data_root
 
 NAME = "image_folder"
 DEFAULT_IMAGE_SIZE = 224  # ImageNet; 64 for Tiny-ImageNet
-MEAN = (0.485, 0.456, 0.406)  # ImageNet per-channel statistics, as torchvision's models use
-STD = (0.229, 0.224, 0.225)
-SCALE = (0.08, 1.0)  # RandomResizedCrop: fraction of the image area
-RATIO = (3 / 4, 4 / 3)  # and aspect ratio (w / h), drawn log-uniformly
-CROP_TRIES = 10
-RESIZE_FOR_EVAL = 256 / 224  # Resize(256) + CenterCrop(224), at every size
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 TINY_ANNOTATIONS = "val_annotations.txt"
 FOLDERS_ENV = "PAI_IMAGE_FOLDERS"
@@ -258,93 +241,6 @@ def locate(name: str, fingerprint: str) -> FolderIndex:
     raise DataUnavailable(
         f"data.root: no folder named {name!r} with the files this stage was keyed on (fingerprint {fingerprint}) "
         f"on this machine{why}. Put it at {data_root() / name} or list its path in {FOLDERS_ENV}")
-
-
-# ---------------------------------------------------------------- transforms
-
-def crop_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box (left, top, w, h): area uniform in SCALE of the image, aspect
-    log-uniform in RATIO, CROP_TRIES tries; else the centre crop clamped to RATIO."""
-    area = width * height
-    lo, hi = math.log(RATIO[0]), math.log(RATIO[1])
-    for _ in range(CROP_TRIES):
-        target = area * rng.uniform(*SCALE)
-        aspect = math.exp(rng.uniform(lo, hi))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
-    ratio = width / height
-    if ratio < RATIO[0]:
-        w, h = width, round(width / RATIO[0])
-    elif ratio > RATIO[1]:
-        w, h = round(height * RATIO[1]), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def train_image(img, size: int, seed: int):  # PIL.Image -> PIL.Image
-    """RandomResizedCrop(size) + RandomHorizontalFlip, every draw from `seed`."""
-    from PIL import Image
-
-    rng = random.Random(seed)
-    left, top, w, h = crop_box(img.width, img.height, rng)
-    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-    return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
-
-
-def eval_image(img, size: int):  # PIL.Image -> PIL.Image
-    """Resize the shorter side to round(size * 256/224), then the centre size×size crop."""
-    from PIL import Image
-
-    short = round(size * RESIZE_FOR_EVAL)
-    w, h = img.size
-    if w <= h:
-        new = (short, int(short * h / w))
-    else:
-        new = (int(short * w / h), short)
-    img = img.resize(new, Image.BILINEAR)
-    left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
-    return img.crop((left, top, left + size, top + size))
-
-
-def to_uint8(img) -> torch.Tensor:
-    """PIL RGB image -> 3×H×W uint8 (ToTensor without the /255, done on the device)."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-
-
-_STATS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 N×3×H×W -> ToTensor + Normalize(MEAN, STD), in float32 on x's device: the same
-    operations torchvision does per image, so the same numbers. The statistics are copied to
-    a device once, not per batch (a copy from pageable memory would make the host wait)."""
-    if x.device not in _STATS:
-        _STATS[x.device] = (torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1),
-                            torch.tensor(STD, device=x.device).view(1, 3, 1, 1))
-    mean, std = _STATS[x.device]
-    return x.float().div_(255).sub_(mean).div_(std)
-
-
-class FolderDataset(torch.utils.data.Dataset):
-    """Decodes one file per item. Train items are (file index, seed): the seed decides the
-    crop and flip, so an item is a pure function of its arguments in any worker."""
-
-    def __init__(self, base: Path, files: np.ndarray, labels: np.ndarray, size: int, train: bool):
-        self.base, self.files, self.labels, self.size, self.train = str(base), files, labels, size, train
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        i, seed = item if self.train else (item, None)
-        with Image.open(os.path.join(self.base, os.fsdecode(self.files[i]))) as f:
-            img = f.convert("RGB")
-        img = train_image(img, self.size, seed) if self.train else eval_image(img, self.size)
-        return to_uint8(img), int(self.labels[i])
 
 
 @dataclass(frozen=True, eq=False)

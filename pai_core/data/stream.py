@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from pai_core.data.image_folder import FolderSplit, normalize
+from pai_core.data.image_folder import FolderSplit
+from pai_core.data.image_transforms import normalize
 
 WORKERS_ENV = "PAI_DATA_WORKERS"
 PREFETCH = 4  # batches per worker in flight
