@@ -24,7 +24,8 @@ from pai_core.spec_io import parse_spec  # noqa: E402
 from pai_core.specs import TrainSpec  # noqa: E402
 from pai_core.stages import Runtime, run_plan  # noqa: E402
 from pai_core.store import Store  # noqa: E402
-from pai_core.training import resolve_device, train  # noqa: E402
+from pai_core.determinism import resolve_device  # noqa: E402
+from pai_core.training import train  # noqa: E402
 
 failures: list[str] = []
 

@@ -47,7 +47,8 @@ from pai_core.masks import dense_mask  # noqa: E402
 from pai_core.models import build_model  # noqa: E402
 from pai_core.selection import select  # noqa: E402
 from pai_core.specs import TrainSpec  # noqa: E402
-from pai_core.training import Callback, TrainState, epoch_order, evaluate, fast_kernels, lr_at, resolve_device, train  # noqa: E402,E501
+from pai_core.determinism import fast_kernels, resolve_device  # noqa: E402
+from pai_core.training import Callback, TrainState, epoch_order, evaluate, lr_at, train  # noqa: E402
 
 AUGMENT = ("crop", "flip")
 SETTINGS = {  # name -> TrainSpec fields

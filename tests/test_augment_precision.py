@@ -22,7 +22,8 @@ from pai_core.spec_io import SpecError, load_spec, parse_spec
 from pai_core.specs import TrainSpec
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
-from pai_core.training import Callback, epoch_order, fast_kernels, train
+from pai_core.determinism import fast_kernels
+from pai_core.training import Callback, epoch_order, train
 
 IMG = torch.arange(16.0).view(1, 1, 4, 4)  # rows [0..3], [4..7], [8..11], [12..15]
 F_ = -1.0  # the fill, distinct from every pixel

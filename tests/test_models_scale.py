@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pai_core.models import build_model, model_info
+from pai_core.masks import apply_mask
 from pai_core.models.resnet_cifar import BasicBlock, ZeroPadShortcut, resnet_cifar
 from pai_core.paradigms import build_plan
 from pai_core.spec_io import SpecError, load_spec
@@ -157,10 +158,7 @@ def test_vgg19_is_chain_shaped_so_filters_can_be_removed() -> None:
     keep = {n: torch.rand(layer.weight.shape[0], generator=g) > 0.5 for n, layer in chain(model)[:-1]}
     mask = filter_mask(model, keep)
     masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in masked.named_parameters():
-            if n in mask:
-                p.mul_(mask[n])
+    apply_mask(masked, mask)
     small = physically_prune(model, mask).eval()
     x = torch.randn(4, *CIFAR, generator=g)
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import ROOT, tiny_raw
 from pai_core.criteria import ScoreInputs, get_criterion
 from pai_core.data import load
-from pai_core.masks import dense_mask
+from pai_core.masks import apply_mask, dense_mask
 from pai_core.models import build_model
 from pai_core.paradigms import build_plan
 from pai_core.spec_io import SpecError, load_spec, parse_spec
@@ -164,10 +164,7 @@ def test_physically_pruned_slimmed_net_equals_the_masked_one():
     scores = get_criterion("bn_scale").score(model, dense_mask(model), None, None)
     mask = select_filters(model, scores, dense_mask(model), 0.4, "max", scope="global", layers="batch_norm")
     masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in masked.named_parameters():
-            if n in mask:
-                p.mul_(mask[n])
+    apply_mask(masked, mask)
     small = physically_prune(model, mask).eval()
     x = torch.randn(6, 1, 16, 16, generator=g)
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)

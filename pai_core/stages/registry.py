@@ -43,7 +43,7 @@ class Runtime:
 
     @property
     def torch_device(self) -> torch.device:
-        from pai_core.training import resolve_device
+        from pai_core.determinism import resolve_device
 
         return resolve_device(self.device)
 
