@@ -95,7 +95,7 @@ def cases(args: argparse.Namespace) -> list[Row]:
                                      0.5, "l1")
     c = structured.costs(lenet5, half, (1, 28, 28))
     flop_ratio = c["dense"]["flops"] / c["pruned"]["flops"]
-    found = measure("LeNet-5, half the filters", lenet5, half, (1, 28, 28), formats=("structured",), chain=True,
+    found = measure("LeNet-5, half the filters", lenet5, half, (1, 28, 28), formats=("structured",),
                     **opts)
     rows += [Row(**{**r.__dict__, "note": f"FLOPs {flop_ratio:.2f}× fewer"}) for r in found]
     rows += semi_structured_case(args)

@@ -11,7 +11,10 @@ so the single-process path is untouched.
   returns rank 0's ref. The store must be shared by every node (it holds the inputs of each stage).
 - Training (`DataParallel`, used by `pai_core.training.train`): every step takes the global batch
   of `batch_size` indices exactly as one process would (same epoch order, same augmentation draws,
-  made for the whole batch and then sliced) and rank r keeps its contiguous slice. The loss is
+  made for the whole batch and then sliced) and rank r keeps its contiguous slice. Streamed data
+  (image_folder) is decoded by slice instead: rank r's loader reads only its slice of each global
+  batch (the same examples, the same per-example crops), so N ranks decode each file once, not N
+  times (`loader_slice`, pai_core.data.stream.train_batches). The loss is
   each slice's *sum* scaled by world / global batch size, so DDP's mean over ranks is the mean
   over the global batch even when slices are uneven (a batch of 33 on 2 ranks, or the short last
   batch of an epoch). DDP all-reduces the gradients during backward, so callbacks (`after_backward`:
@@ -234,7 +237,7 @@ def execute_jobs(jobs: Sequence[Job], store: Store, hooks: Hooks | None = None) 
 
 
 # -------------------------------------------------------------------------------- training
-def _bounds(n: int, r: int, w: int) -> tuple[int, int]:
+def slice_bounds(n: int, r: int, w: int) -> tuple[int, int]:
     """Rank r's contiguous slice of n examples: sizes differ by at most one."""
     return n * r // w, n * (r + 1) // w
 
@@ -273,11 +276,32 @@ class DataParallel:
             model, device_ids=[device.index] if device.type == "cuda" else None)
         self.scale = 1.0
 
-    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's slice of the global batch (already augmented as a whole)."""
-        lo, hi = _bounds(len(y), self.rank, self.world)
-        self.scale = self.world / max(len(y), 1)
-        return x[lo:hi], y[lo:hi]
+    def loader_slice(self, data: Any, augment: Sequence[str] = ()) -> tuple[int, int] | None:
+        """(rank, world) when this rank's loader should decode only its slice of each global batch:
+        streamed training data, which decoding dominates. None (the whole batch is made, then cut
+        by `shard`) for tensors in memory, where slicing is free, and whenever on-device
+        augmentation is asked for, since its draws are made for the whole batch."""
+        from pai_core.data.image_folder import FolderSplit
+
+        return (self.rank, self.world) if isinstance(data.train, FolderSplit) and not augment else None
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of a global batch, and the loss scale for it. `total` None: x, y are
+        the whole batch (already augmented as a whole) and are cut here. `total` given: x, y are
+        already this rank's slice of a global batch of `total` examples (decoded alone, see
+        `loader_slice`), kept as they are; a batch whose size is not that slice's is refused, so
+        nothing is cut twice or trained whole."""
+        if total is None:
+            total = len(y)
+            lo, hi = slice_bounds(total, self.rank, self.world)
+            x, y = x[lo:hi], y[lo:hi]
+        else:
+            lo, hi = slice_bounds(total, self.rank, self.world)
+            if len(y) != hi - lo:
+                raise ValueError(f"rank {self.rank} of {self.world}: a pre-sliced batch of {len(y)} examples, but its "
+                                 f"slice of a global batch of {total} holds {hi - lo}")
+        self.scale = self.world / max(total, 1)  # the GLOBAL batch's size: an empty slice adds 0
+        return x, y
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The slice's summed loss × world / global batch: DDP's average over ranks is then the

@@ -165,24 +165,24 @@ def two_four_problem(mask: Mask, names: Sequence[str]) -> str | None:
     return None
 
 
-def structure_problem(model: nn.Module, mask: Mask, chain: bool | None = None) -> str | None:
-    """Why `physically_prune` would not reproduce the masked net, or None: the net must be
-    chain-shaped (`chain`: the model registry's flag; None = judged from the layers' shapes) and
-    the mask must remove whole filters/neurons, exactly their dependent input channels, nothing else."""
-    from pai_core import structured
+def structure_problem(model: nn.Module, mask: Mask) -> str | None:
+    """Why `physically_prune` would not reproduce the masked net, or None: torch.fx must trace the
+    net into channel groups (channel_graph), and the mask must remove whole groups (filters with
+    every input channel they feed and every channel a residual add ties to them), nothing else."""
+    from pai_core import channel_graph, structured
 
-    layers = structured.chain(model)
-    if not (_shapes_chain(layers) if chain is None else chain):
-        return (f"the net must be chain-shaped (each Conv/Linear feeding the next, as physically_prune "
-                f"assumes); {type(model).__name__} is not")
-    names = [f"{n}.weight" for n, _ in layers]
+    try:
+        graph = channel_graph.trace(model)
+    except channel_graph.ChannelGraphError as e:
+        return f"its channel groups are unknown: {e}"
+    names = [f"{n}.weight" for n, _ in structured.chain(model)]
     if missing := [n for n in names if n not in mask]:
         return f"the mask does not cover {missing[0]}"
-    kept = structured.kept_filters(model, mask)
+    kept = structured.kept_filters(model, mask, graph)
     for name, k in kept.items():
         if not bool(k.any()):
             return f"the mask removes every filter of {name}"
-    expected = structured.filter_mask(model, kept)
+    expected = structured.filter_mask(model, kept, graph)
     for n in names:
         m = mask[n].bool()
         if not torch.equal(expected[n], m):
@@ -194,23 +194,8 @@ def structure_problem(model: nn.Module, mask: Mask, chain: bool | None = None) -
     return None
 
 
-def _shapes_chain(layers: list[tuple[str, nn.Module]]) -> bool:
-    """Necessary for a chain: each layer's inputs are the previous layer's outputs (a flatten
-    between conv and linear allowed), no grouped convs. A residual net's shortcut fails it."""
-    for (_, prev), (_, layer) in zip(layers, layers[1:]):
-        out = prev.out_channels if isinstance(prev, nn.Conv2d) else prev.out_features
-        if isinstance(layer, nn.Conv2d):
-            ok = isinstance(prev, nn.Conv2d) and layer.in_channels == out
-        else:
-            ok = layer.in_features == out or (isinstance(prev, nn.Conv2d) and layer.in_features % out == 0)
-        if not ok:
-            return False
-    return all(not isinstance(m, nn.Conv2d) or m.groups == 1 for _, m in layers)
-
-
 def check_supported(fmt: str, model: nn.Module, mask: Mask, *, block_size: int | None = None,
-                    device: str | torch.device = "cpu", sparse_conv: bool | None = None,
-                    chain: bool | None = None) -> None:
+                    device: str | torch.device = "cpu", sparse_conv: bool | None = None) -> None:
     """Refuse (ExportRefused, one line) what `fmt` cannot export faithfully; returns None if it can.
     For semi_structured the mask is checked before the device (no device makes a mask 2:4)."""
     check_options(fmt, block_size=block_size)
@@ -223,7 +208,7 @@ def check_supported(fmt: str, model: nn.Module, mask: Mask, *, block_size: int |
         if problem := two_four_problem(full, names):
             raise ExportRefused(f"semi_structured needs a 2:4 mask: {problem}")
         check_device(fmt, device)
-    if fmt == "structured" and (problem := structure_problem(model, mask, chain)):
+    if fmt == "structured" and (problem := structure_problem(model, mask)):
         raise ExportRefused(f"structured: {problem}")
     if fmt == "bsr":
         for p in plan:
@@ -323,13 +308,12 @@ def _semi_structured_layer(layer: nn.Linear) -> nn.Module:
 
 @torch.no_grad()
 def to_format(model: nn.Module, mask: Mask, fmt: str, *, block_size: int | None = None,
-              device: str | torch.device = "cpu", sparse_conv: bool | None = None,
-              chain: bool | None = None) -> nn.Module:
+              device: str | torch.device = "cpu", sparse_conv: bool | None = None) -> nn.Module:
     """The exportable module of `fmt` for `model` under `mask`, on `device`, in eval mode. It
     computes what the masked model computes (within the format's tolerance). Refuses
     (ExportRefused) what the format cannot express. Nothing is written. `sparse_conv=False`
-    keeps convs dense in csr, True makes them sparse in bsr; `chain` (structured) is the model registry's flag."""
-    check_supported(fmt, model, mask, block_size=block_size, device=device, sparse_conv=sparse_conv, chain=chain)
+    keeps convs dense in csr, True makes them sparse in bsr."""
+    check_supported(fmt, model, mask, block_size=block_size, device=device, sparse_conv=sparse_conv)
     with _quiet():
         return _to_format(model, mask, fmt, block_size, device, sparse_conv)
 
@@ -357,12 +341,12 @@ def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, d
 
 
 def build(fmt: str, model: nn.Module, mask: Mask, example_input: Tensor | None = None, *,
-          block_size: int | None = None, device: str | torch.device = "cpu", sparse_conv: bool | None = None,
-          chain: bool | None = None) -> nn.Module:
+          block_size: int | None = None, device: str | torch.device = "cpu",
+          sparse_conv: bool | None = None) -> nn.Module:
     """`to_format` for benchmarks: the module of `fmt`, with nothing written. Given an
     `example_input`, its outputs are first checked against the masked model's (ExportRefused
     past the format's tolerance), so what is timed is known to compute the same thing."""
-    module = to_format(model, mask, fmt, block_size=block_size, device=device, sparse_conv=sparse_conv, chain=chain)
+    module = to_format(model, mask, fmt, block_size=block_size, device=device, sparse_conv=sparse_conv)
     if example_input is not None:
         reference = masked_copy(model, mask).to(device)
         with torch.no_grad():

@@ -166,19 +166,16 @@ def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | P
     """Export a stored round as `fmt` into `out_dir`: the model file, `reference.pt` and
     `manifest.json`. The file is loaded back and checked against the masked model first; an
     export that fails the check is removed and refused (ExportRefused)."""
-    from pai_core.models import model_info
-
     check_options(fmt, block_size=block_size)
     check_device(fmt, device)
     f, dev = get_format(fmt), torch.device(device)
     r = load_masked_model(spec, round_, store)
-    chain = model_info(r.arch.model["name"]).chain
-    check_supported(fmt, r.model, r.mask, block_size=block_size, device=dev, sparse_conv=sparse_conv, chain=chain)
+    check_supported(fmt, r.model, r.mask, block_size=block_size, device=dev, sparse_conv=sparse_conv)
     x, what = check_inputs(r.data, r.arch.in_shape, batch)
     x = x.to(dev)
     with torch.no_grad():
         reference = r.model.to(dev)(x)
-    module = to_format(r.model, r.mask, fmt, block_size=block_size, device=dev, sparse_conv=sparse_conv, chain=chain)
+    module = to_format(r.model, r.mask, fmt, block_size=block_size, device=dev, sparse_conv=sparse_conv)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f.file

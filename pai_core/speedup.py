@@ -85,7 +85,7 @@ def _sync(device: torch.device) -> Callable[[], None]:
 def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
             formats: Sequence[str] = DEFAULT_FORMATS, batches: Sequence[int] = DEFAULT_BATCHES,
             device: str = "cpu", block_size: int | None = None, seed: int = 0, warmup: int = 3,
-            repeats: int = 7, min_run_s: float = 0.05, chain: bool | None = None,
+            repeats: int = 7, min_run_s: float = 0.05,
             log: Callable[[str], None] = lambda _: None) -> list[Row]:
     """One row per (format, batch): its time, the dense model's, the ratio, the output check.
     A format that cannot express this model and mask (`ExportRefused`) gets one row saying why."""
@@ -103,7 +103,7 @@ def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
 
     for fmt in formats:
         try:
-            module = _loaded(fmt, model, mask, inputs[max(batches)], block_size, device, chain)
+            module = _loaded(fmt, model, mask, inputs[max(batches)], block_size, device)
         except ExportRefused as e:
             rows += [Row(name, fmt, b, device, threads, float("nan"), float("nan"), float("nan"), float("nan"),
                          0.0, f"refused: {e}") for b in batches]
@@ -121,11 +121,9 @@ def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
     return rows
 
 
-def _loaded(fmt: str, model: nn.Module, mask: Mask, example: Tensor, block_size: int | None, device: str,
-            chain: bool | None) -> Any:
+def _loaded(fmt: str, model: nn.Module, mask: Mask, example: Tensor, block_size: int | None, device: str) -> Any:
     """The format's module as its file loads back (built and checked first)."""
-    module = build(fmt, model, mask, example, block_size=block_size if fmt == "bsr" else None, device=device,
-                   chain=chain)
+    module = build(fmt, model, mask, example, block_size=block_size if fmt == "bsr" else None, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_module(module, fmt, Path(tmp) / get_format(fmt).file, example)
         return load_exported(path, device)

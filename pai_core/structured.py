@@ -1,16 +1,18 @@
-"""Structured (filter / neuron) pruning for chain-shaped nets, and physical removal.
+"""Structured (filter / neuron) pruning, and physical removal, for any net channel_graph traces.
 
-Removing filter c of layer l also removes input channel c of layer l+1 (its "dependent
-channel"): the mask zeroes both, so a removed filter's bias or batch-norm shift cannot leak
-into the next layer. Then `physically_prune` builds the smaller dense net, whose outputs
-equal the masked net's. Only chain-shaped models qualify (each Conv/Linear feeds the next
-in module order); residual nets have cross-layer channel ties that this does not resolve.
+Removing filter c of a layer also removes every input channel it feeds, and every channel tied
+to it by a residual add (channel_graph's groups): the mask zeroes all of them, so a removed
+filter's bias or batch-norm shift cannot leak into a later layer. Then `physically_prune` builds
+the smaller dense net, whose outputs equal the masked net's. A chain net's groups are its
+layers' filters, one each, as before the graph existed.
 
-Which filters go: each layer keeps the same fraction (`layerwise`, Li et al. 2017), or one
-ranking over the filters of all layers keeps the best (`global`: network slimming's single
+Which groups go: each family keeps the same fraction (`layerwise`, Li et al. 2017), or one
+ranking over the groups of all families keeps the best (`global`: network slimming's single
 threshold over every BN scale, Molchanov et al.'s global Taylor ranking). `layers="batch_norm"`
-restricts pruning to the layers whose outputs a BatchNorm carries (slimming's channels); the
-others keep every unit. The BatchNorm helpers slimming and early-bird share live here too.
+restricts pruning to the groups whose outputs BatchNorms carry (slimming's channels),
+`layers="unshared"` to those one layer makes alone (Li et al.'s ResNets keep the residual
+stream); the others keep every unit. The BatchNorm helpers slimming and early-bird share live
+here too.
 """
 from __future__ import annotations
 
@@ -21,16 +23,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from pai_core import channel_graph
 from pai_core.masks import Mask
 from pai_core.selection import select
 
 LAYERS = (nn.Conv2d, nn.Linear)
 BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 NORMS = ("l1", "l2", "max")  # how a filter's per-weight scores combine into one
-UNIT_LAYERS = ("all", "batch_norm")  # which layers lose units: every one but the output, or those with BN
+UNIT_LAYERS = ("all", "batch_norm", "unshared")  # which groups may go: see unit_families
 
 
 def chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The Conv/Linear layers in module order (a chain net's, in the order they feed each other)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LAYERS)]
 
 
@@ -59,64 +63,85 @@ def bn_l1_subgradient(model: nn.Module, lam: float) -> None:
             m.weight.grad.add_(lam * torch.sign(m.weight.detach()))
 
 
-def unit_layers(model: nn.Module, layers: str = "all") -> list[tuple[str, nn.Module]]:
-    """The layers whose output units (filters/neurons) filter pruning may remove: every chain
-    layer but the output (`all`), or only those a BatchNorm follows (`batch_norm`)."""
-    candidates = chain(model)[:-1]
-    if layers == "batch_norm":
-        with_bn = bn_after(model)
-        return [(n, m) for n, m in candidates if n in with_bn]
-    return candidates
+def unit_families(model: nn.Module, layers: str = "all",
+                  graph: channel_graph.ChannelGraph | None = None) -> dict[str, list[channel_graph.Group]]:
+    """The channel groups filter pruning may remove, by family (channel_graph): every group not
+    tied to the net's input or output (`all`); those whose every producing layer a BatchNorm
+    follows (`batch_norm`, slimming's channels); or those made by one layer alone (`unshared`:
+    Li et al. 2017's choice on ResNets, which leaves the residual stream whole)."""
+    graph = graph or channel_graph.trace(model)
+    if layers not in UNIT_LAYERS:
+        raise ValueError(f"filter layers {layers!r}; allowed: {', '.join(UNIT_LAYERS)}")
+    with_bn = bn_after(model) if layers == "batch_norm" else {}
+    return {f: gs for f, gs in graph.families.items()
+            if layers == "all" or (layers == "unshared" and len(gs[0].layers) == 1)
+            or (layers == "batch_norm" and all(n in with_bn for n in gs[0].layers))}
 
 
-def _in_units(prev: nn.Module, layer: nn.Module, keep_prev: torch.Tensor) -> torch.Tensor:
-    """Which inputs of `layer` survive, given the kept outputs of the layer before it."""
-    if isinstance(prev, nn.Conv2d) and isinstance(layer, nn.Linear):
-        return keep_prev.repeat_interleave(layer.in_features // prev.out_channels)  # flatten: c × h × w
-    return keep_prev
+def unit_layers(model: nn.Module, layers: str = "all") -> list[tuple[str, int]]:
+    """(family, number of groups) of the candidates: what a filter density applies to."""
+    return [(f, len(gs)) for f, gs in unit_families(model, layers).items()]
 
 
 def filter_scores(model: nn.Module, scores: dict[str, torch.Tensor], norm: str,
-                  layers: str = "all") -> dict[str, torch.Tensor]:
-    """One score per output unit of each candidate layer: the l1 or l2 norm of its weights'
-    scores, or their max. `max` is for criteria that give every weight of a unit the unit's
-    own score (bn_scale's |γ|, taylor_filter): it returns that score exactly, where a norm
-    would multiply it by the filter's size and favour wide filters."""
+                  layers: str = "all", graph: channel_graph.ChannelGraph | None = None) -> dict[str, torch.Tensor]:
+    """One score per channel group of each candidate family: the l1 or l2 norm of the scores of
+    its filters' weights (every producing layer's filter of the group, so a residual channel
+    counts all the convs that write it), or their max. `max` is for criteria that give every
+    weight of a unit the unit's own score (bn_scale's |γ|, taylor_filter): it returns that score
+    exactly, where a norm would multiply it by the filter's size and favour wide filters."""
     if norm not in NORMS:
         raise ValueError(f"filter norm {norm!r}; allowed: {', '.join(NORMS)}")
+    per_filter: dict[str, torch.Tensor] = {}
     out = {}
-    for name, _ in unit_layers(model, layers):
-        s = scores[f"{name}.weight"].abs().flatten(1)
-        out[name] = s.sum(1) if norm == "l1" else s.pow(2).sum(1).sqrt() if norm == "l2" else s.amax(1)
+    for fam, groups in unit_families(model, layers, graph).items():
+        for layer in groups[0].layers:
+            if layer not in per_filter:
+                s = scores[f"{layer}.weight"].abs().flatten(1)
+                per_filter[layer] = (s.sum(1) if norm == "l1" else s.pow(2).sum(1) if norm == "l2" else s.amax(1))
+        vals = []
+        for g in groups:
+            parts = torch.stack([per_filter[layer][c] for layer, c in g.producers])
+            vals.append(parts.sum() if norm == "l1" else parts.sum().sqrt() if norm == "l2" else parts.amax())
+        out[fam] = torch.stack(vals)
     return out
 
 
-def filter_mask(model: nn.Module, keep: dict[str, torch.Tensor]) -> Mask:
-    """Weight masks that remove the dropped filters and their dependent input channels."""
-    layers = chain(model)
-    mask = {f"{n}.weight": torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers}
-    for (name, layer), (nxt_name, nxt) in zip(layers, layers[1:]):
-        k = keep[name].bool()
-        mask[f"{name}.weight"][~k] = False
-        mask[f"{nxt_name}.weight"][:, ~_in_units(layer, nxt, k)] = False
+def filter_mask(model: nn.Module, keep: dict[str, torch.Tensor],
+                graph: channel_graph.ChannelGraph | None = None) -> Mask:
+    """Weight masks that remove the dropped groups' filters and every input channel they feed
+    (`keep`: per family, as kept_filters; families not named keep all)."""
+    graph = graph or channel_graph.trace(model)
+    mask = {f"{n}.weight": torch.ones_like(m.weight, dtype=torch.bool) for n, m in chain(model)}
+    removed = graph.removed_ids(keep)
+    if not removed:
+        return mask
+    for name, roots in graph.out_roots.items():
+        gone = torch.tensor([r in removed for r in roots])
+        mask[f"{name}.weight"][gone] = False
+    for name, roots in graph.in_roots.items():
+        gone = torch.tensor([r in removed for r in roots]).repeat_interleave(channel_graph.in_factor(model, graph, name))
+        mask[f"{name}.weight"][:, gone] = False
     return mask
 
 
 def select_filters(model: nn.Module, scores: dict[str, torch.Tensor], previous: Mask, density: float,
                    norm: str, min_density: float = 0.0, scope: str = "layerwise", layers: str = "all",
                    invert: bool = False) -> Mask:
-    """Keep the best surviving filters of the candidate layers (`unit_layers`), ranked by
-    `filter_scores` (ties to the lower index), and remove what depends on the dropped ones.
+    """Keep the best surviving channel groups of the candidate families (`unit_families`), ranked
+    by `filter_scores` (ties to the lower index), and remove what depends on the dropped ones.
 
-    `layerwise`: round(n · density) of each layer's n filters. `global`: round(N · density) of
-    all N candidate filters by one ranking, each layer first keeping its best ceil(min_density · n)
-    and at least 1 surviving filter: a global threshold may otherwise empty a layer (the
-    slimming reference then builds a 0-channel conv), and the spec check refuses only
-    schedules that keep fewer filters than layers. Layers that are not candidates keep theirs.
-    `invert` (sanity checks) keeps the lowest-ranked filters instead: it negates the filter
-    scores, after the norm (negating the weights' scores would change nothing under it)."""
-    alive = kept_filters(model, previous)
-    unit = filter_scores(model, scores, norm, layers)
+    `layerwise`: round(n · density) of each family's n groups (a chain layer's filters, or one
+    residual stream's channels). `global`: round(N · density) of all N candidate groups by one
+    ranking, each family first keeping its best ceil(min_density · n) and at least 1 surviving
+    group: a global threshold may otherwise empty a layer (the slimming reference then builds a
+    0-channel conv), and the spec check refuses only schedules that keep fewer filters than
+    families. Families that are not candidates keep theirs. `invert` (sanity checks) keeps the
+    lowest-ranked groups instead: it negates the group scores, after the norm (negating the
+    weights' scores would change nothing under it)."""
+    graph = channel_graph.trace(model)
+    alive = kept_filters(model, previous, graph)
+    unit = filter_scores(model, scores, norm, layers, graph)
     if invert:
         unit = {n: -v for n, v in unit.items()}
     if scope == "global":
@@ -126,8 +151,7 @@ def select_filters(model: nn.Module, scores: dict[str, torch.Tensor], previous: 
                 for name, s in unit.items()}
     else:
         raise ValueError(f"filter scope {scope!r}; allowed: layerwise, global")
-    return {n: m & previous[n] for n, m in filter_mask(model, alive | keep).items()}
-
+    return {n: m & previous[n] for n, m in filter_mask(model, alive | keep, graph).items()}
 
 def _global_keep(unit: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], density: float,
                  min_density: float) -> dict[str, torch.Tensor]:
@@ -160,51 +184,61 @@ def costs(model: nn.Module, mask: Mask, in_shape: tuple[int, ...]) -> dict[str, 
     return {"dense": cost(model, in_shape), "pruned": cost(physically_prune(model, mask), in_shape)}
 
 
-def kept_filters(model: nn.Module, mask: Mask) -> dict[str, torch.Tensor]:
-    return {n: mask[f"{n}.weight"].flatten(1).any(1) for n, _ in chain(model)[:-1]}
+def kept_filters(model: nn.Module, mask: Mask, graph: channel_graph.ChannelGraph | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Per family, which groups survive: those with a weight left in one of their filters."""
+    graph = graph or channel_graph.trace(model)
+    rows = {n: mask[f"{n}.weight"].flatten(1).any(1) for n, _ in chain(model)}
+    return {fam: torch.stack([torch.stack([rows[n][c] for n, c in g.producers]).any() for g in groups])
+            for fam, groups in graph.families.items()}
 
 
 @torch.no_grad()
 def physically_prune(model: nn.Module, mask: Mask) -> nn.Module:
-    """A smaller dense copy without the removed filters, channels and norm-layer entries."""
+    """A smaller dense copy without the removed groups' filters, input channels, BatchNorm
+    entries and padded channels. A net whose channels move through an F.pad (He et al.'s
+    option-A shortcut) comes back as an fx.GraphModule, its pads shortened to the kept
+    channels; any other keeps its own class."""
     new = copy.deepcopy(model)
-    layers = chain(new)
-    keep = kept_filters(new, mask)
-    keep[layers[-1][0]] = torch.ones(_out_units(layers[-1][1]), dtype=torch.bool)
-    modules = dict(new.named_modules())
-    names = list(modules)
-    for i, (name, layer) in enumerate(layers):
-        out_k = keep[name]
-        in_k = (torch.ones(_in_units_count(layer), dtype=torch.bool) if i == 0
-                else _in_units(layers[i - 1][1], layer, keep[layers[i - 1][0]]))
+    graph = channel_graph.trace(new)
+    removed = graph.removed_ids(kept_filters(new, mask, graph))
+    kept = lambda roots: torch.tensor([r not in removed for r in roots], dtype=torch.bool)  # noqa: E731
+    target: nn.Module = graph.traced if graph.pad_roots else new
+    for name, layer in chain(new):
+        out_k = kept(graph.out_roots[name])
+        in_k = kept(graph.in_roots[name]).repeat_interleave(channel_graph.in_factor(new, graph, name))
         w = (layer.weight * mask[f"{name}.weight"].to(layer.weight.dtype))[out_k][:, in_k]
         if isinstance(layer, nn.Conv2d):
             small = nn.Conv2d(int(in_k.sum()), int(out_k.sum()), layer.kernel_size, layer.stride, layer.padding,
-                              layer.dilation, bias=layer.bias is not None)
+                              layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode)
         else:
             small = nn.Linear(int(in_k.sum()), int(out_k.sum()), bias=layer.bias is not None)
+        small = small.to(device=layer.weight.device, dtype=layer.weight.dtype)
         small.weight.copy_(w)
         if layer.bias is not None:
             small.bias.copy_(layer.bias[out_k])
-        _replace(new, name, small)
-        # Norm layers between this layer and the next carry this layer's channels.
-        end = names.index(layers[i + 1][0]) if i + 1 < len(layers) else len(names)
-        for between in names[names.index(name) + 1:end]:
-            if isinstance(modules[between], nn.BatchNorm2d):
-                _replace(new, between, _slice_bn(modules[between], out_k))
-    return new
+        _replace(target, name, small)
+    for name, roots in graph.norm_roots.items():
+        _replace(target, name, _slice_bn(new.get_submodule(name), kept(roots)))
+    if graph.pad_roots:
+        for node in graph.traced.graph.nodes:
+            if node.name in graph.pad_roots:
+                lead, trail = (int(kept(r).sum()) for r in graph.pad_roots[node.name])
+                x, pads = node.args[0], list(node.args[1])
+                at = len(pads) - 2  # the channel dim's pair comes last (channel_graph refuses batch pads)
+                pads[at:at + 2] = [lead, trail]
+                node.args = (x, tuple(pads), *node.args[2:])
+        graph.traced.recompile()
+    return target
 
 
 def _out_units(layer: nn.Module) -> int:
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
-def _in_units_count(layer: nn.Module) -> int:
-    return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
-
-
-def _slice_bn(bn: nn.BatchNorm2d, k: torch.Tensor) -> nn.BatchNorm2d:
-    small = nn.BatchNorm2d(int(k.sum()), bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+def _slice_bn(bn: nn.Module, k: torch.Tensor) -> nn.Module:
+    small = type(bn)(int(k.sum()), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                     device=bn.weight.device if bn.affine else None)
     small.load_state_dict({n: (t[k] if t.dim() else t) for n, t in bn.state_dict().items()})
     return small
 

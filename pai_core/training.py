@@ -30,7 +30,7 @@ from torch import nn
 from pai_core import distributed
 from pai_core.augment import augment_batch, check_kinds, generator_at
 from pai_core.data import DataBundle, Split
-from pai_core.data.stream import eval_batches, train_batches
+from pai_core.data.stream import batch_size_at, eval_batches, train_batches
 from pai_core.determinism import dropout_rng, fast_kernels
 from pai_core.masks import Mask, MaskEnforcer
 from pai_core.progress import Progress
@@ -247,8 +247,10 @@ def train(
     with fast_kernels() if device.type == "cuda" and not spec.deterministic else nullcontext(), \
             dropout_rng(model, device, order_seed) as seed_step:
         running, seen = torch.zeros((), device=device), 0
-        # iteration i's batch: rows of epoch_order(n, order_seed, epoch), in memory or streamed
-        batches = train_batches(data, it, stop, batch_size, order_seed, device)
+        # iteration i's batch: rows of epoch_order(n, order_seed, epoch), in memory or streamed;
+        # under DDP a streamed batch is decoded by slice, each rank its own (`sliced`: (rank, world))
+        sliced = None if ddp is None else ddp.loader_slice(data, augment)
+        batches = train_batches(data, it, stop, batch_size, order_seed, device, shard=sliced)
         while it < stop:
             lr = lr_at(it, spec, ipe, total)
             for group in opt.param_groups:
@@ -258,8 +260,8 @@ def train(
                 seed_step(it)
             if augment:
                 x = augment_batch(x, augment, generator_at(order_seed, it), fill=crop_fill)
-            if ddp is not None:  # this process's slice, after augmenting the whole batch
-                x, y = ddp.shard(x, y)
+            if ddp is not None:  # this process's slice: cut after augmenting the whole batch, or decoded alone
+                x, y = ddp.shard(x, y, None if sliced is None else batch_size_at(len(data.train), batch_size, it))
             if spec.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():

@@ -116,9 +116,9 @@ def test_two_processes_train_as_one_with_the_same_global_batch(launched):
 def test_slices_cover_the_batch_once():
     """Contiguous slices, sizes differing by at most one; a batch smaller than the world leaves
     a rank empty (its loss then contributes zero)."""
-    assert [distributed._bounds(333, r, 2) for r in range(2)] == [(0, 166), (166, 333)]
-    assert [distributed._bounds(10, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
-    assert [distributed._bounds(1, r, 2) for r in range(2)] == [(0, 0), (0, 1)]
+    assert [distributed.slice_bounds(333, r, 2) for r in range(2)] == [(0, 166), (166, 333)]
+    assert [distributed.slice_bounds(10, r, 3) for r in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert [distributed.slice_bounds(1, r, 2) for r in range(2)] == [(0, 0), (0, 1)]
 
 
 def test_batchnorm_becomes_syncbatchnorm_sharing_its_tensors_and_comes_back():

@@ -292,8 +292,11 @@ def test_structured_refuses_masks_that_are_not_whole_filters(stored, tmp_path):
                                             r"filters/neurons: structured needs a mask that removes whole"):
         export_round(specs["lenet_300_100"]["unstructured"], None, "structured", tmp_path, store=store)
     resnet = build_model("resnet20", (3, 8, 8), 10, seed=0, width=0.25)
-    with pytest.raises(ExportRefused, match="^structured: the net must be chain-shaped .* ResNetCifar is not"):
-        check_supported("structured", resnet, dense_mask(resnet))
+    check_supported("structured", resnet, dense_mask(resnet))  # residual nets have channel groups now
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    with pytest.raises(ExportRefused, match=r"^structured: its channel groups are unknown: .*grouped convolution "
+                                            r"\(groups=2\); supported: groups=1"):
+        check_supported("structured", grouped, dense_mask(grouped))
     assert not list(tmp_path.iterdir())
 
 

@@ -74,11 +74,21 @@ def test_structured_pat_removes_whole_filters(tmp_path):
     assert all(torch.equal(stored[k], v) for k, v in small.state_dict().items())
 
 
-def test_structured_needs_a_chain_model_and_layerwise_scope():
-    with pytest.raises(SpecError, match="chain-shaped"):
-        tiny_spec("prune_after_training", model={"name": "resnet20"},
+def test_structured_needs_channel_groups_and_layerwise_scope(monkeypatch):
+    from pai_core.models import registry
+
+    grouped = lambda in_shape, num_classes: torch.nn.Sequential(  # noqa: E731
+        torch.nn.Conv2d(in_shape[0], 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        torch.nn.Flatten(), torch.nn.Linear(4 * in_shape[1] * in_shape[2], num_classes))
+    monkeypatch.setitem(registry._MODELS, "grouped_test", registry.ModelInfo("grouped_test", grouped, "test"))
+    with pytest.raises(SpecError, match=r"prune.structure: filter needs the channel groups of grouped_test: .*"
+                                        r"grouped convolution \(groups=2\); supported: groups=1; allowed: unstructured, nm"):
+        tiny_spec("prune_after_training", model={"name": "grouped_test"},
                   prune={"schedule": "one_shot", "sparsity": 0.5, "rate": None, "rounds": 1, "scope": "layerwise",
                          "structure": "filter"})
+    tiny_spec("prune_after_training", model={"name": "resnet20"},  # a residual net has channel groups
+              prune={"schedule": "one_shot", "sparsity": 0.5, "rate": None, "rounds": 1, "scope": "layerwise",
+                     "structure": "filter"})
 
 
 def test_inverted_filter_selection_keeps_the_lowest_ranked_filters():

@@ -8,9 +8,17 @@ training loop has always done. Streamed, an `IterationSampler` yields the same p
 from the resumed iteration on, each with a seed derived from (order_seed, epoch, position)
 that alone decides the example's crop and flip. So iteration i's batch is a pure function
 of (order_seed, i), whatever the number of workers, and a resumed run replays it exactly.
+
+Under DDP (pai_core.distributed), a streamed batch is decoded by slices: rank r's sampler
+yields only its contiguous slice `slice_bounds(len(batch), r, world)` of each batch's (index, seed)
+pairs, so its workers decode 1/world of the batch, the very examples the whole batch holds
+there (a seed depends on the position in the epoch, never on who decodes it). In memory the
+whole batch is indexed and cut later (DataParallel.shard): slicing a tensor is free, and
+on-device augmentation is drawn for the whole batch.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -19,9 +27,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
 
 from pai_core.data.image_folder import FolderSplit
 from pai_core.data.image_transforms import normalize
+from pai_core.distributed import slice_bounds
 
 WORKERS_ENV = "PAI_DATA_WORKERS"
 PREFETCH = 4  # batches per worker in flight
@@ -58,13 +68,25 @@ def example_seed(order_seed: int, epoch: int, position: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def batch_size_at(n: int, batch_size: int, it: int) -> int:
+    """The size of iteration `it`'s global batch: `batch_size`, or the remainder at the end of
+    an epoch (in memory and streamed alike)."""
+    pos = it % math.ceil(n / batch_size)
+    return min((pos + 1) * batch_size, n) - pos * batch_size
+
+
 class IterationSampler(torch.utils.data.Sampler):
     """Batches of (example index, transform seed) for iterations [start, stop) (stop None:
     without end). Epoch e's order is `epoch_order(n, order_seed, e)`; the last batch of an
-    epoch is the remainder, as in memory."""
+    epoch is the remainder, as in memory. With `world` > 1, only rank `rank`'s contiguous
+    slice of each batch (possibly empty when the batch is smaller than the world)."""
 
-    def __init__(self, n: int, batch_size: int, order_seed: int, start: int = 0, stop: int | None = None):
+    def __init__(self, n: int, batch_size: int, order_seed: int, start: int = 0, stop: int | None = None,
+                 rank: int = 0, world: int = 1):
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank}, world {world}: need 0 <= rank < world")
         self.n, self.batch_size, self.order_seed, self.start, self.stop = n, batch_size, order_seed, start, stop
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         if self.stop is None:
@@ -79,8 +101,17 @@ class IterationSampler(torch.utils.data.Sampler):
             if epoch != order_epoch:
                 order, order_epoch = _epoch_order(self.n, self.order_seed, epoch).tolist(), epoch
             lo, hi = pos * self.batch_size, min((pos + 1) * self.batch_size, self.n)
-            yield [(order[j], example_seed(self.order_seed, epoch, j)) for j in range(lo, hi)]
+            a, b = slice_bounds(hi - lo, self.rank, self.world)  # the whole batch when world is 1
+            yield [(order[j], example_seed(self.order_seed, epoch, j)) for j in range(lo + a, lo + b)]
             it += 1
+
+
+def _collate(items: list[tuple[torch.Tensor, int]], size: int) -> Batch:
+    """default_collate; an empty slice (a rank's share of a batch smaller than the world) as
+    empty tensors of a batch's dtypes and image shape."""
+    if not items:
+        return torch.empty((0, 3, size, size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    return default_collate(items)
 
 
 def _loader(split: FolderSplit, batch_sampler: Any, persistent: bool = False) -> torch.utils.data.DataLoader:
@@ -90,6 +121,7 @@ def _loader(split: FolderSplit, batch_sampler: Any, persistent: bool = False) ->
     w = split.workers
     return torch.utils.data.DataLoader(
         split.dataset, batch_sampler=batch_sampler, num_workers=w, pin_memory=split.pin_memory,
+        collate_fn=functools.partial(_collate, size=split.dataset.size),
         persistent_workers=persistent and w > 0, prefetch_factor=PREFETCH if w else None,
         generator=torch.Generator().manual_seed(0))
 
@@ -101,16 +133,32 @@ def _arrive(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Batch:
 
 
 def train_batches(data: Any, start: int, stop: int | None, batch_size: int, order_seed: int,
-                  device: torch.device | None = None) -> Iterator[Batch]:
+                  device: torch.device | None = None, shard: tuple[int, int] | None = None) -> Iterator[Batch]:
     """(x, y) of iterations start, start + 1, ..., stop - 1 (stop None: without end) of
-    `data.train`. In memory, on the tensors' own device; streamed, on `device` (default CPU)."""
+    `data.train`. In memory, on the tensors' own device; streamed, on `device` (default CPU).
+
+    `shard` (rank, world), streamed data only: each yielded batch is already that rank's slice
+    of the global batch (of `batch_size_at(len(data.train), batch_size, it)` examples), and
+    only that slice was decoded; hand it to `DataParallel.shard` with that global size, which
+    then does not cut it again. In memory the whole batch is made and cut after on-device
+    augmentation, which draws for the whole batch: `shard` is refused there."""
     split = data.train
     if isinstance(split, FolderSplit):
-        sampler = IterationSampler(len(split), batch_size, order_seed, start, stop)
-        dev = torch.device("cpu") if device is None else torch.device(device)
-        for x, y in _loader(split, sampler):
-            yield _arrive(x, y, dev)
-        return
+        rank, world = (0, 1) if shard is None else shard
+        sampler = IterationSampler(len(split), batch_size, order_seed, start, stop, rank, world)
+        return _streamed(split, sampler, torch.device("cpu") if device is None else torch.device(device))
+    if shard is not None:  # refused here, when asked, not at the first batch
+        raise ValueError("shard: only streamed (image_folder) batches are decoded by slice; in-memory batches are "
+                         "cut after augmentation (DataParallel.shard)")
+    return _in_memory(split, start, stop, batch_size, order_seed)
+
+
+def _streamed(split: FolderSplit, sampler: IterationSampler, device: torch.device) -> Iterator[Batch]:
+    for x, y in _loader(split, sampler):
+        yield _arrive(x, y, device)
+
+
+def _in_memory(split: Any, start: int, stop: int | None, batch_size: int, order_seed: int) -> Iterator[Batch]:
     ipe = math.ceil(len(split) / batch_size)
     it, order = start, None
     while stop is None or it < stop:

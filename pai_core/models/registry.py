@@ -35,7 +35,7 @@ class ModelInfo:
     builder: Builder
     description: str
     Params: type[BaseModel] = NoParams
-    chain: bool = False  # every Conv/Linear feeds the next in module order: filter pruning applies
+    chain: bool = False  # every Conv/Linear feeds the next in module order: early-bird's channel tickets apply
     batch_norm: bool | str = False  # True, or the name of the boolean param that turns BN on
 
     def has_batch_norm(self, params: dict[str, Any]) -> bool:

@@ -116,7 +116,7 @@ def resnet_cifar(depth: int, in_shape: InShape, num_classes: int, width: float =
 
 @register("resnet20", params=ParamsB, batch_norm=True,
           description="He et al.'s CIFAR ResNet-20 (16-32-64; shortcut B: 1x1 conv, as open_lth; A: 0.27M); "
-                      "Kaiming fan_in; not chain-shaped")
+                      "Kaiming fan_in")
 def resnet20(in_shape: InShape, num_classes: int, width: float = 1.0, shortcut: Shortcut = "B") -> nn.Module:
     return resnet_cifar(20, in_shape, num_classes, width, shortcut)
 
@@ -127,7 +127,7 @@ def _register(depth: int, paper_count: str) -> None:
 
     register(f"resnet{depth}", params=ParamsA, batch_norm=True,
              description=f"He et al.'s CIFAR ResNet-{depth} (16-32-64; shortcut A: zero padding, {paper_count} "
-                         "as the paper; B: 1x1 conv); Kaiming fan_in; not chain-shaped")(build)
+                         "as the paper; B: 1x1 conv); Kaiming fan_in")(build)
 
 
 for _depth, _count in ((32, "0.46M"), (56, "0.85M"), (110, "1.7M")):

@@ -36,13 +36,13 @@ def _build(arch: str, in_shape: InShape, num_classes: int) -> nn.Module:
 
 @register("resnet18", batch_norm=True,
           description="torchvision's ResNet-18 (ImageNet stem; inputs >= 17x17), torchvision's init; "
-                      "11.7M at 1000 classes; not chain-shaped")
+                      "11.7M at 1000 classes")
 def resnet18(in_shape: InShape, num_classes: int) -> nn.Module:
     return _build("resnet18", in_shape, num_classes)
 
 
 @register("resnet50", batch_norm=True,
           description="torchvision's ResNet-50 (bottlenecks, ImageNet stem; inputs >= 17x17), torchvision's "
-                      "init; 25.6M at 1000 classes; not chain-shaped")
+                      "init; 25.6M at 1000 classes")
 def resnet50(in_shape: InShape, num_classes: int) -> nn.Module:
     return _build("resnet50", in_shape, num_classes)

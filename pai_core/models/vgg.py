@@ -10,7 +10,7 @@
   with fan_out for convs, N(0, 0.01) for the fc, zero fc bias. SynFlow's vgg19_bn (lottery_vgg)
   is the same net but with conv biases (+5,504 parameters) and Kaiming fan_in everywhere.
 
-BN weight 1 / bias 0 in all. All are chain-shaped (filter pruning applies). The pools use
+BN weight 1 / bias 0 in all. All are chain-shaped (early-bird channel tickets apply). The pools use
 `ceil_mode=True` and the head is a global average pool: identical to the references on 32x32
 inputs (GraSP's 2x2 average pool sees a 2x2 map), but a 28x28 input survives all five pools
 of vgg11/16 (28 -> 14 -> 7 -> 4 -> 2 -> 1) instead of reaching 0.

@@ -79,7 +79,7 @@ class WideResNet(nn.Module):
 
 @register("wrn", params=WRNParams, batch_norm=True,
           description="Zagoruyko & Komodakis' WRN-d-k (depth 6n+4, widen k; default WRN-28-10, 36.5M), "
-                      "pre-activation, optional dropout; Kaiming fan_out; not chain-shaped")
+                      "pre-activation, optional dropout; Kaiming fan_out")
 def wrn(in_shape: InShape, num_classes: int, depth: int = 28, widen: int = 10, dropout: float = 0.0) -> nn.Module:
     WRNParams(depth=depth, widen=widen, dropout=dropout)  # a direct call gets the spec's checks
     model = WideResNet(depth, widen, in_shape, num_classes, dropout)

@@ -19,7 +19,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pai_core import gradual as gradual_lib
-from pai_core import structured
+from pai_core import channel_graph, structured
 from pai_core.callbacks import MaskUpdate, register_callback
 from pai_core.models import model_info, model_names
 from pai_core.paradigms.common import nm_tag, pretty
@@ -30,8 +30,8 @@ from pai_core.specs import STRUCTURES as SHARED_STRUCTURES
 from pai_core.specs import ExperimentBase, Frozen, PruneSpec, TrainSpec, schedule_help
 
 
-STRUCTURES = {**SHARED_STRUCTURES, "filter": "whole filters/neurons and their dependent input channels "
-                                             "(chain-shaped models; prune_after_training only)"}
+STRUCTURES = {**SHARED_STRUCTURES, "filter": "whole filters/neurons with every channel tied to them: the inputs "
+                                             "they feed, and residual adds (prune_after_training only)"}
 # Criteria that score whole units (one score spread over a unit's weights): filter structure
 # only, filter_norm max, and the layers they prune by default.
 UNIT_CRITERIA = {"bn_scale": "batch_norm", "taylor_filter": "all"}
@@ -60,9 +60,10 @@ class PaTPrune(PruneSpec):
     filter_norm: Literal["l1", "l2", "max"] | None = Field(
         None, description="structure filter: how a filter's per-weight scores combine into one: l1 or l2 norm, or "
                           "max; None = max for criteria that score whole units (bn_scale, taylor_filter), else l1")
-    filter_layers: Literal["all", "batch_norm"] | None = Field(
-        None, description="structure filter: the layers that lose units: all (every layer but the output) or "
-                          "batch_norm (those a BatchNorm follows: network slimming's channels); None = batch_norm "
+    filter_layers: Literal["all", "batch_norm", "unshared"] | None = Field(
+        None, description="structure filter: the channels that may go: all (every layer's but the output's), "
+                          "batch_norm (those BatchNorms follow: network slimming's channels) or unshared (those "
+                          "one layer makes alone: Li et al.'s ResNets keep the residual stream); None = batch_norm "
                           "for bn_scale, else all")
     physical: bool = Field(False, description="structure filter: also build and evaluate the smaller dense net")
 
@@ -110,33 +111,44 @@ class PruneAfterTrainingSpec(ExperimentBase):
     prune: PaTPrune = Field(description="what is pruned after training, and how")
 
     @model_validator(mode="after")
-    def _chain(self) -> PruneAfterTrainingSpec:
-        info = model_info(self.model.name)
-        if self.prune.structure == "filter" and not info.chain:
-            chains = [m for m in model_names() if model_info(m).chain]
-            raise ValueError(f"structure filter needs a chain-shaped model; allowed: {', '.join(chains)}")
-        if self.prune.structure == "filter" and self.prune.unit_layers == "batch_norm" and not info.has_batch_norm(
+    def _units(self) -> PruneAfterTrainingSpec:
+        if self.prune.structure == "filter":
+            self.filter_units()
+        return self
+
+    def filter_units(self) -> list[tuple[str, int]]:
+        """(family, groups) that structure filter prunes (channel_graph); refused by field when the
+        net's channels cannot be grouped or none may go."""
+        if self.prune.unit_layers == "batch_norm" and not model_info(self.model.name).has_batch_norm(
                 self.model.params):
             field = "criterion" if self.prune.filter_layers is None else "filter_layers"
             what = "bn_scale ranks BatchNorm scales" if field == "criterion" else "batch_norm prunes BN channels"
             with_bn = [m if model_info(m).batch_norm is True else f"{m} with {model_info(m).batch_norm}: true"
-                       for m in model_names() if model_info(m).chain and model_info(m).batch_norm]
+                       for m in model_names() if model_info(m).batch_norm]
             raise ValueError(f"prune.{field}: {what}, and this {self.model.name} has no BatchNorm; allowed: a "
-                             f"chain-shaped model with BatchNorm ({', '.join(with_bn)})")
-        return self
+                             f"model with BatchNorm ({', '.join(with_bn)})")
+        try:
+            units = structured.unit_layers(meta_model(self), self.prune.unit_layers)
+        except channel_graph.ChannelGraphError as e:
+            raise ValueError(f"prune.structure: filter needs the channel groups of {self.model.name}: {e}; "
+                             f"allowed: unstructured, nm") from e
+        if not units:
+            field = "filter_layers" if self.prune.filter_layers is not None else "structure"
+            raise ValueError(f"prune.{field}: {self.model.name} has no channel group that "
+                             f"{self.prune.unit_layers} filter pruning may remove")
+        return units
 
     @property
     def retrain_spec(self) -> TrainSpec:
         return self.retrain
 
     def pruned_units(self) -> tuple | None:
-        """Whole filters: the densities apply to the output units of the candidate layers (every
-        chain layer but the last, or those a BatchNorm follows), per layer or all together
+        """Whole filters: the densities apply to the channel groups of the candidate families
+        (a chain layer's filters, a residual stream's channels), per family or all together
         (structured.select_filters)."""
-        if self.prune.structure != "filter" or not model_info(self.model.name).chain:
+        if self.prune.structure != "filter":
             return super().pruned_units()
-        layers = [(f"{name}.weight", (m.weight.shape[0],))
-                  for name, m in structured.unit_layers(meta_model(self), self.prune.unit_layers)]
+        layers = [(f"{family}.weight", (n,)) for family, n in self.filter_units()]
         return layers, self.prune.scope, "filters"
 
 
