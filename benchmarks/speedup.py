@@ -5,7 +5,9 @@ Cases (the issue's goals):
 - a wide MLP, 4096 → 4096 → 4096 → 4096 → 10, every layer at 98 % (random, layer-wise), batch 1
   is the goal; also the same MLP with a 32×32 block mask for `bsr`;
 - LeNet-5 with half of each layer's filters removed (l1), `structured` vs dense, beside the
-  FLOP ratio of the two nets;
+  FLOP ratio of the two nets; the same for ResNet-56 (option A) on CIFAR-shaped inputs, half of
+  every channel group (residual stream included) or of the blocks' inner channels only
+  (batches up to 64);
 - 2:4 on a 4096 × 4096 (×3) MLP in float16 on a CUDA GPU with compute capability >= 8.0 when
   there is one (`semi_structured` vs the same net dense in float16); skipped, and said so, when not.
 
@@ -89,17 +91,28 @@ def cases(args: argparse.Namespace) -> list[Row]:
     rows += measure(f"MLP {width}×{width}×3, 98 % in 32×32 blocks", blocky, block_mask(blocky, 0.02, 32), (width,),
                     formats=("bsr", "csr"), block_size=32, **opts)
     lenet5 = build_model("lenet5", (1, 28, 28), 10, seed=0).eval()
-    params = dict(lenet5.named_parameters())
-    half = structured.select_filters(lenet5, {n: params[n].detach().abs() for n in prunable_names(lenet5)},
-                                     {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable_names(lenet5)},
-                                     0.5, "l1")
-    c = structured.costs(lenet5, half, (1, 28, 28))
-    flop_ratio = c["dense"]["flops"] / c["pruned"]["flops"]
-    found = measure("LeNet-5, half the filters", lenet5, half, (1, 28, 28), formats=("structured",),
-                    **opts)
-    rows += [Row(**{**r.__dict__, "note": f"FLOPs {flop_ratio:.2f}× fewer"}) for r in found]
+    rows += filter_case("LeNet-5, half the filters", lenet5, (1, 28, 28), "all", opts)
+    small = dict(opts, batches=[b for b in args.batches if b <= 64])  # batch 1024 of a ResNet-56: minutes per call
+    resnet = build_model("resnet56", (3, 32, 32), 10, seed=0, width=0.5 if args.quick else 1.0).eval()
+    rows += filter_case("ResNet-56 (A), half of every channel group", resnet, (3, 32, 32), "all", small)
+    rows += filter_case("ResNet-56 (A), half of the blocks' inner channels", resnet, (3, 32, 32), "unshared", small)
     rows += semi_structured_case(args)
     return rows
+
+
+def filter_case(name: str, model: nn.Module, in_shape: tuple[int, ...], layers: str, opts: dict) -> list[Row]:
+    """Half of the candidate channel groups (l1 of the weights) removed: the physically smaller
+    net against the dense one, beside the ratio of their FLOPs. `layers`: see
+    structured.unit_families (`unshared` keeps a ResNet's residual stream whole)."""
+    params = dict(model.named_parameters())
+    names = prunable_names(model)
+    half = structured.select_filters(model, {n: params[n].detach().abs() for n in names},
+                                     {n: torch.ones_like(params[n], dtype=torch.bool) for n in names},
+                                     0.5, "l1", layers=layers)
+    c = structured.costs(model, half, in_shape)
+    flop_ratio = c["dense"]["flops"] / c["pruned"]["flops"]
+    found = measure(name, model, half, in_shape, formats=("structured",), **opts)
+    return [Row(**{**r.__dict__, "note": f"FLOPs {flop_ratio:.2f}× fewer"}) for r in found]
 
 
 def semi_structured_case(args: argparse.Namespace) -> list[Row]:

@@ -8,6 +8,9 @@ the plain model (no reparametrisation).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
 import torch
 from torch import nn
 
@@ -28,9 +31,17 @@ def prunable_names(model: nn.Module, include_biases: bool = False) -> list[str]:
     return names
 
 
-def dense_mask(model: nn.Module, include_biases: bool = False) -> Mask:
+def is_ignored(name: str, ignore: Sequence[str]) -> bool:
+    """`name` matches one of the `prune.ignore` patterns (fnmatch: `fc.weight`, `conv1.*`)."""
+    return any(fnmatchcase(name, pattern) for pattern in ignore)
+
+
+def dense_mask(model: nn.Module, include_biases: bool = False, ignore: Sequence[str] = ()) -> Mask:
+    """All-kept masks over the prunable parameters, less those `ignore` names: a parameter
+    without a mask is never pruned, and the sparsity counts the masked ones only."""
     params = dict(model.named_parameters())
-    return {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable_names(model, include_biases)}
+    return {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable_names(model, include_biases)
+            if not is_ignored(n, ignore)}
 
 
 def apply_mask(model: nn.Module, mask: Mask | None) -> None:

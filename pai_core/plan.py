@@ -122,6 +122,8 @@ def score_node(spec: ExperimentBase, weights: Node, mask: Node | None, prune: Pr
     crit = get_criterion(prune.criterion)
     fields: dict[str, Any] = {"criterion": crit.name, "params": crit.Params(**prune.params).model_dump(mode="json"),
                               "prune_biases": prune.prune_biases}
+    if prune.ignore:  # only when set: masks without ignored layers keep the keys they had
+        fields["ignore"] = list(prune.ignore)
     # BatchNorm mode only where there is BatchNorm: BN-free models keep the keys they had.
     if crit.bn_mode and model_info(spec.model.name).has_batch_norm(spec.model.params):
         fields["bn_mode"] = prune.bn_mode or crit.bn_mode

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from pai_core.masks import prunable_names
+from pai_core.masks import is_ignored, prunable_names
 from pai_core.models import model_info
 from pai_core.selection import layer_counts
 
@@ -47,11 +48,24 @@ def meta_model(spec: Any) -> nn.Module:
     return _meta(spec.model.name, params, tuple(info.in_shape), info.num_classes)
 
 
-def weight_layers(spec: Any, biases: bool = False) -> Layers:
-    """Shapes of the prunable parameters (Conv/Linear weights, and biases if asked)."""
+def weight_layers(spec: Any, biases: bool = False, ignore: Sequence[str] = ()) -> Layers:
+    """Shapes of the prunable parameters (Conv/Linear weights, and biases if asked), less the
+    ignored ones."""
     model = meta_model(spec)
     params = dict(model.named_parameters())
-    return [(n, tuple(params[n].shape)) for n in prunable_names(model, biases)]
+    return [(n, tuple(params[n].shape)) for n in prunable_names(model, biases) if not is_ignored(n, ignore)]
+
+
+def check_ignore(spec: Any, ignore: Sequence[str], biases: bool) -> None:
+    """Every `prune.ignore` pattern names a prunable parameter of this net, and something is
+    left to prune: a typo would otherwise silently prune the layer it meant to keep."""
+    names = prunable_names(meta_model(spec), biases)
+    for pattern in ignore:
+        if not any(is_ignored(n, [pattern]) for n in names):
+            raise ValueError(f"prune.ignore: {pattern!r} matches no prunable parameter of {spec.model.name}; "
+                             f"allowed: {', '.join(names)} (or fnmatch patterns over them)")
+    if all(is_ignored(n, ignore) for n in names):
+        raise ValueError(f"prune.ignore: every prunable parameter of {spec.model.name} is ignored; leave one to prune")
 
 
 def _fmt(x: float) -> str:

@@ -81,6 +81,10 @@ class PruneSpec(Frozen):
     scope: Literal["global", "layerwise", "erk", "smart_ratio"] = Field("global", description=SCOPE_HELP)
     min_density: float = Field(0.0, ge=0, le=1, description="per-layer floor on the kept fraction")
     prune_biases: bool = Field(False, description=PRUNE_BIASES_HELP)
+    ignore: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=100,
+        description="prunable parameters kept dense and out of the sparsity, by name or fnmatch pattern (fc.weight, "
+                    "conv1.*): open_lth's pruning_layers_to_ignore, RigL's dense first layer")
     on_collapse: Literal["error", "warn"] = Field("error", description="a mask that empties a layer or cuts every path")
     bn_mode: Literal["train", "eval"] | None = Field(
         None, description="BatchNorm mode while scoring; None = the criterion's paper default. "
@@ -248,6 +252,9 @@ class ExperimentBase(Frozen):
                 raise ValueError(f"{field}.bn_l1: network slimming's L1 acts on BatchNorm scales and this "
                                  f"{self.model.name} has none; allowed: 0, or a model with BatchNorm "
                                  f"({', '.join(with_bn)})")
+        prune = getattr(self, "prune", None)
+        if isinstance(prune, PruneSpec) and prune.ignore:
+            prune_checks.check_ignore(self, prune.ignore, prune.prune_biases)
         if (units := self.pruned_units()) is not None:
             prune_checks.check_schedule(self.prune, *units)
         return self
@@ -258,7 +265,7 @@ class ExperimentBase(Frozen):
         prune = getattr(self, "prune", None)
         if not isinstance(prune, PruneSpec):
             return None
-        return prune_checks.weight_layers(self, prune.prune_biases), prune.scope, "weights"
+        return prune_checks.weight_layers(self, prune.prune_biases, prune.ignore), prune.scope, "weights"
 
     @property
     def order_seed(self) -> int:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from pai_core import channel_graph
-from pai_core.masks import Mask
+from pai_core.masks import Mask, is_ignored
 from pai_core.selection import select
 
 LAYERS = (nn.Conv2d, nn.Linear)
@@ -63,28 +64,30 @@ def bn_l1_subgradient(model: nn.Module, lam: float) -> None:
             m.weight.grad.add_(lam * torch.sign(m.weight.detach()))
 
 
-def unit_families(model: nn.Module, layers: str = "all",
-                  graph: channel_graph.ChannelGraph | None = None) -> dict[str, list[channel_graph.Group]]:
+def unit_families(model: nn.Module, layers: str = "all", graph: channel_graph.ChannelGraph | None = None,
+                  ignore: Sequence[str] = ()) -> dict[str, list[channel_graph.Group]]:
     """The channel groups filter pruning may remove, by family (channel_graph): every group not
     tied to the net's input or output (`all`); those whose every producing layer a BatchNorm
     follows (`batch_norm`, slimming's channels); or those made by one layer alone (`unshared`:
-    Li et al. 2017's choice on ResNets, which leaves the residual stream whole)."""
+    Li et al. 2017's choice on ResNets, which leaves the residual stream whole). A family with
+    an ignored producer (`prune.ignore`) keeps its filters."""
     graph = graph or channel_graph.trace(model)
     if layers not in UNIT_LAYERS:
         raise ValueError(f"filter layers {layers!r}; allowed: {', '.join(UNIT_LAYERS)}")
     with_bn = bn_after(model) if layers == "batch_norm" else {}
     return {f: gs for f, gs in graph.families.items()
-            if layers == "all" or (layers == "unshared" and len(gs[0].layers) == 1)
-            or (layers == "batch_norm" and all(n in with_bn for n in gs[0].layers))}
+            if not any(is_ignored(f"{n}.weight", ignore) for n in gs[0].layers)
+            and (layers == "all" or (layers == "unshared" and len(gs[0].layers) == 1)
+                 or (layers == "batch_norm" and all(n in with_bn for n in gs[0].layers)))}
 
 
-def unit_layers(model: nn.Module, layers: str = "all") -> list[tuple[str, int]]:
+def unit_layers(model: nn.Module, layers: str = "all", ignore: Sequence[str] = ()) -> list[tuple[str, int]]:
     """(family, number of groups) of the candidates: what a filter density applies to."""
-    return [(f, len(gs)) for f, gs in unit_families(model, layers).items()]
+    return [(f, len(gs)) for f, gs in unit_families(model, layers, ignore=ignore).items()]
 
 
-def filter_scores(model: nn.Module, scores: dict[str, torch.Tensor], norm: str,
-                  layers: str = "all", graph: channel_graph.ChannelGraph | None = None) -> dict[str, torch.Tensor]:
+def filter_scores(model: nn.Module, scores: dict[str, torch.Tensor], norm: str, layers: str = "all",
+                  graph: channel_graph.ChannelGraph | None = None, ignore: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """One score per channel group of each candidate family: the l1 or l2 norm of the scores of
     its filters' weights (every producing layer's filter of the group, so a residual channel
     counts all the convs that write it), or their max. `max` is for criteria that give every
@@ -94,7 +97,7 @@ def filter_scores(model: nn.Module, scores: dict[str, torch.Tensor], norm: str,
         raise ValueError(f"filter norm {norm!r}; allowed: {', '.join(NORMS)}")
     per_filter: dict[str, torch.Tensor] = {}
     out = {}
-    for fam, groups in unit_families(model, layers, graph).items():
+    for fam, groups in unit_families(model, layers, graph, ignore).items():
         for layer in groups[0].layers:
             if layer not in per_filter:
                 s = scores[f"{layer}.weight"].abs().flatten(1)
@@ -127,7 +130,7 @@ def filter_mask(model: nn.Module, keep: dict[str, torch.Tensor],
 
 def select_filters(model: nn.Module, scores: dict[str, torch.Tensor], previous: Mask, density: float,
                    norm: str, min_density: float = 0.0, scope: str = "layerwise", layers: str = "all",
-                   invert: bool = False) -> Mask:
+                   invert: bool = False, ignore: Sequence[str] = ()) -> Mask:
     """Keep the best surviving channel groups of the candidate families (`unit_families`), ranked
     by `filter_scores` (ties to the lower index), and remove what depends on the dropped ones.
 
@@ -141,7 +144,7 @@ def select_filters(model: nn.Module, scores: dict[str, torch.Tensor], previous: 
     weights' scores would change nothing under it)."""
     graph = channel_graph.trace(model)
     alive = kept_filters(model, previous, graph)
-    unit = filter_scores(model, scores, norm, layers, graph)
+    unit = filter_scores(model, scores, norm, layers, graph, ignore)
     if invert:
         unit = {n: -v for n, v in unit.items()}
     if scope == "global":
@@ -151,7 +154,7 @@ def select_filters(model: nn.Module, scores: dict[str, torch.Tensor], previous: 
                 for name, s in unit.items()}
     else:
         raise ValueError(f"filter scope {scope!r}; allowed: layerwise, global")
-    return {n: m & previous[n] for n, m in filter_mask(model, alive | keep, graph).items()}
+    return {n: m & previous[n] if n in previous else m for n, m in filter_mask(model, alive | keep, graph).items()}
 
 def _global_keep(unit: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], density: float,
                  min_density: float) -> dict[str, torch.Tensor]:
@@ -188,7 +191,8 @@ def kept_filters(model: nn.Module, mask: Mask, graph: channel_graph.ChannelGraph
                  ) -> dict[str, torch.Tensor]:
     """Per family, which groups survive: those with a weight left in one of their filters."""
     graph = graph or channel_graph.trace(model)
-    rows = {n: mask[f"{n}.weight"].flatten(1).any(1) for n, _ in chain(model)}
+    rows = {n: mask[f"{n}.weight"].flatten(1).any(1) if f"{n}.weight" in mask
+            else torch.ones(m.weight.shape[0], dtype=torch.bool) for n, m in chain(model)}
     return {fam: torch.stack([torch.stack([rows[n][c] for n, c in g.producers]).any() for g in groups])
             for fam, groups in graph.families.items()}
 
@@ -207,7 +211,8 @@ def physically_prune(model: nn.Module, mask: Mask) -> nn.Module:
     for name, layer in chain(new):
         out_k = kept(graph.out_roots[name])
         in_k = kept(graph.in_roots[name]).repeat_interleave(channel_graph.in_factor(new, graph, name))
-        w = (layer.weight * mask[f"{name}.weight"].to(layer.weight.dtype))[out_k][:, in_k]
+        m = mask.get(f"{name}.weight")  # an ignored layer has no mask of its own
+        w = (layer.weight if m is None else layer.weight * m.to(layer.weight.dtype))[out_k][:, in_k]
         if isinstance(layer, nn.Conv2d):
             small = nn.Conv2d(int(in_k.sum()), int(out_k.sum()), layer.kernel_size, layer.stride, layer.padding,
                               layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode)

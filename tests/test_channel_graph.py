@@ -174,3 +174,22 @@ def test_structured_pat_prunes_a_resnet_and_its_smaller_net_scores_the_same(tmp_
     ev = refs[plan.rounds[1].evaluate.key]
     assert abs(ev.info.physical.test_acc - ev.info.test_acc) <= 1 / 100
     assert ev.info.physical.cost["weights"] < ev.info.physical.cost["parameters"]
+
+
+def test_a_pruned_option_a_resnet_exports_and_loads_as_torch_export(tmp_path):
+    """The GraphModule with rewritten pads is an ordinary torch.export program: saved, loaded
+    back, and computing what the masked net computes."""
+    from pai_core.export import build, load_exported, masked_copy, save_module
+
+    gen = torch.Generator().manual_seed(2)
+    model = build_model("resnet20", (3, 16, 16), 10, seed=0, width=0.5, shortcut="A").eval()
+    _randomise_norms(model, gen)
+    scores = {n: torch.rand(m.shape, generator=gen) for n, m in dense_mask(model).items()}
+    mask = structured.select_filters(model, scores, dense_mask(model), 0.5, "l2")
+    x = torch.randn(5, 3, 16, 16, generator=gen)
+    module = build("structured", model, mask, x)  # refused past the tolerance
+    path = save_module(module, "structured", tmp_path / "model.pt2", x)
+    loaded = load_exported(path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), masked_copy(model, mask).eval()(x), rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in module.parameters()) < sum(p.numel() for p in model.parameters()) / 2

@@ -329,6 +329,7 @@ def lenet_pat(**prune) -> dict:
     (slim_raw(structure="unstructured"), "prune.structure: bn_scale scores whole filters/neurons; allowed: filter"),
     (slim_raw(filter_norm="l1"), "prune.filter_norm: bn_scale gives every weight of a unit the unit's score"),
     (slim_raw(filter_layers="all"), "prune.filter_layers: bn_scale scores the channels a BatchNorm follows"),
+    (slim_raw(filter_layers="unshared"), "prune.filter_layers: bn_scale scores the channels a BatchNorm follows"),
     (slim_raw(scope="erk"), "prune.scope: structure filter ranks the filters of each layer"),
     (slim_raw(sparsity=0.99), "prune.sparsity: the mask keeps 0 of the"),  # 32 BN channels, 2 layers
     (slim_raw(schedule="gradual", criterion="magnitude"), "prune.schedule: structure filter prunes one_shot or iterative"),

@@ -81,6 +81,9 @@ class EarlyBirdSpec(ExperimentBase):
             raise ValueError(f"early_bird.window: {self.early_bird.window} masks (one per epoch) never fit in the "
                              f"{self.train.epochs} pretraining epochs, so no ticket could be drawn; allowed: "
                              f"2..{self.train.epochs}")
+        if self.early_bird.structure == "channel" and self.prune.ignore:
+            raise ValueError("prune.ignore: the channel search ranks every BatchNorm channel at once; allowed: [] "
+                             "(or early_bird.structure unstructured)")
         if self.early_bird.structure == "channel" and self.train.bn_l1:
             raise ValueError("train.bn_l1: the channel search applies early_bird.l1 to the BatchNorm scales itself; "
                              "allowed: 0 (set early_bird.l1 instead)")
@@ -137,7 +140,7 @@ class EarlyBird(Callback):
         if self.cfg["structure"] == "channel":
             keep = channel_keep(model, self.cfg["sparsity"])
             return torch.cat([keep[n] for n in sorted(keep)]), channel_weight_mask(model, keep)
-        dense = dense_mask(model)
+        dense = dense_mask(model, ignore=self.cfg.get("ignore", ()))
         scores = {n: p.detach().abs().cpu() for n, p in model.named_parameters() if n in dense}
         mask = select(scores, dense, 1 - self.cfg["sparsity"], "global", 0.0)
         return torch.cat([mask[n].reshape(-1) for n in sorted(mask)]), mask
@@ -183,7 +186,7 @@ def plan(spec: EarlyBirdSpec) -> Plan:
     eb = spec.early_bird
     search = train_node(spec, "eb_search", init, spec.train, early_bird={
         "structure": eb.structure, "epsilon": eb.epsilon, "window": eb.window, "sparsity": spec.prune.sparsity,
-        "l1": eb.l1 if eb.structure == "channel" else 0.0})
+        "l1": eb.l1 if eb.structure == "channel" else 0.0, **({"ignore": spec.prune.ignore} if spec.prune.ignore else {})})
     start = search if eb.retrain_from == "ticket" else init
     retrain = train_node(spec, "retrain", start, spec.retrain_spec, mask=search, mode="finetune")
     density = 1 - spec.prune.sparsity

@@ -89,7 +89,7 @@ class PaTPrune(PruneSpec):
         if self.criterion in UNIT_CRITERIA and self.filter_norm not in (None, "max"):
             raise ValueError(f"prune.filter_norm: {self.criterion} gives every weight of a unit the unit's score, so "
                              f"a norm would weight it by the filter's size; allowed: max (or unset)")
-        if self.criterion == "bn_scale" and self.filter_layers == "all":
+        if self.criterion == "bn_scale" and self.filter_layers not in (None, "batch_norm"):
             raise ValueError("prune.filter_layers: bn_scale scores the channels a BatchNorm follows; allowed: "
                              "batch_norm (or unset)")
         return self
@@ -128,7 +128,7 @@ class PruneAfterTrainingSpec(ExperimentBase):
             raise ValueError(f"prune.{field}: {what}, and this {self.model.name} has no BatchNorm; allowed: a "
                              f"model with BatchNorm ({', '.join(with_bn)})")
         try:
-            units = structured.unit_layers(meta_model(self), self.prune.unit_layers)
+            units = structured.unit_layers(meta_model(self), self.prune.unit_layers, self.prune.ignore)
         except channel_graph.ChannelGraphError as e:
             raise ValueError(f"prune.structure: filter needs the channel groups of {self.model.name}: {e}; "
                              f"allowed: unstructured, nm") from e
@@ -166,13 +166,14 @@ def plan(spec: PruneAfterTrainingSpec) -> Plan:
     if p.schedule == "gradual":  # the mask is grown inside the fine-tune itself
         ft = train_node(spec, "finetune", weights, spec.retrain, mode="finetune", gradual={
             **p.gradual.model_dump(mode="json"), "sparsity": p.sparsity, "scope": p.scope,
-            "min_density": p.min_density, "prune_biases": p.prune_biases})
+            "min_density": p.min_density, "prune_biases": p.prune_biases, **({"ignore": p.ignore} if p.ignore else {})})
         return Plan("prune_after_training", [dense, Round(1, "gradual", 1 - p.sparsity, None, ft,
                                                           evaluate_node(spec, ft, None))])
     structure = None
     if p.structure == "filter":  # a default filter_layers adds no field: earlier filter masks keep their keys
         structure = {"structure": "filter", "filter_norm": p.norm}
         structure |= {"filter_layers": p.unit_layers} if p.unit_layers != "all" else {}
+        structure |= {"ignore": p.ignore} if p.ignore else {}  # the filters of these layers stay
     for r, density in enumerate(p.round_densities(), start=1):
         mask = mask_node(spec, score_node(spec, weights, mask), mask, density, structure)
         weights = train_node(spec, "finetune", weights, spec.retrain, mask=mask, mode="finetune")
@@ -183,7 +184,9 @@ def plan(spec: PruneAfterTrainingSpec) -> Plan:
 
 def label(spec: PruneAfterTrainingSpec, rnd: Round) -> str:
     p = spec.prune
-    extra = [s for s in (p.schedule != "one_shot" and p.schedule, p.structure == "filter" and "filter") if s]
+    units = p.unit_layers if p.unit_layers != UNIT_CRITERIA.get(p.criterion, "all") else ""  # unshared: Li et al.
+    extra = [s for s in (p.schedule != "one_shot" and p.schedule,
+                         p.structure == "filter" and " ".join(filter(None, ("filter", units)))) if s]
     return f"PaT {pretty(p.criterion)}{nm_tag(p)}" + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -32,7 +32,8 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
     costs = None
     if f.get("structure") == "filter":
         mask = structured.select_filters(model, scores, previous, f["density"], f["filter_norm"], f["min_density"],
-                                         f["scope"], f.get("filter_layers", "all"), bool(f.get("invert")))
+                                         f["scope"], f.get("filter_layers", "all"), bool(f.get("invert")),
+                                         f.get("ignore", ()))
         costs = structured.costs(model, mask, in_shape)
     elif f.get("structure") == "nm":
         mask = select_nm(scores, previous, f["n"], f["m"], f.get("nm_indivisible", "error"))

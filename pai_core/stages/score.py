@@ -23,7 +23,9 @@ def score_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     """One score per prunable weight (higher = keep)."""
     weights = inputs["weights"]
     model = model_from(weights, rt.store.load(weights), rt)
-    mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else dense_mask(model, node.fields["prune_biases"])
+    f = node.fields
+    mask = (rt.store.load(inputs["mask"])["mask"] if "mask" in inputs
+            else dense_mask(model, f["prune_biases"], f.get("ignore", ())))
     scores = score(model, mask, node, weights.info.arch, generator(node.key), rt)
     return {"scores": scores}, ScoreInfo(arch=weights.info.arch)
 
@@ -38,7 +40,7 @@ def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> 
     f, weights = node.fields, inputs["weights"]
     model = model_from(weights, rt.store.load(weights), rt)
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    mask = dense_mask(model, f["prune_biases"])
+    mask = dense_mask(model, f["prune_biases"], f.get("ignore", ()))
     everything = dict(mask)
     revives = get_criterion(f["criterion"]).revives
     stream = batch_stream(f["data"], rt) if f.get("rotate_batches") else None

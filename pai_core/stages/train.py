@@ -47,7 +47,8 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     total = spec.total_iterations(math.ceil(len(data.train) / f["data"]["batch_size"]))
     callbacks = callbacks_for(f, total, node.key)
     if callbacks and mask is None:  # a callback that moves the mask starts from the dense one
-        mask = dense_mask(model, bool(f.get("gradual", {}).get("prune_biases")))
+        g = f.get("gradual") or f.get("early_bird") or {}
+        mask = dense_mask(model, bool(g.get("prune_biases")), g.get("ignore", ()))
     start_iter = {"continue": start.info.iteration, "finetune": 0, "replay": f.get("from_iter", 0)}[f["mode"]]
     outcome = train(
         model, data, spec,
