@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flows.cli_distributed import train_distributed
+from flows.cli_sensitivity import sensitivity as sensitivity_cmd
 from flows.cli_server import app as server_app
 from flows.cli_server import deploy as deploy_cmd
 from pai_core import progress as pai_progress
@@ -403,6 +404,7 @@ def main() -> None:
 
 
 app.command("train-distributed")(train_distributed)  # flows/cli_distributed.py: one process of a torchrun launch
+app.command("sensitivity")(sensitivity_cmd)  # flows/cli_sensitivity.py: per-unit pruning sensitivity of a round
 
 
 if __name__ == "__main__":
