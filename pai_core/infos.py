@@ -61,6 +61,7 @@ class TrainInfo(Info):
     sparsity: float | None = None  # when the training was masked
     mask_updates: list[dict[str, float]] | None = None  # SET/RigL/gradual: what moved, when
     stopped_early: dict[str, Any] | None = None  # a callback ended training (early-bird ticket)
+    budget: dict[str, float] | None = None  # Scratch-B: the FLOP ratio and the stretched length
 
 
 class ScoreInfo(Info):

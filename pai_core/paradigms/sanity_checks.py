@@ -8,6 +8,13 @@ so they are reused.
 pruning history ranked lowest (pruned earliest; within a round, lowest score then). For
 iterative pruning at fixed weights (SynFlow's 100 rounds) it is the same schedule run on
 negated scores, and for whole filters the inverted filter ranking.
+
+For a pruned-after-training mask, `scratch_e` and `scratch_b` are Liu et al. (ICLR 2019)'s
+baselines: the pruned net from a fresh init, trained for the pretraining's epochs (Scratch-E)
+or for its FLOPs (Scratch-B, the schedule stretched by dense / pruned FLOPs, pai_core/budget.py).
+`reinit` instead trains the fresh init with the fine-tune's schedule, which is no baseline for
+PaT: too short. LTH and PaI masks are trained from an init already, so their `reinit` is
+Scratch-E and the scratch checks are refused.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from pai_core.paradigms.registry import get_paradigm, register_paradigm
-from pai_core.plan import REINIT_SEED_OFFSET, Node, Plan, Round, evaluate_node, init_node
+from pai_core.plan import REINIT_SEED_OFFSET, Node, Plan, Round, evaluate_node, init_node, train_node
 from pai_core.specs import ExperimentBase, Frozen, TrainSpec
 
 BASES = ("lottery_ticket", "prune_after_training", "prune_at_init")
@@ -27,9 +34,13 @@ class SanitySpec(Frozen):
     base: Literal["lottery_ticket", "prune_after_training", "prune_at_init"] = Field(
         description="the paradigm whose mask is checked")
     round: int | None = Field(None, ge=1, description="which pruning round's mask; None = the last")
-    checks: tuple[Literal["reinit", "shuffle", "invert"], ...] = Field(
+    checks: tuple[Literal["reinit", "shuffle", "invert", "scratch_e", "scratch_b"], ...] = Field(
         ("reinit", "shuffle", "invert"), description="reinit: fresh weights; shuffle: mask permuted per layer; "
-                                                    "invert: the pruned weights kept instead")
+                                                    "invert: the pruned weights kept instead; prune_after_training "
+                                                    "only: scratch_e / scratch_b: fresh weights trained for the "
+                                                    "pretraining's epochs / FLOPs (Liu et al. 2019)")
+    budget_cap: float | None = Field(None, ge=1, le=100, description="scratch_b: at most this many times the "
+                                     "pretraining's iterations (Liu et al.'s ImageNet runs: 2); None = no cap")
 
 
 class SanityChecksSpec(ExperimentBase):
@@ -44,6 +55,13 @@ class SanityChecksSpec(ExperimentBase):
         pruned = [r for r in get_paradigm(base.flow).plan(base).rounds if r.mask is not None]
         if self.sanity.round is not None and self.sanity.round > (n := len({r.index for r in pruned})):
             raise ValueError(f"sanity.round: beyond the base paradigm's pruning rounds; allowed: 1..{n}")
+        scratch = [c for c in self.sanity.checks if c.startswith("scratch")]
+        if scratch and self.sanity.base != "prune_after_training":
+            raise ValueError(f"sanity.checks: {scratch[0]} trains a pruned-after-training mask from scratch; a "
+                             f"{self.sanity.base} mask is trained from an init already (its reinit check is "
+                             f"Scratch-E); allowed with this base: reinit, shuffle, invert")
+        if self.sanity.budget_cap is not None and "scratch_b" not in self.sanity.checks:
+            raise ValueError("sanity.budget_cap: only the scratch_b check uses it")
         return self
 
     @cached_property
@@ -84,8 +102,14 @@ def plan(spec: SanityChecksSpec) -> Plan:
         elif check == "shuffle":
             branch("shuffle", Node("shuffle_mask", "shuffle", {"seed": spec.seed}, {"mask": orig.mask}),
                    t.inputs["start"])
-        else:
+        elif check == "invert":
             branch("invert", inverted(orig.mask), t.inputs["start"])
+        else:  # Liu et al. 2019: the pruned net from a fresh init, with the pretraining's schedule
+            budget = {"budget": {"cap": spec.sanity.budget_cap}} if check == "scratch_b" else {}
+            trained = train_node(spec, check, init_node(spec, seed=spec.seed + REINIT_SEED_OFFSET),
+                                 spec.base_spec.train, mask=orig.mask, **budget)
+            rounds.append(Round(orig.index, check, orig.density, orig.mask, trained,
+                                evaluate_node(spec, trained, orig.mask)))
     return Plan("sanity_checks", rounds)
 
 

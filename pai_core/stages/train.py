@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pai_core import structured
+from pai_core.budget import scratch_b
 from pai_core.callbacks import callbacks_for
 from pai_core.data import dataset_info
 from pai_core.infos import TrainInfo
@@ -44,7 +45,11 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     model = model_from(start, payload, rt)
     mask = rt.store.load(inputs["mask"])["mask"] if "mask" in inputs else None
     data, spec = bundle_for(f["data"], rt), TrainSpec(**f["train"])
-    total = spec.total_iterations(math.ceil(len(data.train) / f["data"]["batch_size"]))
+    ipe = math.ceil(len(data.train) / f["data"]["batch_size"])
+    budget = None
+    if "budget" in f:  # Scratch-B: the dense training's FLOPs, not its epochs (pai_core/budget.py)
+        spec, budget = scratch_b(spec, ipe, model, mask, tuple(start.info.arch.in_shape), f["budget"].get("cap"))
+    total = spec.total_iterations(ipe)
     callbacks = callbacks_for(f, total, node.key)
     if callbacks and mask is None:  # a callback that moves the mask starts from the dense one
         g = f.get("gradual") or f.get("early_bird") or {}
@@ -68,5 +73,6 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
         out["mask"] = outcome.mask
     info = TrainInfo(arch=start.info.arch, iteration=outcome.iteration, history=outcome.history,
                      best=best_val(outcome.history) or None,
-                     sparsity=sparsity(outcome.mask) if outcome.mask is not None else None, **record)
+                     sparsity=sparsity(outcome.mask) if outcome.mask is not None else None,
+                     **record, **({"budget": budget} if budget else {}))
     return out, info
