@@ -85,8 +85,11 @@ class SweepSpec(Frozen):
 
 
 def _criterion_changed(base: ExperimentSpec, point: dict[str, Any]) -> bool:
-    return (base.prune is not None and "prune.params" not in point
-            and point.get("prune.criterion", base.prune.criterion) != base.prune.criterion)
+    prune = getattr(base, "prune", None)
+    criterion = (prune.get("criterion", "magnitude") if isinstance(prune, dict)  # a sanity spec holds its base's as a dict
+                 else getattr(prune, "criterion", None))
+    return (criterion is not None and "prune.params" not in point
+            and point.get("prune.criterion", criterion) != criterion)
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

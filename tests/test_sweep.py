@@ -39,6 +39,16 @@ def test_expansion_names_points_and_takes_each_criterions_default_params():
     assert all(s.prune.params == {} for s in specs if s.prune.criterion != "snip")
 
 
+def test_a_sanity_checks_base_sweeps_over_its_base_prune_section():
+    """A sanity spec holds its base's prune section as a plain dict: the grid still varies it."""
+    base = base_raw() | {"flow": "sanity_checks", "name": "tiny_sanity", "sanity": {"base": "prune_at_init"}}
+    specs = SweepSpec.model_validate({"name": "s", "base": [base], "grid": {"prune.criterion": ["snip", "magnitude"],
+                                                                            "seed": [0, 1]}}).expand()
+    assert [(s.prune["criterion"], s.seed) for s in specs] == [("snip", 0), ("snip", 1), ("magnitude", 0),
+                                                               ("magnitude", 1)]
+    assert [s.prune["params"] for s in specs] == [{"batches": 2}] * 2 + [{}] * 2
+
+
 def test_bad_grid_point_is_named_before_anything_runs(tmp_path):
     sw = SweepSpec.model_validate({"base": [base_raw()], "grid": {"prune.sparsity": [0.5, 1.5]}})
     with pytest.raises(SpecError, match=r"grid point \{'prune.sparsity': 1.5\}: prune.sparsity"):
