@@ -148,12 +148,13 @@ def mask_node(spec: ExperimentBase, scores: Node, previous: Node | None, density
     return Node("mask", "mask", fields, {"scores": scores} | ({"previous": previous} if previous else {}))
 
 
-def iterative_mask_node(spec: ExperimentBase, weights: Node, densities: list[float]) -> Node:
+def iterative_mask_node(spec: ExperimentBase, weights: Node, densities: list[float],
+                        structure: dict[str, Any] | None = None) -> Node:
     """Score and prune repeatedly at fixed weights, keeping only the final mask: a 100-round
-    schedule is one artifact, not 200."""
+    schedule is one artifact, not 200. `structure`: a filter selection's fields, as mask_node's."""
     score = score_node(spec, weights, None)
     fields = {**score.fields, "densities": densities, "scope": spec.prune.scope,
-              "min_density": spec.prune.min_density, "on_collapse": spec.prune.on_collapse}
+              "min_density": spec.prune.min_density, "on_collapse": spec.prune.on_collapse} | (structure or {})
     if "data" in fields:  # each round reads new batches (FORCE, iterative SNIP), as their references do
         fields["rotate_batches"] = True
     return Node("iterative_mask", "prune_at_init", fields, {"weights": weights})

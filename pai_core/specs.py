@@ -265,6 +265,8 @@ class ExperimentBase(Frozen):
         prune = getattr(self, "prune", None)
         if not isinstance(prune, PruneSpec):
             return None
+        if prune.structure == "filter":  # whole filters: the channel groups of each candidate family
+            return [(f"{family}.weight", (n,)) for family, n in prune.filter_units(self)], prune.scope, "filters"
         return prune_checks.weight_layers(self, prune.prune_biases, prune.ignore), prune.scope, "weights"
 
     @property

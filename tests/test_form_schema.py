@@ -23,7 +23,8 @@ from pai_core.spec_io import load_spec, parse_spec
 from pai_core.sweep import is_sweep_file
 
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not is_sweep_file(p))
-# (prune.structure, n, m are every pruning paradigm's: N:M sparsity; PaT's structure adds filter)
+# (prune.structure, n, m are every pruning paradigm's: N:M sparsity; PaT's, LTH's and PaI's structure
+# adds filter, with filter_norm and physical)
 OTHER_SECTIONS = {"gradual", "filter_norm", "physical", "selection", "sanity", "dynamic", "early_bird", "rewind_iter",
                   "lr_rewind_iter", "reinit_control"}
 
@@ -64,7 +65,7 @@ def test_each_flow_form_is_its_own_paradigm_with_every_field_described(flow):
         "lottery_ticket", "prune_after_training") else set()
     assert spec_fields <= own
     if flow == "lottery_ticket":  # LTH's form has LTH's prune fields and no other paradigm's sections
-        assert own & OTHER_SECTIONS == {"rewind_iter", "reinit_control"}
+        assert own & OTHER_SECTIONS == {"rewind_iter", "reinit_control", "filter_norm", "physical"}
         assert {"structure", "n", "m"} <= own
 
 

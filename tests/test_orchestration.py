@@ -233,8 +233,7 @@ def test_browser_sees_deployment_run_stages_report_and_mlflow(stack):
         # criterion (forced into the dropdown) refused at its field; no flow run is created.
         check_run_form(driver, ui, stack["deployment_id"],
                        shown=["spec", "Seed (Optional)", "Model", "Train", "Prune", "Rewind Iter (Optional)"],
-                       not_shown=["Gradual (Optional)", "Selection", "Dynamic", "Sanity", "Early Bird (Optional)",
-                                  "Filter Norm (Optional)", "Physical (Optional)"],
+                       not_shown=["Gradual (Optional)", "Selection", "Dynamic", "Sanity", "Early Bird (Optional)"],
                        enum=("magnitude", criterion_names()), bad="snipp",
                        error=f"'snipp' is not one of {criterion_names()}", shots=SHOTS)
         # The finished run's own results: table and plot in its Artifacts tab.

@@ -14,10 +14,11 @@ from pai_core.paradigms.common import nm_tag, rewind_fits, same_optimizer
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import (REINIT_SEED_OFFSET, Plan, Round, dense_round, evaluate_node, init_node, mask_node,
                            score_node, train_node)
-from pai_core.specs import ExperimentBase, PruneSpec, TrainSpec, schedule_help
+from pai_core.paradigms.filters import FilterPrune
+from pai_core.specs import ExperimentBase, TrainSpec, schedule_help
 
 
-class LotteryPrune(PruneSpec):
+class LotteryPrune(FilterPrune):
     schedule: Literal["iterative"] = Field("iterative", description=schedule_help("iterative"))
     rewind_iter: int = Field(0, ge=0, description="0 = original init, k = late rewinding to iteration k")
     reinit_control: bool = Field(False, description="also train each mask from a fresh random init")
@@ -47,9 +48,10 @@ def plan(spec: LotteryTicketSpec) -> Plan:
     rewind = init if k == 0 else train_node(spec, "rewind", init, spec.train, stop_iter=k)
     rounds, weights, mask = [dense], dense.trained, None
     for r, density in enumerate(spec.prune.round_densities(), start=1):
-        mask = mask_node(spec, score_node(spec, weights, mask), mask, density)
+        mask = mask_node(spec, score_node(spec, weights, mask), mask, density, spec.prune.mask_fields())
         weights = train_node(spec, "retrain", rewind, spec.retrain_spec, mask=mask)
-        rounds.append(Round(r, f"round {r}", density, mask, weights, evaluate_node(spec, weights, mask)))
+        rounds.append(Round(r, f"round {r}", density, mask, weights,
+                            evaluate_node(spec, weights, mask, physical=spec.prune.physical)))
         if spec.prune.reinit_control:
             fresh = init_node(spec, seed=spec.seed + REINIT_SEED_OFFSET)
             ctrl = train_node(spec, "reinit", fresh, spec.retrain_spec, mask=mask)
@@ -58,8 +60,9 @@ def plan(spec: LotteryTicketSpec) -> Plan:
 
 
 def label(spec: LotteryTicketSpec, rnd: Round) -> str:
+    extra = [s for s in (spec.prune.rewind_iter and f"rewind {spec.prune.rewind_iter}", spec.prune.tag()) if s]
     return "LTH" + nm_tag(spec.prune) + (" reinit" if rnd.name.endswith("reinit") else "") + (
-        f" (rewind {spec.prune.rewind_iter})" if spec.prune.rewind_iter else "")
+        f" ({', '.join(extra)})" if extra else "")
 
 
 PARADIGM = register_paradigm("lottery_ticket", LotteryTicketSpec, plan, label,

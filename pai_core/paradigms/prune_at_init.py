@@ -18,7 +18,8 @@ from pai_core.paradigms.common import nm_tag, pretty
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import (Node, Plan, Round, dense_round, evaluate_node, iterative_mask_node, mask_node, score_node,
                            train_node)
-from pai_core.specs import ExperimentBase, PruneSpec
+from pai_core.paradigms.filters import FilterPrune
+from pai_core.specs import ExperimentBase
 
 # Score-and-prune rounds at fixed weights, on the exponential schedule, as each paper runs it.
 DEFAULT_ROUNDS = {"synflow": 100, "force": FORCE_ROUNDS}  # Tanaka et al. 2020; de Jorge et al. 2021
@@ -27,7 +28,7 @@ INIT_AFTER_MASK = {"keep": "train the kept init weights as they are",
                                "per layer, SGD lr 0.1 × 10,000 steps (Lee et al. 2020)"}
 
 
-class AtInitPrune(PruneSpec):
+class AtInitPrune(FilterPrune):
     init_after_mask: Literal["keep", "isometry"] = Field(
         "keep", description="; ".join(f"{k}: {v}" for k, v in INIT_AFTER_MASK.items()))
 
@@ -51,22 +52,23 @@ class PruneAtInitSpec(ExperimentBase):
 def plan(spec: PruneAtInitSpec) -> Plan:
     init, dense = dense_round(spec)
     densities = spec.prune.round_densities()
+    filters = spec.prune.mask_fields()
     if spec.prune.schedule == "one_shot" or spec.prune.structure == "nm":  # N:M: one round, one mask
-        mask = mask_node(spec, score_node(spec, init, None), None, densities[-1])
+        mask = mask_node(spec, score_node(spec, init, None), None, densities[-1], filters)
     else:
-        mask = iterative_mask_node(spec, init, densities)
+        mask = iterative_mask_node(spec, init, densities, filters)
     start = init
     if spec.prune.init_after_mask == "isometry":
         start = Node("isometry", "isometry", {"steps": ISOMETRY_STEPS, "lr": ISOMETRY_LR}, {"weights": init, "mask": mask})
     trained = train_node(spec, "sparse_train", start, spec.train, mask=mask)
     return Plan("prune_at_init", [dense, Round(1, spec.prune.criterion, densities[-1], mask, trained,
-                                                evaluate_node(spec, trained, mask))])
+                                                evaluate_node(spec, trained, mask, physical=spec.prune.physical))])
 
 
 def label(spec: PruneAtInitSpec, rnd: Round) -> str:
     p = spec.prune
     extra = [s for s in (p.schedule != "one_shot" and p.schedule, p.scope == "smart_ratio" and "smart ratio",
-                         p.init_after_mask == "isometry" and "isometry") if s]
+                         p.init_after_mask == "isometry" and "isometry", p.tag()) if s]
     return pretty(p.criterion) + nm_tag(p) + (f" ({', '.join(extra)})" if extra else "")
 
 

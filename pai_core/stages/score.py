@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from pai_core import structured
 from pai_core.criteria import ScoreInputs, get_criterion
 from pai_core.infos import Arch, MaskInfo, ScoreInfo
 from pai_core.masks import Mask, apply_mask, dense_mask, density_report, sparsity
@@ -50,15 +51,23 @@ def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> 
             for n, p in model.named_parameters():
                 p.copy_(original[n])
         scores = score(model, mask, node, weights.info.arch, gen, rt, batches=stream)
-        if f.get("invert"):
-            scores = {n: -v for n, v in scores.items()}
-        mask = select(scores, everything if revives else mask, density, f["scope"], f["min_density"])
+        ranked = everything if revives else mask
+        if f.get("structure") == "filter":  # whole channel groups, inverted by their norms (sanity checks)
+            mask = structured.select_filters(model, scores, ranked, density, f["filter_norm"], f["min_density"],
+                                             f["scope"], f.get("filter_layers", "all"), bool(f.get("invert")),
+                                             f.get("ignore", ()))
+        else:
+            if f.get("invert"):
+                scores = {n: -v for n, v in scores.items()}
+            mask = select(scores, ranked, density, f["scope"], f["min_density"])
         per_round.append(sparsity(mask))
         report = check_collapse(mask, model, tuple(weights.info.arch.in_shape), f["on_collapse"], best)
         if not report["collapsed"]:
             best = per_round[-1]
+    in_shape = tuple(weights.info.arch.in_shape)
+    costs = structured.costs(model, mask, in_shape) if f.get("structure") == "filter" else None
     return {"mask": mask}, MaskInfo(sparsity=sparsity(mask), layers=density_report(mask), per_round=per_round,
-                                    collapse=report, max_sparsity_without_collapse=best)
+                                    collapse=report, max_sparsity_without_collapse=best, structured=costs)
 
 
 @contextmanager
