@@ -18,6 +18,7 @@ under torch.inference_mode, with the thread count stated; batches 1, 64, 1024.
     python benchmarks/speedup.py               # every case, CPU (+ CUDA case when present)
     python benchmarks/speedup.py --quick       # small sizes, one repeat: a smoke run
     python benchmarks/speedup.py --json out.json
+    python benchmarks/speedup.py --cuda-only   # the 2:4 case alone (benchmarks/device_session.sh)
 """
 from __future__ import annotations
 
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--min-run-s", type=float, default=0.05)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--cuda-only", action="store_true", help="only the 2:4 case on CUDA (a GPU session's run)")
     args = p.parse_args(argv)
     if args.quick:
         args.width, args.batches, args.repeats, args.min_run_s = 512, [1, 64], 1, 0.005
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    rows = cases(args)
+    rows = semi_structured_case(args) if args.cuda_only else cases(args)
     print()
     print(markdown(rows))
     if args.json:

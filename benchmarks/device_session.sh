@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one prepared run for a session lent a CUDA GPU (the `device` tool's `run`), about 8 minutes:
+#   1. the 2:4 semi_structured export tests (issue 11): tests/test_export.py -k gpu;
+#   2. the 2:4 speedup against dense float16 (issue 11's goal: >= 1.3x on a large Linear);
+#   3. the GPU throughput benchmark (issue 10's goals), written to $OUT/gpu_throughput.json.
+# The device's Python (3.12, torch preinstalled) lacks pydantic: carry its wheels in .whl,
+# downloaded here first (the folder is git-excluded):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+# then: run(command="bash benchmarks/device_session.sh", carry=[".whl"], timeout_s=600).
+# Each step is time-boxed and the script goes on after a failure, so one run reports all three.
+set -u
+OUT=${OUT:-/tmp/pai-device-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "carry .whl (see the header)"; exit 2; }
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+echo "== 1. 2:4 export tests"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_export.py -k "gpu or semi_structured" 2>&1 | tee "$OUT/export_tests.txt"
+echo "== 2. 2:4 speedup"
+timeout 120 python3 benchmarks/speedup.py --cuda-only --json "$OUT/speedup_cuda.json" 2>&1 | tee "$OUT/speedup_cuda.txt"
+echo "== 3. GPU throughput"
+# half the default iterations: the full run takes 6-8 minutes alone, more than this call leaves
+timeout 300 python3 benchmarks/gpu_throughput.py --warmup 30 --iters 200 --pack-iters 300 \
+  --out "$OUT/gpu_throughput.json" 2>&1 | tee "$OUT/gpu_throughput.txt"
+echo "== done"
