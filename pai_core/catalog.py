@@ -6,7 +6,7 @@ from pai_core.criteria import criterion_names, get_criterion
 from pai_core.data import dataset_info, dataset_names
 from pai_core.dynamic_methods import dynamic_method_names, get_method
 from pai_core.models import model_info, model_names
-from pai_core.paradigms import get_paradigm, paradigm_names, prune_after_training, prune_at_init, supermask
+from pai_core.paradigms import filters, get_paradigm, paradigm_names, prune_at_init, supermask
 from pai_core.specs import SCHEDULES, SCOPES
 
 
@@ -22,7 +22,7 @@ def catalog() -> list[tuple[str, str, str]]:
     rows += [("schedule (prune.schedule)", n, d) for n, d in SCHEDULES.items()]
     rows += [("scope (prune.scope)", n, d) for n, d in SCOPES.items()]
     rows += [("re-init at init (prune.init_after_mask)", n, d) for n, d in prune_at_init.INIT_AFTER_MASK.items()]
-    rows += [("structure (prune.structure)", n, d) for n, d in prune_after_training.STRUCTURES.items()]
+    rows += [("structure (prune.structure)", n, d) for n, d in filters.STRUCTURES.items()]
     for n in model_names():
         info = model_info(n)
         params = ", ".join(info.Params.model_fields)

@@ -69,7 +69,7 @@ class PruneSpec(Frozen):
     schedules it allows and adds its own fields in its own file. A paradigm whose masks cannot
     keep an N:M pattern says why in `NM_REFUSED`, and `structure: nm` is refused by name."""
     NM_REFUSED: ClassVar[str] = ""
-    SELECTS_FILTERS: ClassVar[bool] = False  # its structure may be `filter` (PaT): whole-unit criteria apply
+    SELECTS_FILTERS: ClassVar[bool] = False  # its structure may be `filter` (paradigms/filters.py): whole-unit criteria apply
     criterion: str = Field("magnitude", description="a registered criterion (pai list)",
                            json_schema_extra=registry_enum(criterion_names))
     params: dict[str, Any] = Field(default_factory=dict, description="the criterion's own parameters")
@@ -139,7 +139,8 @@ class PruneSpec(Frozen):
         if crit.whole_units and not self.SELECTS_FILTERS:
             allowed = ", ".join(n for n in criterion_names() if not get_criterion(n).whole_units)
             raise ValueError(f"criterion: {self.criterion} scores whole filters/neurons, which only "
-                             f"prune_after_training with structure: filter removes; allowed here: {allowed}")
+                             f"structure: filter removes (prune_after_training, lottery_ticket, prune_at_init); "
+                             f"allowed here: {allowed}")
         if self.bn_mode is not None and crit.bn_mode is None:
             raise ValueError(f"bn_mode: criterion {self.criterion} does not run the network")
         self._structure()

@@ -231,9 +231,14 @@ def test_sparse_and_dense_isometry_steps_agree():
     assert torch.count_nonzero(sparse[~m]) == 0
 
 
-@pytest.mark.parametrize("flow", ["prune_at_init", "lottery_ticket"])
 @pytest.mark.parametrize("criterion", ["bn_scale", "taylor_filter"])
-def test_whole_unit_criteria_are_refused_where_no_filters_are_selected(flow, criterion):
+def test_whole_unit_criteria_are_refused_where_no_filters_are_selected(criterion):
     with pytest.raises(SpecError, match=rf"prune.criterion: {criterion} scores whole filters/neurons, which only "
-                                        r"prune_after_training with structure: filter removes; allowed here: .*force"):
-        tiny_spec(flow, prune={"criterion": criterion, "params": {}})
+                                        r"structure: filter removes \(prune_after_training, lottery_ticket, "
+                                        r"prune_at_init\); allowed here: .*force"):
+        tiny_spec("dynamic_sparse", prune={"criterion": criterion, "params": {}, "schedule": "one_shot",
+                                           "sparsity": 0.9, "rate": None, "rounds": 1})
+    for flow in ("prune_at_init", "lottery_ticket"):  # these select filters: the structure is what is missing
+        with pytest.raises(SpecError, match=rf"^prune.structure: {criterion} scores whole filters/neurons; "
+                                            r"allowed: filter"):
+            tiny_spec(flow, prune={"criterion": criterion, "params": {}})
