@@ -193,3 +193,45 @@ def test_a_pruned_option_a_resnet_exports_and_loads_as_torch_export(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), masked_copy(model, mask).eval()(x), rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in module.parameters()) < sum(p.numel() for p in model.parameters()) / 2
+
+
+class _Mixed(nn.Module):
+    """Every other op channel_graph maps: concatenation (DenseNet's), a product of two feature
+    maps, functional relu, spatial slicing, a spatial mean, and reshape(n, -1) before a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(9)
+        self.c, self.d = nn.Conv2d(9, 6, 1), nn.Conv2d(9, 6, 1)
+        self.e = nn.Conv2d(6, 4, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(4 * 4 * 4, 5), nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(torch.cat([self.a(x), self.b(x)], dim=1))  # DenseNet-style: channels side by side
+        z = torch.nn.functional.relu(self.c(y)) * torch.sigmoid(self.d(y))  # gated: c and d tied
+        w = self.e(z)[:, :, ::2, ::2]
+        return self.fc1(w.reshape(w.size(0), -1)) + self.fc2(z.mean((2, 3)))
+
+
+def test_concatenation_products_and_flattening_views_prune_exactly():
+    gen = torch.Generator().manual_seed(3)
+    model = _Mixed().eval()
+    _randomise_norms(model, gen)
+    g = channel_graph.trace(model)
+    assert [len(g.families[f]) for f in ("a", "b", "c", "e")] == [4, 5, 6, 4]
+    assert set(g.families) == {"a", "b", "c", "e"}  # d is in c's family: the product ties them
+    assert all(len(grp.layers) == 2 for grp in g.families["c"])
+    bn_entries = sorted(i for grp in g.families["b"] for _, i in grp.norms)
+    assert bn_entries == [4, 5, 6, 7, 8]  # b's channels sit after a's in the concatenation
+    scores = {n: torch.rand(m.shape, generator=gen) for n, m in dense_mask(model).items()}
+    mask = structured.select_filters(model, scores, dense_mask(model), 0.5, "l1")
+    small = structured.physically_prune(model, mask).eval()
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in masked.named_parameters():
+            if n in mask:
+                p.mul_(mask[n])
+    x = torch.randn(3, 3, 8, 8, generator=gen)
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+    assert small.bn.num_features == 2 + 2 and small.fc1.in_features == 2 * 16  # round(4/2)+round(5/2), e: 2 of 4
