@@ -206,7 +206,8 @@ def plot(rows: list[Row], path: str | Path | None = None, title: str = "") -> An
     for u, style in _styles(units).items():
         pts = sorted(((r.density, 100 * r.val_acc) for r in rows if r.unit == u), reverse=True)
         ax.plot([d for d, _ in pts], [a for _, a in pts], label=u, **style)
-    ax.set(xlabel="density of the unit (fraction of its surviving weights kept)", ylabel="val accuracy (%)",
+    ax.set(xlabel="density of the unit (the fraction of its surviving weights, or channel groups, kept)",
+           ylabel="val accuracy (%)",
            title=textwrap.fill(title or "Sensitivity: one unit pruned alone, no retraining", 90))
     ax.set_xlim(1.02, min([r.density for r in rows] + [1.0]) - 0.02)  # inverted: sparser to the right
     ax.grid(True, alpha=0.3)
