@@ -286,7 +286,10 @@ class _Builder:
         pairs = [tuple(pads[i:i + 2]) for i in range(0, len(pads), 2)]
         if len(pairs) > k + 1:
             raise ChannelGraphError(f"{what}: F.pad pads the batch dim")
-        before, after = pairs[k] if len(pairs) > k else (0, 0)
+        if len(pairs) <= k:  # spatial padding only: the channels pass through
+            self.chan[node] = c
+            return
+        before, after = pairs[k]  # the last pair (a batch pair is refused above): physically_prune relies on it
         if not (isinstance(before, int) and isinstance(after, int)) or before < 0 or after < 0:
             raise ChannelGraphError(f"{what}: F.pad channel amounts {before, after}; supported: non-negative ints")
         lead, trail = self.fresh(before), self.fresh(after)

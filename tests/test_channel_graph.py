@@ -235,3 +235,31 @@ def test_concatenation_products_and_flattening_views_prune_exactly():
     x = torch.randn(3, 3, 8, 8, generator=gen)
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
     assert small.bn.num_features == 2 + 2 and small.fc1.in_features == 2 * 16  # round(4/2)+round(5/2), e: 2 of 4
+
+
+class _SpatialPad(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.pad(self.a(x), (1, 1, 2, 0))  # width and height only
+        return self.fc(self.b(y).mean((2, 3)))
+
+
+def test_spatial_padding_leaves_channels_alone():
+    model = _SpatialPad().eval()
+    g = channel_graph.trace(model)
+    assert g.pad_roots == {} and [len(v) for v in g.families.values()] == [6, 4]
+    scores = {n: torch.rand(m.shape) for n, m in dense_mask(model).items()}
+    mask = structured.select_filters(model, scores, dense_mask(model), 0.5, "l1")
+    small = structured.physically_prune(model, mask)
+    assert not isinstance(small, fx.GraphModule)  # no channel pad to rewrite: the spatial one stays
+    x = torch.randn(2, 3, 9, 9)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in masked.named_parameters():
+            if n in mask:
+                p.mul_(mask[n])
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
