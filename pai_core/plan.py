@@ -141,6 +141,8 @@ def mask_node(spec: ExperimentBase, scores: Node, previous: Node | None, density
     such fields, so its key is the one it always had."""
     fields = {"density": density, "scope": spec.prune.scope, "min_density": spec.prune.min_density,
               "on_collapse": spec.prune.on_collapse} | (structure or {})
+    if spec.prune.layer_density:  # only when set: other masks keep their keys
+        fields["layer_density"] = dict(spec.prune.layer_density)
     if getattr(spec.prune, "structure", None) == "nm":
         fields |= {"structure": "nm", "n": spec.prune.n, "m": spec.prune.m}
         if spec.prune.nm_indivisible != "error":  # what it changes enters the key; the default adds nothing
@@ -155,6 +157,8 @@ def iterative_mask_node(spec: ExperimentBase, weights: Node, densities: list[flo
     score = score_node(spec, weights, None)
     fields = {**score.fields, "densities": densities, "scope": spec.prune.scope,
               "min_density": spec.prune.min_density, "on_collapse": spec.prune.on_collapse} | (structure or {})
+    if spec.prune.layer_density:
+        fields["layer_density"] = dict(spec.prune.layer_density)
     if "data" in fields:  # each round reads new batches (FORCE, iterative SNIP), as their references do
         fields["rotate_batches"] = True
     return Node("iterative_mask", "prune_at_init", fields, {"weights": weights})

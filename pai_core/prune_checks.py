@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import nn
 
 from pai_core.masks import is_ignored, prunable_names
 from pai_core.models import model_info
-from pai_core.selection import layer_counts
+from pai_core.selection import density_of, layer_counts
 
 Layers = list[tuple[str, tuple[int, ...]]]  # (name, shape) of each unit the densities apply to
 
@@ -66,6 +67,26 @@ def check_ignore(spec: Any, ignore: Sequence[str], biases: bool) -> None:
                              f"allowed: {', '.join(names)} (or fnmatch patterns over them)")
     if all(is_ignored(n, ignore) for n in names):
         raise ValueError(f"prune.ignore: every prunable parameter of {spec.model.name} is ignored; leave one to prune")
+
+
+def check_layer_density(spec: Any, prune: Any) -> None:
+    """Every `prune.layer_density` pattern names a pruned unit (a prunable parameter; with
+    structure filter, a family's first layer), none an ignored one, and none empties it."""
+    if prune.structure == "filter":
+        units = [(f"{family}.weight", n) for family, n in prune.filter_units(spec)]
+    else:
+        units = [(name, math.prod(shape)) for name, shape in weight_layers(spec, prune.prune_biases, prune.ignore)]
+    what = "filter family's first layer" if prune.structure == "filter" else "pruned parameter"
+    for pattern, density in prune.layer_density.items():
+        named = [(n, size) for n, size in units if fnmatchcase(n, pattern)]
+        if not named:
+            allowed = ", ".join(n for n, _ in units)
+            raise ValueError(f"prune.layer_density: {pattern!r} names no {what} of {spec.model.name}; allowed: "
+                             f"{allowed} (or fnmatch patterns over them; ignored layers are not pruned)")
+        for name, size in named:
+            if density_of(name, prune.layer_density, 1.0) == density and round(size * density) < 1:
+                raise ValueError(f"prune.layer_density: {pattern!r} keeps 0 of the {size:,} units of {name} "
+                                 f"(density {_fmt(density)}), so that layer would be empty")
 
 
 def _fmt(x: float) -> str:

@@ -12,6 +12,7 @@ iterative schedule keeps round(n · (1-p)^r) weights whatever happened before.
 from __future__ import annotations
 
 import math
+from fnmatch import fnmatchcase
 from typing import Literal
 
 import torch
@@ -36,8 +37,10 @@ def select(
     density: float,
     scope: Literal["global", "layerwise", "erk", "smart_ratio"] = "global",
     min_density: float = 0.0,
+    layer_density: dict[str, float] | None = None,
 ) -> Mask:
-    """Mask keeping `density` of the weights in `previous`'s layers (see module doc)."""
+    """Mask keeping `density` of the weights in `previous`'s layers (see module doc).
+    `layer_density` (layerwise only): {name pattern: density} for the layers it names."""
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
     names = list(previous)
@@ -52,8 +55,12 @@ def select(
     # from what remains, per layer or across all layers. A floor can exceed the target.
     floor = [_top_k(s, a, min(math.ceil(min_density * n), int(a.sum())))
              for s, a, n in zip(flat_scores, flat_alive, sizes)]
+    if layer_density and scope != "layerwise":
+        raise ValueError(f"per-layer densities apply to scope layerwise, not {scope}")
     if scope != "global":
         targets = layer_counts([tuple(previous[n].shape) for n in names], density, scope)
+        if layer_density:  # the named layers' own densities (Li et al.'s per-layer rates)
+            targets = [round(previous[n].numel() * density_of(n, layer_density, density)) for n in names]
         kept = [f | _top_k(s, a & ~f, t - int(f.sum()))
                 for f, s, a, t in zip(floor, flat_scores, flat_alive, targets)]
     else:
@@ -62,6 +69,12 @@ def select(
                        torch.cat([a & ~f for a, f in zip(flat_alive, floor)]), rest)
         kept = [f | e for f, e in zip(floor, torch.split(extra, sizes))]
     return {n: k.reshape(previous[n].shape) for n, k in zip(names, kept)}
+
+
+def density_of(name: str, layer_density: dict[str, float] | None, default: float) -> float:
+    """`prune.layer_density`'s density for a parameter (the first pattern, fnmatch, that
+    names it), else `default`."""
+    return next((d for p, d in (layer_density or {}).items() if fnmatchcase(name, p)), default)
 
 
 def layer_counts(shapes: list[tuple[int, ...]], density: float, scope: str) -> list[int]:

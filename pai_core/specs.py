@@ -85,6 +85,11 @@ class PruneSpec(Frozen):
         default_factory=list, max_length=100,
         description="prunable parameters kept dense and out of the sparsity, by name or fnmatch pattern (fc.weight, "
                     "conv1.*): open_lth's pruning_layers_to_ignore, RigL's dense first layer")
+    layer_density: dict[Annotated[str, Field(min_length=1, max_length=200)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=dict, max_length=100,
+        description="scope layerwise, one round: {parameter name or fnmatch pattern: density} for the layers it "
+                    "names (structure filter: a family by its first layer's weight), the rest at the spec's "
+                    "density: per-layer rates chosen from `pai sensitivity` (Li et al.'s ResNet-56-pruned-B)")
     on_collapse: Literal["error", "warn"] = Field("error", description="a mask that empties a layer or cuts every path")
     bn_mode: Literal["train", "eval"] | None = Field(
         None, description="BatchNorm mode while scoring; None = the criterion's paper default. "
@@ -158,6 +163,14 @@ class PruneSpec(Frozen):
                     f"rate {self.rate} over {self.rounds} rounds gives sparsity {implied:.6g}, "
                     f"not {self.sparsity}; give one of them"
                 )
+        if self.layer_density:
+            if self.scope != "layerwise" or self.structure == "nm":
+                raise ValueError(f"layer_density: per-layer densities replace scope layerwise's one density; "
+                                 f"allowed with scope layerwise (got {self.scope}"
+                                 f"{', structure nm' if self.structure == 'nm' else ''})")
+            if self.rounds != 1:
+                raise ValueError(f"layer_density: the densities are the mask's, in one round; allowed with rounds: "
+                                 f"1 (got {self.rounds})")
         return self
 
     def _structure(self) -> None:
@@ -256,6 +269,8 @@ class ExperimentBase(Frozen):
         prune = getattr(self, "prune", None)
         if isinstance(prune, PruneSpec) and prune.ignore:
             prune_checks.check_ignore(self, prune.ignore, prune.prune_biases)
+        if isinstance(prune, PruneSpec) and prune.layer_density:
+            prune_checks.check_layer_density(self, prune)
         if (units := self.pruned_units()) is not None:
             prune_checks.check_schedule(self.prune, *units)
         return self

@@ -26,7 +26,7 @@ from torch import nn
 
 from pai_core import channel_graph
 from pai_core.masks import Mask, is_ignored
-from pai_core.selection import select
+from pai_core.selection import density_of, select
 
 LAYERS = (nn.Conv2d, nn.Linear)
 BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -130,7 +130,8 @@ def filter_mask(model: nn.Module, keep: dict[str, torch.Tensor],
 
 def select_filters(model: nn.Module, scores: dict[str, torch.Tensor], previous: Mask, density: float,
                    norm: str, min_density: float = 0.0, scope: str = "layerwise", layers: str = "all",
-                   invert: bool = False, ignore: Sequence[str] = ()) -> Mask:
+                   invert: bool = False, ignore: Sequence[str] = (),
+                   layer_density: dict[str, float] | None = None) -> Mask:
     """Keep the best surviving channel groups of the candidate families (`unit_families`), ranked
     by `filter_scores` (ties to the lower index), and remove what depends on the dropped ones.
 
@@ -141,17 +142,20 @@ def select_filters(model: nn.Module, scores: dict[str, torch.Tensor], previous: 
     0-channel conv), and the spec check refuses only schedules that keep fewer filters than
     families. Families that are not candidates keep theirs. `invert` (sanity checks) keeps the
     lowest-ranked groups instead: it negates the group scores, after the norm (negating the
-    weights' scores would change nothing under it)."""
+    weights' scores would change nothing under it). `layer_density` (layerwise): {pattern:
+    density} for the families whose first layer's weight the pattern names."""
     graph = channel_graph.trace(model)
     alive = kept_filters(model, previous, graph)
     unit = filter_scores(model, scores, norm, layers, graph, ignore)
     if invert:
         unit = {n: -v for n, v in unit.items()}
+    if layer_density and scope != "layerwise":
+        raise ValueError(f"per-family densities apply to scope layerwise, not {scope}")
     if scope == "global":
         keep = _global_keep(unit, {n: alive[n] for n in unit}, density, min_density)
-    elif scope == "layerwise":
-        keep = {name: select({name: s}, {name: alive[name]}, density, "layerwise", min_density)[name]
-                for name, s in unit.items()}
+    elif scope == "layerwise":  # a family's own density: `layer_density`'s pattern naming its first layer
+        keep = {name: select({name: s}, {name: alive[name]}, density_of(f"{name}.weight", layer_density, density),
+                             "layerwise", min_density)[name] for name, s in unit.items()}
     else:
         raise ValueError(f"filter scope {scope!r}; allowed: layerwise, global")
     return {n: m & previous[n] if n in previous else m for n, m in filter_mask(model, alive | keep, graph).items()}

@@ -33,12 +33,12 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
     if f.get("structure") == "filter":
         mask = structured.select_filters(model, scores, previous, f["density"], f["filter_norm"], f["min_density"],
                                          f["scope"], f.get("filter_layers", "all"), bool(f.get("invert")),
-                                         f.get("ignore", ()))
+                                         f.get("ignore", ()), f.get("layer_density"))
         costs = structured.costs(model, mask, in_shape)
     elif f.get("structure") == "nm":
         mask = select_nm(scores, previous, f["n"], f["m"], f.get("nm_indivisible", "error"))
     else:
-        mask = select(scores, previous, f["density"], f["scope"], f["min_density"])
+        mask = select(scores, previous, f["density"], f["scope"], f["min_density"], f.get("layer_density"))
     report = check_collapse(mask, model, in_shape, f["on_collapse"], None)
     return {"mask": mask}, MaskInfo(sparsity=sparsity(mask), layers=density_report(mask), collapse=report,
                                     structured=costs)

@@ -55,11 +55,11 @@ def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> 
         if f.get("structure") == "filter":  # whole channel groups, inverted by their norms (sanity checks)
             mask = structured.select_filters(model, scores, ranked, density, f["filter_norm"], f["min_density"],
                                              f["scope"], f.get("filter_layers", "all"), bool(f.get("invert")),
-                                             f.get("ignore", ()))
+                                             f.get("ignore", ()), f.get("layer_density"))
         else:
             if f.get("invert"):
                 scores = {n: -v for n, v in scores.items()}
-            mask = select(scores, ranked, density, f["scope"], f["min_density"])
+            mask = select(scores, ranked, density, f["scope"], f["min_density"], f.get("layer_density"))
         per_round.append(sparsity(mask))
         report = check_collapse(mask, model, tuple(weights.info.arch.in_shape), f["on_collapse"], best)
         if not report["collapsed"]:
