@@ -118,6 +118,25 @@ def show(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) ->
     if isinstance(prune := getattr(s, "prune", None), PruneSpec):
         d = [f"{x:.4f}" for x in prune.round_densities()]
         console.print("round densities: " + ", ".join(d if len(d) <= 8 else d[:3] + ["…"] + d[-3:]))
+        if prune.structure == "filter":
+            console.print(_families_table(s, prune))
+
+
+def _families_table(s: ExperimentSpec, prune: PruneSpec) -> Table:
+    """What structure filter prunes: each family's channel groups and the layers that share them
+    (a residual stream's), with the final density each gets (prune.layer_density or the spec's)."""
+    from pai_core import structured
+    from pai_core.prune_checks import meta_model
+    from pai_core.selection import density_of
+
+    final = prune.round_densities()[-1]
+    table = Table("family", "channel groups", "layers writing each group", "final density",
+                  title="filter families (pai_core/channel_graph.py)")
+    for fam, groups in structured.unit_families(meta_model(s), prune.unit_layers, ignore=prune.ignore).items():
+        layers = groups[0].layers
+        shown = ", ".join(layers[:3]) + (f", … ({len(layers)})" if len(layers) > 3 else "")
+        table.add_row(fam, str(len(groups)), shown, f"{density_of(f'{fam}.weight', prune.layer_density, final):.4f}")
+    return table
 
 
 @app.command()

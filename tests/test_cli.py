@@ -42,6 +42,22 @@ def test_show_and_results_follow_the_store(tmp_path, pai_home):
     assert "no" in next(line for line in res.output.splitlines() if "round 2" in line)
 
 
+def test_show_lists_the_filter_families_and_their_densities(tmp_path, pai_home):
+    raw = tiny_raw("prune_after_training", model={"name": "resnet20", "width": 0.25},
+                   data={"dataset": "synthetic_cifar", "batch_size": 50},
+                   prune={"schedule": "one_shot", "sparsity": 0.5, "rate": None, "rounds": 1, "scope": "layerwise",
+                          "structure": "filter", "layer_density": {"layer3.*": 0.25}})
+    path = tmp_path / "filters.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = runner.invoke(app, ["show", str(path)], terminal_width=250)
+    assert out.exit_code == 0, out.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]]
+            for line in out.output.splitlines() if line.startswith("│ ") and line.split("│")[1].strip()}
+    assert rows["conv1"][0] == "4" and "… (4)" in out.output  # the stage-1 stream: the stem and 3 blocks' conv2
+    assert rows["layer1.0.conv1"] == ["4", "layer1.0.conv1", "0.5000"]
+    assert rows["layer3.1.conv1"] == ["16", "layer3.1.conv1", "0.2500"]
+
+
 def fake_report_flow(monkeypatch, tmp_path) -> list:
     """`pai report` up to the flow: record what it would report (no Prefect, no MLflow)."""
     import flows.report
