@@ -197,7 +197,7 @@ def test_a_pruned_option_a_resnet_exports_and_loads_as_torch_export(tmp_path):
 
 class _Mixed(nn.Module):
     """Every other op channel_graph maps: concatenation (DenseNet's), a product of two feature
-    maps, functional relu, spatial slicing, a spatial mean, and reshape(n, -1) before a Linear."""
+    maps, functional relu, spatial slicing, a spatial mean, and view(n, -1) before a Linear."""
 
     def __init__(self):
         super().__init__()
@@ -211,7 +211,7 @@ class _Mixed(nn.Module):
         y = self.bn(torch.cat([self.a(x), self.b(x)], dim=1))  # DenseNet-style: channels side by side
         z = torch.nn.functional.relu(self.c(y)) * torch.sigmoid(self.d(y))  # gated: c and d tied
         w = self.e(z)[:, :, ::2, ::2]
-        return self.fc1(w.reshape(w.size(0), -1)) + self.fc2(z.mean((2, 3)))
+        return self.fc1(w.contiguous().view(w.size(0), -1)) + self.fc2(z.mean((2, 3)))
 
 
 def test_concatenation_products_and_flattening_views_prune_exactly():
