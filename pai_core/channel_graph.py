@@ -57,6 +57,7 @@ class ChannelGraph:
     pad_roots: dict[str, tuple[list[int], list[int]]]  # F.pad node -> group ids of its leading/trailing channels
     group_ids: dict[str, list[int]]   # family -> the group id of each of its groups
     traced: fx.GraphModule = field(repr=False)
+    depthwise: frozenset[str] = frozenset()  # depthwise convs: filter c is channel c, no input columns
 
     def removed_ids(self, keep: dict[str, torch.Tensor]) -> set[int]:
         """Group ids a per-family keep vector removes (families absent from `keep` keep all)."""

@@ -44,6 +44,7 @@ class Builder:
         self.in_elems: dict[str, list[int]] = {}
         self.norm_elems: dict[str, list[int]] = {}
         self.pad_elems: dict[str, tuple[list[int], list[int]]] = {}
+        self.depthwise: set[str] = set()  # depthwise convs: producers of their input's channels, no inputs of their own
 
     # -- union-find --------------------------------------------------------------------------
     def fresh(self, n: int) -> list[int]:
@@ -109,7 +110,16 @@ class Builder:
         name = node.target
         if isinstance(m, LAYERS):
             if isinstance(m, nn.Conv2d) and m.groups != 1:
-                raise ChannelGraphError(f"{what}: a grouped convolution (groups={m.groups}); supported: groups=1")
+                if m.groups == m.in_channels == m.out_channels:  # depthwise (MobileNet): channel c in is c out
+                    c = self.input_of(node, m.in_channels, what)
+                    if c.flat or len(c.elems) != m.in_channels:
+                        raise ChannelGraphError(f"{what}: expects {m.in_channels} input channels")
+                    self.out_elems[name] = list(c.elems)  # its filter c belongs to channel c's group
+                    self.depthwise.add(name)
+                    self.chan[node] = _Chan(list(c.elems))
+                    return
+                raise ChannelGraphError(f"{what}: a grouped convolution (groups={m.groups}); supported: groups=1 "
+                                        f"or depthwise (groups = in = out channels)")
             width = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
             c = self.input_of(node, width, what)
             if c.flat:
@@ -298,7 +308,7 @@ class Builder:
             in_roots={n: roots(e) for n, e in self.in_elems.items()},
             norm_roots={n: roots(e) for n, e in self.norm_elems.items()},
             pad_roots={n: (roots(a), roots(b)) for n, (a, b) in self.pad_elems.items()},
-            group_ids=group_ids, traced=self.gm)
+            group_ids=group_ids, traced=self.gm, depthwise=frozenset(self.depthwise))
 
 
 def _target_name(node: fx.Node) -> str:

@@ -214,12 +214,16 @@ def physically_prune(model: nn.Module, mask: Mask) -> nn.Module:
     target: nn.Module = graph.traced if graph.pad_roots else new
     for name, layer in chain(new):
         out_k = kept(graph.out_roots[name])
-        in_k = kept(graph.in_roots[name]).repeat_interleave(channel_graph.in_factor(new, graph, name))
+        depthwise = name in graph.depthwise  # its one input per filter goes with the filter
+        in_k = (torch.ones(1, dtype=torch.bool) if depthwise
+                else kept(graph.in_roots[name]).repeat_interleave(channel_graph.in_factor(new, graph, name)))
         m = mask.get(f"{name}.weight")  # an ignored layer has no mask of its own
         w = (layer.weight if m is None else layer.weight * m.to(layer.weight.dtype))[out_k][:, in_k]
         if isinstance(layer, nn.Conv2d):
-            small = nn.Conv2d(int(in_k.sum()), int(out_k.sum()), layer.kernel_size, layer.stride, layer.padding,
-                              layer.dilation, bias=layer.bias is not None, padding_mode=layer.padding_mode)
+            k = int(out_k.sum())
+            small = nn.Conv2d(k if depthwise else int(in_k.sum()), k, layer.kernel_size, layer.stride, layer.padding,
+                              layer.dilation, groups=k if depthwise else 1, bias=layer.bias is not None,
+                              padding_mode=layer.padding_mode)
         else:
             small = nn.Linear(int(in_k.sum()), int(out_k.sum()), bias=layer.bias is not None)
         small = small.to(device=layer.weight.device, dtype=layer.weight.dtype)

@@ -263,3 +263,36 @@ def test_spatial_padding_leaves_channels_alone():
             if n in mask:
                 p.mul_(mask[n])
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mobilenet_v2_is_torchvisions_and_prunes_its_depthwise_filters_with_their_channels():
+    from torchvision.models import mobilenet_v2
+
+    assert sum(p.numel() for p in build_model("mobilenet_v2", (3, 224, 224), 1000, seed=0).parameters()) == 3_504_872
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        reference = mobilenet_v2(weights=None, num_classes=10, width_mult=0.5).state_dict()
+    ours = build_model("mobilenet_v2", (3, 32, 32), 10, seed=4, width=0.5).state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in reference.items()) and ours.keys() == reference.keys()
+
+    gen = torch.Generator().manual_seed(5)
+    model = build_model("mobilenet_v2", (3, 32, 32), 10, seed=0, width=0.5).eval()
+    _randomise_norms(model, gen)
+    g = channel_graph.trace(model)
+    assert "features.2.conv.1.0" in g.depthwise  # block 2: expand, depthwise, project
+    family = g.families["features.2.conv.0.0"]
+    assert all(grp.layers == ("features.2.conv.0.0", "features.2.conv.1.0") for grp in family)
+    assert [(grp.producers[0][1], grp.producers[1][1]) for grp in family[:3]] == [(0, 0), (1, 1), (2, 2)]
+    scores = {n: torch.rand(m.shape, generator=gen) for n, m in dense_mask(model).items()}
+    mask = structured.select_filters(model, scores, dense_mask(model), 0.5, "l1")
+    small = structured.physically_prune(model, mask).eval()
+    dw = small.get_submodule("features.2.conv.1.0")
+    assert dw.groups == dw.in_channels == dw.out_channels == small.get_submodule("features.2.conv.0.0").out_channels
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in masked.named_parameters():
+            if n in mask:
+                p.mul_(mask[n])
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-5)
+    assert structured.cost(small, (3, 32, 32))["flops"] == structured.cost(model, (3, 32, 32), mask)["flops"]

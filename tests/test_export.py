@@ -295,7 +295,7 @@ def test_structured_refuses_masks_that_are_not_whole_filters(stored, tmp_path):
     check_supported("structured", resnet, dense_mask(resnet))  # residual nets have channel groups now
     grouped = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(8, 2))
     with pytest.raises(ExportRefused, match=r"^structured: its channel groups are unknown: .*grouped convolution "
-                                            r"\(groups=2\); supported: groups=1"):
+                                            r"\(groups=2\); supported: groups=1 or depthwise"):
         check_supported("structured", grouped, dense_mask(grouped))
     assert not list(tmp_path.iterdir())
 

@@ -82,7 +82,8 @@ def test_structured_needs_channel_groups_and_layerwise_scope(monkeypatch):
         torch.nn.Flatten(), torch.nn.Linear(4 * in_shape[1] * in_shape[2], num_classes))
     monkeypatch.setitem(registry._MODELS, "grouped_test", registry.ModelInfo("grouped_test", grouped, "test"))
     with pytest.raises(SpecError, match=r"prune.structure: filter needs the channel groups of grouped_test: .*"
-                                        r"grouped convolution \(groups=2\); supported: groups=1; allowed: unstructured, nm"):
+                                        r"grouped convolution \(groups=2\); supported: groups=1 or depthwise \(groups = in = out "
+                                        r"channels\); allowed: unstructured, nm"):
         tiny_spec("prune_after_training", model={"name": "grouped_test"},
                   prune={"schedule": "one_shot", "sparsity": 0.5, "rate": None, "rounds": 1, "scope": "layerwise",
                          "structure": "filter"})
