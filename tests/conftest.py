@@ -38,3 +38,25 @@ def tiny_raw(flow: str = "lottery_ticket", **over) -> dict:
 
 def tiny_spec(flow: str = "lottery_ticket", **over) -> ExperimentSpec:
     return parse_spec(tiny_raw(flow, **over))
+
+
+def tracked_tiny_run(pai_home: Path, tmp_path: Path) -> tuple[Path, object]:
+    """A tiny one-round LTH spec run in process with MLflow tracking, as `pai run` leaves it:
+    its YAML path and the MLflow client of its runs (for commands that act on a stored round)."""
+    import yaml
+
+    from flows.tracking import Tracking
+    from pai_core.executor import InProcess, Job, execute
+    from pai_core.paradigms import build_plan
+    from pai_core.store import Store
+
+    raw = tiny_raw(train={"epochs": 1}, prune={"rounds": 1})
+    spec = parse_spec(raw)
+    store = Store(pai_home / "store")
+    job = Job(spec, build_plan(spec))
+    tracking = Tracking([job], store, None)
+    out = execute([job], InProcess(store), store, tracking)
+    tracking.tracker(job).finish({"computed": out.computed, "reused": out.reused})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path, tracking.tracker(job).client

@@ -2,14 +2,13 @@
 ResNet computing what the masked one does."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import fx, nn
 
 from conftest import tiny_spec
 from pai_core import channel_graph, structured
+from pai_core.export import masked_copy
 from pai_core.masks import dense_mask
 from pai_core.models import build_model
 from pai_core.paradigms import build_plan
@@ -85,11 +84,7 @@ def test_physically_pruned_residual_net_equals_the_masked_one(name, params, shap
     _randomise_norms(model, gen)
     scores = {n: torch.rand(m.shape, generator=gen) for n, m in dense_mask(model).items()}
     mask = structured.select_filters(model, scores, dense_mask(model), 0.5, "l1", min_density=0.1, scope=scope)
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in masked.named_parameters():
-            if n in mask:
-                p.mul_(mask[n])
+    masked = masked_copy(model, mask)  # the reference every export is checked against
     small = structured.physically_prune(model, mask).eval()
     x = torch.randn(4, *shape, generator=gen)
     torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-4)
@@ -179,7 +174,7 @@ def test_structured_pat_prunes_a_resnet_and_its_smaller_net_scores_the_same(tmp_
 def test_a_pruned_option_a_resnet_exports_and_loads_as_torch_export(tmp_path):
     """The GraphModule with rewritten pads is an ordinary torch.export program: saved, loaded
     back, and computing what the masked net computes."""
-    from pai_core.export import build, load_exported, masked_copy, save_module
+    from pai_core.export import build, load_exported, save_module
 
     gen = torch.Generator().manual_seed(2)
     model = build_model("resnet20", (3, 16, 16), 10, seed=0, width=0.5, shortcut="A").eval()
@@ -191,7 +186,7 @@ def test_a_pruned_option_a_resnet_exports_and_loads_as_torch_export(tmp_path):
     path = save_module(module, "structured", tmp_path / "model.pt2", x)
     loaded = load_exported(path)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), masked_copy(model, mask).eval()(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loaded(x), masked_copy(model, mask)(x), rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in module.parameters()) < sum(p.numel() for p in model.parameters()) / 2
 
 
@@ -227,11 +222,7 @@ def test_concatenation_products_and_flattening_views_prune_exactly():
     scores = {n: torch.rand(m.shape, generator=gen) for n, m in dense_mask(model).items()}
     mask = structured.select_filters(model, scores, dense_mask(model), 0.5, "l1")
     small = structured.physically_prune(model, mask).eval()
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in masked.named_parameters():
-            if n in mask:
-                p.mul_(mask[n])
+    masked = masked_copy(model, mask)  # the reference every export is checked against
     x = torch.randn(3, 3, 8, 8, generator=gen)
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
     assert small.bn.num_features == 2 + 2 and small.fc1.in_features == 2 * 16  # round(4/2)+round(5/2), e: 2 of 4
@@ -257,11 +248,7 @@ def test_spatial_padding_leaves_channels_alone():
     small = structured.physically_prune(model, mask)
     assert not isinstance(small, fx.GraphModule)  # no channel pad to rewrite: the spatial one stays
     x = torch.randn(2, 3, 9, 9)
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in masked.named_parameters():
-            if n in mask:
-                p.mul_(mask[n])
+    masked = masked_copy(model, mask)  # the reference every export is checked against
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
@@ -288,11 +275,7 @@ def test_mobilenet_v2_is_torchvisions_and_prunes_its_depthwise_filters_with_thei
     small = structured.physically_prune(model, mask).eval()
     dw = small.get_submodule("features.2.conv.1.0")
     assert dw.groups == dw.in_channels == dw.out_channels == small.get_submodule("features.2.conv.0.0").out_channels
-    masked = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in masked.named_parameters():
-            if n in mask:
-                p.mul_(mask[n])
+    masked = masked_copy(model, mask)  # the reference every export is checked against
     x = torch.randn(2, 3, 32, 32, generator=gen)
     torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-5)
     assert structured.cost(small, (3, 32, 32))["flops"] == structured.cost(model, (3, 32, 32), mask)["flops"]

@@ -9,11 +9,10 @@ import json
 
 import pytest
 import torch
-import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import tiny_raw, tiny_spec
+from conftest import tracked_tiny_run
 from flows.cli import app
 from pai_core import channel_graph, sensitivity as sens
 from pai_core.data import Split
@@ -196,26 +195,8 @@ def test_markdown_has_a_row_per_unit_and_a_column_per_density():
     assert "| a.weight | 6 | 5 | 80.00 | 10.00 |" in md and "| b.weight | 4 | 3 | 85.00 | 20.00 |" in md
 
 
-def _stored_round(pai_home, tmp_path):
-    """A tiny LTH spec run in process with MLflow tracking, as `pai run` leaves it; its YAML path."""
-    from flows.tracking import Tracking
-    from pai_core.executor import InProcess, Job, execute
-    from pai_core.paradigms import build_plan
-    from pai_core.store import Store
-
-    spec = tiny_spec(train={"epochs": 1}, prune={"rounds": 1})
-    store = Store(pai_home / "store")
-    job = Job(spec, build_plan(spec))
-    tracking = Tracking([job], store, None)
-    out = execute([job], InProcess(store), store, tracking)
-    tracking.tracker(job).finish({"computed": out.computed, "reused": out.reused})
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_raw(train={"epochs": 1}, prune={"rounds": 1})))
-    return path, tracking.tracker(job).client
-
-
 def test_pai_sensitivity_prints_writes_and_logs_and_refuses_bad_options(pai_home, tmp_path, monkeypatch):
-    path, client = _stored_round(pai_home, tmp_path)
+    path, client = tracked_tiny_run(pai_home, tmp_path)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     res = runner.invoke(app, ["sensitivity", str(path), "-d", "1.0", "-d", "0.5", "-d", "0.05"],

@@ -7,16 +7,12 @@ import math
 
 import pytest
 import torch
-import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import tiny_raw, tiny_spec
+from conftest import tracked_tiny_run
 from flows.cli import app
-from pai_core.executor import Job, InProcess, execute
-from pai_core.paradigms import build_plan
 from pai_core.speedup import markdown, measure, time_call
-from pai_core.store import Store
 
 
 def test_time_call_runs_enough_calls_per_run_and_reports_the_median():
@@ -49,23 +45,12 @@ def test_measure_checks_and_times_every_format_and_batch():
 
 
 def test_pai_speedup_times_a_stored_round_and_logs_the_table_to_its_mlflow_run(pai_home, tmp_path):
-    from flows.tracking import Tracking
-
-    raw = tiny_raw(train={"epochs": 1}, prune={"rounds": 1})
-    spec = tiny_spec(train={"epochs": 1}, prune={"rounds": 1})
-    store = Store(pai_home / "store")
-    job = Job(spec, build_plan(spec))
-    tracking = Tracking([job], store, None)
-    out = execute([job], InProcess(store), store, tracking)
-    tracking.tracker(job).finish({"computed": out.computed, "reused": out.reused})
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path, client = tracked_tiny_run(pai_home, tmp_path)
     res = CliRunner().invoke(app, ["speedup", str(path), "--batch", "1", "--batch", "8", "--repeats", "1"],
                              env={"COLUMNS": "250"})
     assert res.exit_code == 0, res.output
     assert "| tiny, round 1 | csr | 8 |" in res.output and "logged to MLflow run" in res.output
     rid = res.output.rsplit("logged to MLflow run ", 1)[1].split()[0]
-    client = tracking.tracker(job).client
     assert client.get_run(rid).info.run_name == "round 1"
     assert {"speedup.md", "speedup.json"} <= {a.path for a in client.list_artifacts(rid)}
     missing = CliRunner().invoke(app, ["speedup", str(path), "prune.rate=0.5"])
