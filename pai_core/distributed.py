@@ -24,8 +24,13 @@ so the single-process path is untouched.
 - BatchNorm: on CUDA, BatchNorm layers become SyncBatchNorm for the training (statistics over the
   global batch, as one process computes them; restored afterwards, sharing the same parameters
   and buffers). torch syncs BatchNorm only on GPUs, so a model with BatchNorm is refused on CPU.
-- Evaluation: every rank evaluates all of val and test (identical weights, identical numbers);
-  rank 0's are stored.
+- Evaluation (`pai_core.training.evaluate`): rank r evaluates only its contiguous run of the
+  batches one process evaluates (`eval_slice`; streamed, its loader decodes only those files),
+  then the float64 loss sum and the int64 correct count are all-reduced (`all_sum`): every rank
+  gets the same numbers, one process's accuracy exactly and its loss to float64 rounding. Whole
+  batches, not `slice_bounds` of the examples, because each batch's loss is summed in float32
+  and kernels may round differently for another batch size: cut mid-batch, the loss would be one
+  process's only to float32 rounding. Every rank must therefore call it (a collective).
 - Checkpoints: rank 0 writes them; at the start every rank reads the same file, and a launch
   whose ranks resume at different iterations (a store not shared) is refused.
 """
@@ -240,6 +245,27 @@ def execute_jobs(jobs: Sequence[Job], store: Store, hooks: Hooks | None = None) 
 def slice_bounds(n: int, r: int, w: int) -> tuple[int, int]:
     """Rank r's contiguous slice of n examples: sizes differ by at most one."""
     return n * r // w, n * (r + 1) // w
+
+
+def eval_slice(n: int, batch_size: int, r: int, w: int) -> tuple[int, int]:
+    """Rank r's rows [lo, hi) of an evaluation of n examples in batches of `batch_size`: its
+    contiguous run `slice_bounds(batches, r, w)` of whole batches, so that every batch is the one
+    a single process evaluates there (lo is a batch boundary; hi one too, or n). Ranks differ by
+    at most one batch; with fewer batches than ranks some get none."""
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r}, world {w}: need 0 <= rank < world")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be at least 1 (got {batch_size})")
+    a, b = slice_bounds(-(-n // batch_size), r, w)
+    return min(a * batch_size, n), min(b * batch_size, n)
+
+
+def all_sum(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place (nothing in a single process). One all-reduce per
+    tensor: its dtype is kept (float64 sums, int64 counts), which one packed tensor would not."""
+    if world() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
 
 
 def _sync_batchnorm(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

@@ -71,16 +71,25 @@ def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy; restores the model's train/eval mode."""
+    """Mean cross-entropy and top-1 accuracy; restores the model's train/eval mode.
+
+    In a launch of several processes (pai_core.distributed) it is a collective, which every rank
+    calls: rank r evaluates only its contiguous run of the batches one process evaluates (a
+    streamed split: its loader decodes only those files), then the loss sum and the correct count
+    are summed over the ranks. Every rank returns the same numbers: one process's accuracy
+    exactly, and its loss to float64 rounding (the same batches, added in another order)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    shard = (distributed.rank(), distributed.world()) if distributed.world() > 1 else None
     loss = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in eval_batches(split, batch_size, device):  # tensors in memory, or streamed files
+    for x, y in eval_batches(split, batch_size, device, shard):  # tensors in memory, or streamed files
         out = model(x)
         loss += F.cross_entropy(out, y, reduction="sum").double()
         correct += (out.argmax(1) == y).sum()
+    if shard is not None:
+        distributed.all_sum(loss, correct)
     model.train(was_training)
     n = max(len(split), 1)
     return {"loss": loss.item() / n, "acc": correct.item() / n}
@@ -286,7 +295,7 @@ def train(
             if it % ipe == 0 or it == stop:
                 row = {"iteration": it, "epoch": it / ipe, "lr": lr,
                        "train_loss": ((running if ddp is None else ddp.mean(running)) / seen).item()}
-                for split_name in ("val", "test"):
+                for split_name in ("val", "test"):  # under DDP each rank its batches, then summed
                     for k, v in evaluate(model, getattr(data, split_name), eval_batch_size).items():
                         row[f"{split_name}_{k}"] = v
                 history.append(row)

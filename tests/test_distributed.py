@@ -108,7 +108,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(launched):
     assert ranks[0]["saves"] == [4] and ranks[1]["saves"] == [], "only rank 0 writes the checkpoint"
     got, want = ranks[0]["history"], ref.history
     assert [r["iteration"] for r in got] == [r["iteration"] for r in want] == [4, 8]
-    for a, b in zip(got, want):  # the global batch's mean loss, and rank 0's evaluation of all of val/test
+    for a, b in zip(got, want):  # the global batch's mean loss, and val/test evaluated by batches over the ranks
         for k in ("train_loss", "val_loss", "test_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-5), k
 

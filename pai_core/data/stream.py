@@ -14,7 +14,8 @@ yields only its contiguous slice `slice_bounds(len(batch), r, world)` of each ba
 pairs, so its workers decode 1/world of the batch, the very examples the whole batch holds
 there (a seed depends on the position in the epoch, never on who decodes it). In memory the
 whole batch is indexed and cut later (DataParallel.shard): slicing a tensor is free, and
-on-device augmentation is drawn for the whole batch.
+on-device augmentation is drawn for the whole batch. Evaluation is split by whole batches
+instead (`eval_batches(..., shard=)`): rank r reads its contiguous run of the split's batches.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from torch.utils.data import default_collate
 
 from pai_core.data.image_folder import FolderSplit
 from pai_core.data.image_transforms import normalize
-from pai_core.distributed import slice_bounds
+from pai_core.distributed import eval_slice, slice_bounds
 
 WORKERS_ENV = "PAI_DATA_WORKERS"
 PREFETCH = 4  # batches per worker in flight
@@ -173,18 +174,26 @@ def _in_memory(split: Any, start: int, stop: int | None, batch_size: int, order_
 _EVAL_LOADERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def eval_batches(split: Any, batch_size: int, device: torch.device | None = None) -> Iterator[Batch]:
+def eval_batches(split: Any, batch_size: int, device: torch.device | None = None,
+                 shard: tuple[int, int] | None = None) -> Iterator[Batch]:
     """The split in file order, in batches of `batch_size` (streamed: at most EVAL_BATCH_MAX).
-    A streamed split keeps its loader, workers included, for the next evaluation."""
-    if not isinstance(split, FolderSplit):
-        for i in range(0, len(split), batch_size):
+    A streamed split keeps its loader, workers included, for the next evaluation.
+
+    `shard` (rank, world): only that rank's contiguous run of these very batches
+    (`distributed.eval_slice`); streamed, its loader reads only those files."""
+    streamed = isinstance(split, FolderSplit)
+    b = min(batch_size, EVAL_BATCH_MAX) if streamed else batch_size
+    lo, hi = (0, len(split)) if shard is None else eval_slice(len(split), b, *shard)
+    if not streamed:
+        for i in range(lo, hi, batch_size):  # hi is a batch boundary or the end: no batch is cut
             yield split.x[i:i + batch_size], split.y[i:i + batch_size]
         return
-    b = min(batch_size, EVAL_BATCH_MAX)
+    if shard is not None and lo == hi:  # a rank with no batch (fewer batches than ranks)
+        return
     loaders = _EVAL_LOADERS.setdefault(split, {})
-    if b not in loaders:
-        sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(range(len(split))), b, False)
-        loaders[b] = _loader(split, sampler, persistent=True)
+    if (key := b if shard is None else (b, lo, hi)) not in loaders:
+        rows = torch.utils.data.SequentialSampler(range(len(split))) if shard is None else range(lo, hi)
+        loaders[key] = _loader(split, torch.utils.data.BatchSampler(rows, b, False), persistent=True)
     dev = torch.device("cpu") if device is None else torch.device(device)
-    for x, y in loaders[b]:
+    for x, y in loaders[key]:
         yield _arrive(x, y, dev)
