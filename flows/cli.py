@@ -65,7 +65,9 @@ def _sweep(path: Path) -> Any:
 
 def _table(report_md: str) -> str:
     """The report's markdown without its image links: what a terminal can show."""
-    return Path(report_md).read_text().split("\n![", 1)[0]
+    from pai_core.report import without_images
+
+    return without_images(Path(report_md).read_text())
 
 
 @app.command("list")
@@ -172,16 +174,21 @@ def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg)
     """A table per round: sparsity, val and test accuracy, best-val iteration (from the store)."""
     s = _spec(spec, overrides)
     store = Store(pai_home() / "store")
-    table = Table("round", "sparsity", "val acc", "test acc", "best-val iter", "test @ best val", "stored",
-                  title=f"{s.name} ({s.flow})")
-    for rnd in build_plan(s).rounds:
+    plan = build_plan(s)
+    splits = list(s.instability.splits) if plan.rounds and plan.rounds[0].analysis is not None else []
+    table = Table("round", "sparsity", "val acc", "test acc", "best-val iter", "test @ best val",
+                  *(f"instability {x}" for x in splits), "stored", title=f"{s.name} ({s.flow})")
+    for rnd in plan.rounds:
         ref = store.get("evaluate", rnd.evaluate.key)
+        path = store.get("interpolate", rnd.analysis.key) if rnd.analysis is not None else None
+        barriers = [f"{path.info.instability[x]:.4f}" if path else "" for x in splits]
         if ref is None:
-            table.add_row(rnd.name, f"{1 - rnd.density:.4f}", "", "", "", "", "no")
+            table.add_row(rnd.name, f"{1 - rnd.density:.4f}", "", "", "", "", *barriers, "no")
             continue
         i = ref.info
         table.add_row(rnd.name, f"{i.sparsity:.4f}", f"{i.val_acc:.4f}", f"{i.test_acc:.4f}",
-                      str(i.best.iteration if i.best else ""), f"{i.best.test_acc:.4f}" if i.best else "", "yes")
+                      str(i.best.iteration if i.best else ""), f"{i.best.test_acc:.4f}" if i.best else "",
+                      *barriers, "yes" if path is not None or rnd.analysis is None else "path missing")
     console.print(table)
 
 
@@ -315,7 +322,8 @@ def report(args: Optional[list[str]] = typer.Argument(
         err_console.print(f"[red]{e}[/red]", highlight=False)
         raise typer.Exit(1) from None
     console.print(_table(out["markdown"]))
-    console.print(f"plots: {out['dir']}/accuracy.{{png,pdf,svg}}, layers.{{png,pdf,svg}}; "
+    extra = ", instability.{png,pdf,svg}" if out.get("extra") else ""
+    console.print(f"plots: {out['dir']}/accuracy.{{png,pdf,svg}}, layers.{{png,pdf,svg}}{extra}; "
                   f"MLflow run {out['mlflow_run_id']}", highlight=False, soft_wrap=True)
 
 
@@ -384,9 +392,11 @@ def _flow_run_specs(flow_run: str) -> tuple[list[ExperimentSpec], str]:
 
 
 def _print_rounds(rows: list[dict[str, Any]], title: str) -> None:
-    table = Table("round", "sparsity", "val acc", "test acc")
+    extra = [k for k in (rows[0] if rows else {}) if k.startswith("instability ")]
+    table = Table("round", "sparsity", "val acc", "test acc", *extra)
     for r in rows:
-        table.add_row(r["round"], f"{r['sparsity']:.4f}", f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}")
+        table.add_row(r["round"], f"{r['sparsity']:.4f}", f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}",
+                      *(f"{r[k]:.4f}" if k in r else "" for k in extra))
     console.print(table)
     console.print(title, highlight=False)
 

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import Flow, flow
 from prefect.states import Completed
 
-from flows.results import publish_results
+from flows.results import instability_cells, publish_results
 from flows.runner import PrefectTasks, crash_flow_runs, current_flow_run_id, run_logger, tag_flow_run
 from flows.tracking import Tracking
 from pai_core.executor import Job, execute
@@ -80,7 +80,8 @@ def run_spec(spec: Any) -> Any:
         raise next(iter(out.errors.values()))
     summary["rounds"] = [{"round": r.name, "sparsity": out.refs[r.evaluate.key].info.sparsity,
                           "val_acc": out.refs[r.evaluate.key].info.val_acc,
-                          "test_acc": out.refs[r.evaluate.key].info.test_acc} for r in job.plan.rounds]
+                          "test_acc": out.refs[r.evaluate.key].info.test_acc, **instability_cells(r, out.refs)}
+                         for r in job.plan.rounds]
     log.info("%d stages computed, %d reused", out.computed, out.reused)
     if flow_run_id:  # before the MLflow parent closes: a finished parent means a finished run
         try:

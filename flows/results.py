@@ -86,9 +86,16 @@ def round_rows(job: Job, out: Outcome) -> list[dict[str, Any]]:
                      else None, "sparsity": round(ev.sparsity, 6), "val acc": round(ev.val_acc, 4),
                      "test acc": round(ev.test_acc, 4),
                      "test acc @ best val": round(ev.best.test_acc, 4) if ev.best else None,
+                     **instability_cells(rnd, out.refs),
                      "stages": f"{computed} computed, {len(group) - computed} reused",
                      "status": "computed" if computed else "reused"})
     return rows
+
+
+def instability_cells(rnd: Any, refs: dict[str, Any]) -> dict[str, float]:
+    """An instability row's barriers ({"instability test": 0.012}); nothing for other rounds."""
+    ref = refs.get(rnd.analysis.key) if rnd.analysis is not None else None
+    return {f"instability {s}": round(v, 4) for s, v in ref.info.instability.items()} if ref is not None else {}
 
 
 def stages_markdown(out: Outcome, flow_run_id: str | None, mlflow_run: tuple[str, str] | None = None) -> str:

@@ -169,9 +169,12 @@ class Tracker:
         finished run of this spec already holds (same weights, same evaluation) is linked, not logged again."""
         trained, evaluated = refs[rnd.trained.key], refs[rnd.evaluate.key]
         ev = evaluated.info
-        self._log_parent_round(rnd, ev)
+        self._log_parent_round(rnd, ev, refs)
+        # A row is its evaluation, or, where rows share one (instability's dense row at each k), its path.
+        which = (f"tags.`pai.analysis_key` = '{rnd.analysis.key}'" if rnd.analysis is not None
+                 else f"tags.`pai.eval_key` = '{rnd.evaluate.key}'")
         if reused and (done := self._find(
-                f"tags.`pai.eval_key` = '{rnd.evaluate.key}' and tags.`pai.spec` = '{_quote(self.spec.name)}' "
+                f"{which} and tags.`pai.spec` = '{_quote(self.spec.name)}' "
                 f"and tags.`pai.flow` = '{self.spec.flow}' and attributes.status = 'FINISHED'")):
             self.client.set_tag(self.parent, f"pai.round.{rnd.index}.run_id", done.info.run_id)
             return done.info.run_id
@@ -182,9 +185,13 @@ class Tracker:
                 "pai.store": str(self.store.root), "pai.spec": self.spec.name, "pai.flow": self.spec.flow}
         if mask_ref is not None:
             tags["pai.mask_sha256"] = mask_ref.sha256
+        if rnd.analysis is not None:
+            tags["pai.analysis_key"] = rnd.analysis.key
         if trained.info.flow_run_id:
             tags["pai.computed_by_flow_run"] = trained.info.flow_run_id
-        live = self._find(f"tags.`mlflow.parentRunId` = '{self.parent}' and tags.`pai.live_for` = '{rnd.trained.key}'")
+        # RUNNING: a run an earlier row of this plan already finished (rows sharing their weights) is not this one's.
+        live = self._find(f"tags.`mlflow.parentRunId` = '{self.parent}' and tags.`pai.live_for` = '{rnd.trained.key}' "
+                          "and attributes.status = 'RUNNING'")
         if live is not None:
             rid = live.info.run_id
             self.client.log_batch(rid, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -200,20 +207,26 @@ class Tracker:
             final |= {f"best_val/{k}": v for k, v in ev.best.model_dump().items()}
         final |= {f"layer_density/{name}": float(v["density"]) for name, v in ev.layers.items() if "density" in v}
         metrics += [Metric(k, float(v), now, 0) for k, v in final.items()]
+        path = analysis_metrics(rnd, refs, now)
+        metrics += path
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(rid, metrics=metrics[i:i + 1000],
                                   params=[Param("round", str(rnd.index)), Param("density_target", clean_value(rnd.density))]
                                   if i == 0 else [])
         self.client.log_dict(rid, ev.layers, "sparsity_report.json")
+        if path:
+            self.client.log_dict(rid, refs[rnd.analysis.key].info.model_dump(mode="json"), "interpolation.json")
         if self.spec.tracking.copy_artifacts:
             self._copy_artifacts(rid, trained, mask_ref)
         self.client.set_terminated(rid)
         self.client.set_tag(self.parent, f"pai.round.{rnd.index}.run_id", rid)
         return rid
 
-    def _log_parent_round(self, rnd: Round, ev: Any) -> None:
+    def _log_parent_round(self, rnd: Round, ev: Any, refs: dict[str, Ref]) -> None:
         """Per-round results on the parent (step = round), so parents sort and chart in the runs table."""
         row = {"test_acc": ev.test_acc, "val_acc": ev.val_acc, "sparsity": ev.sparsity, "density": 1 - ev.sparsity}
+        if rnd.analysis is not None:  # instability: the barrier per split, beside the accuracy
+            row |= {f"instability_{s}": v for s, v in refs[rnd.analysis.key].info.instability.items()}
         self.rounds.append(row)
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent, metrics=[Metric(f"round/{k}", float(v), now, rnd.index)
@@ -311,3 +324,16 @@ def log_to_round_run(spec: Any, row: int, texts: dict[str, str], dicts: dict[str
     for name, d in dicts.items():
         client.log_dict(rid, d, name)
     return rid
+
+
+def analysis_metrics(rnd: Round, refs: dict[str, Ref], now: int) -> list[Metric]:
+    """An instability row's path as metrics: each split's error and loss at step i (the i-th α,
+    so MLflow charts the curve), and its barriers at step 0. Nothing for other rounds."""
+    if rnd.analysis is None:
+        return []
+    info = refs[rnd.analysis.key].info
+    out = [Metric(f"path/{k}", float(v), now, i) for i, row in enumerate(info.path) for k, v in row.items()]
+    out += [Metric(f"instability/{s}", v, now, 0) for s, v in info.instability.items()]
+    out += [Metric(f"loss_barrier/{s}", v, now, 0) for s, v in info.loss_barrier.items()]
+    return out + [Metric("path/distance", info.distance, now, 0),
+                  Metric("path/relative_distance", info.relative_distance, now, 0)]

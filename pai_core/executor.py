@@ -135,7 +135,7 @@ def execute(jobs: Sequence[Job], runner: Runner, store: Store, hooks: Hooks | No
             rounds = pending[id(job)]
             while rounds:
                 rnd, group = rounds[0]
-                need = _ancestors(rnd.evaluate)
+                need = _ancestors(rnd.evaluate) | (_ancestors(rnd.analysis) if rnd.analysis else set())
                 if lost := [k for k in need if k in out.errors]:
                     err = out.errors[lost[0]]
                     out.failed_jobs[job.spec.name] = f"{nodes[lost[0]].role}: {type(err).__name__}: {err}"

@@ -100,3 +100,15 @@ class EvalInfo(Info):
     best: Annotated[Best | None, BeforeValidator(_no_best)] = None
     iteration: int | None = None
     physical: PhysicalEval | None = None
+
+
+class InterpolationInfo(Info):
+    """The linear path between two copies trained under different SGD noise (instability
+    analysis): per split, each α's error and loss, and the barriers."""
+    splits: list[str]
+    path: list[dict[str, float]]          # {"alpha", "<split>_err", "<split>_loss", ...} per α
+    instability: dict[str, float]         # per split: max error on the path − mean of the ends' errors
+    loss_barrier: dict[str, float]        # the same for the loss
+    bn_stats: str
+    distance: float                       # ‖w_A − w_B‖₂ over the interpolated weights
+    relative_distance: float              # ... over ‖w_A‖₂

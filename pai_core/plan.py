@@ -43,6 +43,7 @@ class Round:
     mask: Node | None
     trained: Node
     evaluate: Node
+    analysis: Node | None = None  # a further result of the round (instability: the interpolated path)
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Plan:
         for r in self.rounds:
             groups.append([])
             visit(r.evaluate, groups[-1])
+            if r.analysis is not None:
+                visit(r.analysis, groups[-1])
         return groups
 
 
@@ -89,9 +92,11 @@ def data_fields(spec: ExperimentBase) -> dict[str, Any]:
     return fields
 
 
-def train_data_fields(spec: ExperimentBase) -> dict[str, Any]:
-    """The data as a training reads it: batches, their order and their augmentation."""
-    data = {**data_fields(spec), "batch_size": spec.data.batch_size, "order_seed": spec.order_seed}
+def train_data_fields(spec: ExperimentBase, order_seed: int | None = None) -> dict[str, Any]:
+    """The data as a training reads it: batches, their order and their augmentation. `order_seed`:
+    another draw of that SGD noise (order, augmentation, dropout) than the spec's."""
+    data = {**data_fields(spec), "batch_size": spec.data.batch_size,
+            "order_seed": spec.order_seed if order_seed is None else order_seed}
     if spec.data.augment_kinds:  # only then: an unaugmented (MNIST) training keeps the key it had
         data["augment"] = list(spec.data.augment_kinds)
     return data
@@ -106,13 +111,14 @@ def init_node(spec: ExperimentBase, seed: int | None = None) -> Node:
 
 
 def train_node(spec: ExperimentBase, role: str, start: Node, train: TrainSpec, *, mask: Node | None = None,
-               mode: str = "continue", stop_iter: int | None = None, **extra: Any) -> Node:
+               mode: str = "continue", stop_iter: int | None = None, order_seed: int | None = None,
+               **extra: Any) -> Node:
     """`continue` resumes start's iteration and optimizer state (LTH rewinding);
     `finetune` keeps only its weights and starts a fresh schedule (PaT); `replay` keeps its
     weights and replays the schedule from `from_iter` (LR rewinding). `extra` fields ask the
     train stage for a callback registered under their name (pai_core.callbacks)."""
-    fields = {"data": train_data_fields(spec), "train": train.key_fields(), "mode": mode, "stop_iter": stop_iter,
-              **extra}
+    fields = {"data": train_data_fields(spec, order_seed), "train": train.key_fields(), "mode": mode,
+              "stop_iter": stop_iter, **extra}
     inputs = {"start": start} | ({"mask": mask} if mask else {})
     return Node("train", role, fields, inputs)
 

@@ -13,7 +13,7 @@ from pai_core.paradigms.registry import Paradigm, build_plan, get_paradigm, para
 
 from pai_core.paradigms import (  # noqa: E402,F401,I001  (registration; the order `pai list` shows)
     lottery_ticket, prune_after_training, prune_at_init, dynamic_sparse, supermask, sanity_checks, lr_rewinding,
-    early_bird)
+    early_bird, instability)
 
 _SPECS = tuple(get_paradigm(n).spec for n in paradigm_names())
 ExperimentSpec = Annotated[Union[_SPECS], Field(discriminator="flow")]  # type: ignore[valid-type]
