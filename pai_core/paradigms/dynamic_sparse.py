@@ -1,9 +1,10 @@
 """Dynamic sparse training. k1 = 0, then the mask is updated while training by the method
-`dynamic.method` names (pai_core/dynamic_methods: SET, RigL, DeepR, DSR, SNFS). SET/RigL:
+`dynamic.method` names (pai_core/dynamic_methods: SET, RigL, DeepR, DSR, SNFS, GraNet). SET/RigL:
 every `update_interval` iterations each layer drops its smallest weights and regrows as
 many, at random (SET) or by dense-gradient magnitude (RigL); the later methods take their
 options in `dynamic.params`. The initial mask is prune.criterion (random) with prune.scope
-(ERK); evaluation uses the final mask.
+(ERK), at the final density or, for a method whose density moves (GraNet), at its
+`initial_density`; evaluation uses the final mask.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ SET_RIGL_OPTIONS = ("update_interval", "drop_fraction", "end_fraction", "anneal"
 
 class DynamicSpec(Frozen):
     """How the mask moves while training."""
-    method: str = Field(description="a registered dynamic sparse method (pai list): set, rigl, deepr, dsr, snfs",
+    method: str = Field(description="a registered dynamic sparse method (pai list): set, rigl, deepr, dsr, snfs, "
+                                    "granet",
                         json_schema_extra=registry_enum(dynamic_method_names))
     update_interval: int = Field(100, gt=0, description="set/rigl: iterations between mask updates")
     drop_fraction: float = Field(0.3, gt=0, lt=1, description="set/rigl: fraction of each layer's active weights "
@@ -43,8 +45,9 @@ class DynamicSpec(Frozen):
     skip_step_on_update: bool | None = Field(
         None, description="set/rigl: no optimizer step on update iterations; None = the reference's (RigL: yes, "
                           "SET: no)")
-    params: dict[str, Any] = Field(default_factory=dict, description="deepr, dsr, snfs: the method's own options "
-                                                                     "(pai list names them); empty = the paper's")
+    params: dict[str, Any] = Field(default_factory=dict, description="deepr, dsr, snfs, granet: the method's own "
+                                                                     "options (pai list names them); empty = the "
+                                                                     "paper's")
 
     @field_validator("method")
     @classmethod
@@ -110,6 +113,10 @@ class DynamicSparseSpec(ExperimentBase):
                 self.total_iterations, self.data.iterations_per_epoch)
             if problem:
                 raise ValueError(f"dynamic.{problem}")
+            start, final = start_density(self.dynamic), self.prune.round_densities()[-1]
+            if start is not None and start < final:
+                raise ValueError(f"dynamic.params.initial_density: {start:g} is below the final density {final:g} "
+                                 f"(1 - prune.sparsity), and pruning only removes weights; allowed: {final:g} to 1")
             return self
         end = int(self.dynamic.end_fraction * self.total_iterations)
         if self.dynamic.update_interval >= end:
@@ -117,6 +124,14 @@ class DynamicSparseSpec(ExperimentBase):
                              f"(end_fraction {self.dynamic.end_fraction:g} of {self.total_iterations:,}); "
                              f"allowed: below {max(end, 1):,}")
         return self
+
+
+def start_density(dynamic: DynamicSpec) -> float | None:
+    """A method whose density changes while training (GraNet's gradual pruning) names the
+    density it starts from in its params, `initial_density`; every other method starts and
+    stays at the final density (None), and its keys are unchanged."""
+    method = get_method(dynamic.method)
+    return None if method.top_level else getattr(method.Params.model_validate(dynamic.params), "initial_density", None)
 
 
 @register_callback("dynamic")
@@ -128,9 +143,11 @@ def _dynamic(d: dict, total: int, key: str) -> Callback:
 def plan(spec: DynamicSparseSpec) -> Plan:
     init, dense = dense_round(spec)
     density = spec.prune.round_densities()[-1]
-    start_mask = mask_node(spec, score_node(spec, init, None), None, density)
-    trained = train_node(spec, "sparse_train", init, spec.train, mask=start_mask,
-                         dynamic=spec.dynamic.resolved())
+    dynamic, start = spec.dynamic.resolved(), start_density(spec.dynamic)
+    if start is not None:  # its density moves (GraNet): it starts at its own, and the target enters its key
+        dynamic["final_density"] = density
+    start_mask = mask_node(spec, score_node(spec, init, None), None, density if start is None else start)
+    trained = train_node(spec, "sparse_train", init, spec.train, mask=start_mask, dynamic=dynamic)
     return Plan("dynamic_sparse", [dense, Round(1, spec.dynamic.method, density, start_mask, trained,
                                                  evaluate_node(spec, trained, None))])
 
@@ -140,5 +157,5 @@ def label(spec: DynamicSparseSpec, rnd: Round) -> str:
 
 
 PARADIGM = register_paradigm("dynamic_sparse", DynamicSparseSpec, plan, label,
-                             "sparse training with a moving mask: SET, RigL, DeepR, DSR, SNFS (pai list: dynamic "
-                             "methods)", __doc__)
+                             "sparse training with a moving mask: SET, RigL, DeepR, DSR, SNFS, GraNet (pai list: "
+                             "dynamic methods)", __doc__)
