@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flows.cli_distributed import train_distributed
+from flows.cli_masks import masks as masks_cmd
 from flows.cli_sensitivity import sensitivity as sensitivity_cmd
 from flows.cli_server import app as server_app
 from flows.cli_server import deploy as deploy_cmd
@@ -434,6 +435,7 @@ def main() -> None:
 
 app.command("train-distributed")(train_distributed)  # flows/cli_distributed.py: one process of a torchrun launch
 app.command("sensitivity")(sensitivity_cmd)  # flows/cli_sensitivity.py: per-unit pruning sensitivity of a round
+app.command("masks")(masks_cmd)  # flows/cli_masks.py: how alike the masks of several rounds are
 
 
 if __name__ == "__main__":

@@ -60,6 +60,14 @@ def register_callback(field: str) -> Callable[[Factory], Factory]:
     return deco
 
 
+def asks_for_callbacks(fields: Mapping[str, Any]) -> bool:
+    """Whether a train node's fields name a registered callback: the train stage then stores the
+    final mask in its payload, since the callback may have moved it."""
+    import pai_core.paradigms  # noqa: F401  (paradigms register their callbacks on import)
+
+    return any(fields.get(name) for name in _FACTORIES)
+
+
 def callbacks_for(fields: Mapping[str, Any], total: int, key: str) -> list[Callback]:
     import pai_core.paradigms  # noqa: F401  (paradigms register their callbacks on import)
 
