@@ -1,18 +1,28 @@
 """The GPU-sized CIFAR recipes (configs/recipes/): each loads as a sweep, says it is GPU-sized and
-carries its paper's settings, and one spec of each runs end to end on CPU with CIFAR swapped for
-CIFAR-shaped synthetic data and one epoch."""
+carries its paper's settings, and runs end to end on CPU with CIFAR swapped for CIFAR-shaped
+synthetic data and one epoch (the PaI recipes) or a few iterations (the PaT and LTH ones).
+
+Each recipe family has its own test of the facts that could drift silently: the PaI recipes'
+criteria and sparsities; the lottery-ticket recipes' open_lth schedule, 20 % per round and which
+layers are pruned; Renda et al.'s two rewinding arms sharing one dense training; Li et al.'s
+skipped layers and per-stage filter counts, checked against the paper's FLOP reductions."""
 from __future__ import annotations
 
+import fnmatch
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT
+from pai_core import prune_checks, structured
+from pai_core.models.registry import build_model
 from pai_core.paradigms import build_plan
 from pai_core.spec_io import apply_overrides, parse_spec
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
-from pai_core.sweep import load_sweep
+from pai_core.sweep import load_sweep, unique_nodes
 
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
 SMALL = ["data.dataset=synthetic_cifar", "data.val_size=100", "train.epochs=1", "train.lr_schedule=constant",
@@ -25,21 +35,146 @@ def test_there_are_graSP_and_synflow_recipes():
             "synflow_cifar10_vgg16", "synflow_cifar10_resnet20"} <= names
 
 
+# Every recipe belongs to a family with its own test below; a new family needs its own.
+FAMILIES = ("grasp_", "synflow_", "lth_", "lr_rewinding_", "l1_filter_")
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_is_gpu_sized_and_follows_its_paper(path: Path):
     text = path.read_text()
     assert text.startswith("# GPU-sized."), "configs/ are CPU-sized unless marked"
+    assert path.stem.startswith(FAMILIES), f"{path.stem}: add its family's test to tests/test_recipes.py"
     sweep = load_sweep(path)
     specs = sweep.expand()
-    assert {s.seed for s in specs} >= {0, 1} and len({s.prune.sparsity for s in specs}) == 3
+    assert {s.seed for s in specs} >= {0, 1}
     for spec in specs:
         assert spec.data.dataset in ("cifar10", "cifar100") and spec.data.augment_kinds == ("crop", "flip")
-        assert spec.train.epochs == 160 and spec.data.batch_size == 128 and spec.train.optimizer == "sgd"
-        expected_rounds = 100 if spec.prune.criterion == "synflow" else 1
-        assert spec.prune.rounds == expected_rounds, "each criterion keeps its own paper's schedule"
+        assert spec.data.batch_size == 128 and spec.train.optimizer == "sgd" and spec.train.momentum == 0.9
+    if path.stem.startswith(("grasp_", "synflow_")):  # pruning at init: one training per sparsity
+        assert len({s.prune.sparsity for s in specs}) == 3
+        for spec in specs:
+            assert spec.flow == "prune_at_init" and spec.train.epochs == 160
+            expected_rounds = 100 if spec.prune.criterion == "synflow" else 1
+            assert spec.prune.rounds == expected_rounds, "each criterion keeps its own paper's schedule"
     if path.stem.startswith("grasp"):
         assert "SNIP" in text and "GraSP" in text and "dense" in text  # the paper's numbers beside it
         assert {s.prune.criterion for s in specs} == {"grasp", "snip", "random"}
+
+
+def _recipe(stem: str) -> list:
+    return load_sweep(ROOT / "configs" / "recipes" / f"{stem}.yaml").expand()
+
+
+OPEN_LTH_EPOCH = math.ceil(50_000 / 128)  # open_lth's iterations per CIFAR-10 epoch (datasets/base.py)
+
+
+@pytest.mark.parametrize("stem, rewind, ignore, prunable, paper_density_round", [
+    # ResNet-20 (shortcut B) prunes every conv and the fc: 432 + 6*2304 + (4608 + 5*9216) + 512
+    # + (18432 + 5*36864) + 2048 + 640 = 270,896 weights; LMC's 16.8 % density is round 8.
+    ("lth_cifar10_resnet20", 2000, [], 270_896, 8),
+    # VGG-16 keeps fc.weight dense (open_lth's pruning_layers_to_ignore): its 13 convs hold
+    # 1728 + 36864 + 73728 + 147456 + 294912 + 2*589824 + 1179648 + 5*2359296 = 14,710,464; 1.5 % is round 19.
+    ("lth_cifar10_vgg16", 1000, ["fc.weight"], 14_710_464, 19),
+])
+def test_lottery_recipes_follow_open_lth(stem, rewind, ignore, prunable, paper_density_round):
+    specs = _recipe(stem)
+    assert {s.seed for s in specs} == {0, 1, 2}
+    for spec in specs:
+        t, p = spec.train, spec.prune
+        assert spec.flow == "lottery_ticket" and t.lr == 0.1 and t.weight_decay == 1e-4 and t.gamma == 0.1
+        assert t.warmup_iterations == 0 and not t.nesterov, "open_lth's defaults have no warmup"
+        # 160 epochs, x0.1 at 80 and 120, counted in open_lth's iterations (45k examples train here)
+        assert t.iterations == 160 * OPEN_LTH_EPOCH and t.milestones == (80 * OPEN_LTH_EPOCH, 120 * OPEN_LTH_EPOCH)
+        assert (p.criterion, p.scope, p.rate, p.rewind_iter, p.ignore) == ("magnitude", "global", 0.2, rewind, ignore)
+        assert not p.reinit_control and spec.retrain is None
+        assert sum(math.prod(shape) for _, shape in prune_checks.weight_layers(spec, False, p.ignore)) == prunable
+        assert p.round_densities()[paper_density_round - 1] == pytest.approx(0.8 ** paper_density_round)
+        assert p.rounds >= paper_density_round, "the sweep reaches the density the paper reports"
+
+
+def test_lr_rewinding_recipe_compares_both_arms_on_one_dense_training():
+    specs = _recipe("lr_rewinding_cifar10_resnet56")
+    assert sorted(s.flow for s in specs) == ["lottery_ticket"] * 3 + ["lr_rewinding"] * 3
+    for spec in specs:
+        t, p = spec.train, spec.prune
+        assert spec.model.name == "resnet56" and spec.model.params == {"shortcut": "B"}, "TF ResNet v1 projections"
+        # Renda et al.'s cifar10_main.py: 182 epochs (71,108 steps), x0.1 at epochs 91 and 136 of 390.625 steps
+        assert t.iterations == 71_108 and t.milestones == (int(390.625 * 91), int(390.625 * 136)) == (35_546, 53_125)
+        assert (t.lr, t.weight_decay, t.warmup_iterations, t.gamma) == (0.1, 2e-4, 0, 0.1)
+        assert (p.criterion, p.scope, p.rate, p.rounds, p.ignore) == ("magnitude", "global", 0.2, 17, [])
+        if spec.flow == "lr_rewinding":
+            assert p.lr_rewind_iter == 0, "the paper's algorithm replays the whole schedule"
+        else:
+            assert p.rewind_iter == 4701, "the reference README's rewind checkpoint (epoch 12)"
+    # every conv, the 1x1 projections and the fc are pruned: 432 + 18*2304 + (4608 + 17*9216) + 512
+    # + (18432 + 17*36864) + 2048 + 640 = 851,504 weights
+    assert sum(math.prod(s) for _, s in prune_checks.weight_layers(specs[0], False, [])) == 851_504
+    seed0 = {s.flow: build_plan(s) for s in specs if s.seed == 0}
+    lr, weight = seed0["lr_rewinding"], seed0["lottery_ticket"]
+    assert lr.rounds[0].trained.key == weight.rounds[0].trained.key, "one dense training for both arms"
+    assert lr.rounds[1].mask.key == weight.rounds[1].mask.key, "and one round-1 mask"
+    assert lr.rounds[1].trained.key != weight.rounds[1].trained.key
+
+
+# Li et al. (2017) number convs as res56prune.py does: the stem is 1, block b of stage s has conv1 = 2 + 2(9s + b).
+LI_SKIPPED = {"A": (16, 20, 38, 54), "B": (16, 18, 20, 34, 38, 54)}
+LI_RATES = {"A": (0.1, 0.1, 0.1), "B": (0.6, 0.3, 0.1)}
+# Table 1: FLOPs pruned 10.4 % (A), 27.6 % (B); parameters 9.4 %, 13.7 %
+LI_REDUCTION = {"A": (0.104, 0.094), "B": (0.276, 0.137)}
+
+
+def _li_name(conv: int) -> str:
+    s, b = divmod((conv - 2) // 2, 9)
+    return f"layer{s + 1}.{b}.conv1.weight"
+
+
+def test_li_layer_numbering_maps_to_block_first_convs():
+    assert [_li_name(c) for c in (2, 16, 18, 20, 34, 38, 54)] == [
+        "layer1.0.conv1.weight", "layer1.7.conv1.weight", "layer1.8.conv1.weight", "layer2.0.conv1.weight",
+        "layer2.7.conv1.weight", "layer3.0.conv1.weight", "layer3.8.conv1.weight"]
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_l1_filter_recipe_is_li_et_al_resnet56_pruned(variant):
+    specs = [s for s in _recipe("l1_filter_cifar10_resnet56") if s.name.split("[")[0].endswith(variant.lower())]
+    assert {s.seed for s in specs} == {0, 1, 2}
+    spec = specs[0]
+    t, r, p = spec.train, spec.retrain, spec.prune
+    assert spec.flow == "prune_after_training" and spec.model.name == "resnet56" and spec.model.params == {}
+    # He et al.: lr 0.1, /10 at 32k and 48k, 64k iterations, wd 1e-4; Li et al.: retrain 40 epochs at lr 0.001
+    assert (t.lr, t.iterations, t.milestones, t.gamma, t.weight_decay) == (0.1, 64_000, (32_000, 48_000), 0.1, 1e-4)
+    assert (r.lr, r.epochs, r.lr_schedule, r.weight_decay, r.momentum) == (0.001, 40, "constant", 1e-4, 0.9)
+    assert (p.criterion, p.schedule, p.structure, p.filter_norm, p.filter_layers, p.scope, p.physical) == (
+        "magnitude", "one_shot", "filter", "l1", "unshared", "layerwise", True)
+    assert sorted(p.ignore) == sorted(_li_name(c) for c in LI_SKIPPED[variant]), "the paper's sensitive layers"
+    # res56prune.py keeps int(n * (1 - p)) filters of each pruned layer
+    counts = {f"layer{s + 1}.*": int(n * (1 - rate)) / n
+              for s, (n, rate) in enumerate(zip((16, 32, 64), LI_RATES[variant]))}
+    assert p.layer_density == counts
+    families = [f for f, _ in p.filter_units(spec)]
+    assert len(families) == 27 - len(LI_SKIPPED[variant])
+    assert all(any(fnmatch.fnmatchcase(f"{f}.weight", pat) for pat in p.layer_density) for f in families), \
+        "every candidate is named, so prune.sparsity is nominal"
+
+    # the mask the recipe's plan makes (scores |w|) removes the paper's share of FLOPs and weights
+    fields = build_plan(spec).rounds[1].mask.fields
+    info = spec.data.info
+    model = build_model(spec.model.name, info.in_shape, info.num_classes, 0, **spec.model.params)
+    scores = {n: w.detach().abs() for n, w in model.named_parameters() if n in prune_checks.prunable_names(model, False)}
+    previous = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+    mask = structured.select_filters(model, scores, previous, fields["density"], fields["filter_norm"],
+                                     fields["min_density"], fields["scope"], fields["filter_layers"], False,
+                                     fields["ignore"], fields["layer_density"])
+    dense, pruned = structured.cost(model, info.in_shape), structured.cost(model, info.in_shape, mask)
+    assert dense["flops"] == 2 * 125_485_696  # conv + fc multiply-adds of ResNet-56 (A), Li et al.'s 1.25E8
+    flops_cut, weights_cut = LI_REDUCTION[variant]
+    assert 1 - pruned["flops"] / dense["flops"] == pytest.approx(flops_cut, abs=5e-4)
+    assert 1 - pruned["weights"] / dense["weights"] == pytest.approx(weights_cut, abs=1e-3)
+    for conv in range(2, 56, 2):  # every block's first conv: all its filters if skipped, else int(n * (1 - p))
+        name, stage = _li_name(conv), (conv - 2) // 18
+        width = (16, 32, 64)[stage]
+        expected = width if conv in LI_SKIPPED[variant] else int(width * (1 - LI_RATES[variant][stage]))
+        assert int(mask[name].flatten(1).any(1).sum()) == expected, name
 
 
 @pytest.mark.slow
@@ -58,3 +193,34 @@ def test_recipe_runs_end_to_end_on_cpu_with_synthetic_cifar(tmp_path, stem):
     ev = refs[plan.rounds[1].evaluate.key].info
     assert ev.sparsity == pytest.approx(small.prune.sparsity, abs=1e-3)
     assert 0.0 <= ev.test_acc <= 1.0
+
+
+# The PaT / LTH recipes' nets are ResNet-56 and VGG-16: 4 iterations of 16 synthetic CIFAR images per
+# training, one round (the flows' later rounds are tested in their own files).
+SMALL_ITERATIONS = [*(o for o in SMALL if o not in ("train.epochs=1", "data.batch_size=64")), "train.iterations=4",
+                    "data.batch_size=16", "device=cpu"]
+PER_FLOW = {"lottery_ticket": ["prune.rounds=1", "prune.rewind_iter=2"], "lr_rewinding": ["prune.rounds=1"],
+            "prune_after_training": ["retrain.epochs=null", "retrain.iterations=4"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stem", ["lth_cifar10_resnet20", "lth_cifar10_vgg16", "lr_rewinding_cifar10_resnet56",
+                                  "l1_filter_cifar10_resnet56"])
+def test_pat_and_lth_recipes_run_end_to_end_on_cpu_with_synthetic_cifar(tmp_path, stem):
+    """Every base spec of the recipe (seed 0), its whole plan, shared stages run once."""
+    specs = [parse_spec(apply_overrides(s.model_dump(mode="json"), [*SMALL_ITERATIONS, *PER_FLOW[s.flow]]))
+             for s in _recipe(stem) if s.seed == 0]
+    plans = [build_plan(s) for s in specs]
+    refs = run_plan(unique_nodes(plans), Runtime(Store(tmp_path), "cpu"))
+    for spec, plan in zip(specs, plans):
+        assert plan.rounds[0].trained.fields["data"]["augment"] == ["crop", "flip"]
+        for rnd in plan.rounds[1:]:
+            ev = refs[rnd.evaluate.key].info
+            assert 0.0 <= ev.test_acc <= 1.0
+            if spec.prune.structure == "filter":  # Li et al.: the smaller net is built, with the paper's FLOPs
+                cost = refs[rnd.mask.key].info.structured
+                cut = 1 - cost["pruned"]["flops"] / cost["dense"]["flops"]
+                assert cut == pytest.approx(LI_REDUCTION[spec.name.split("[")[0][-1].upper()][0], abs=5e-4)
+                assert ev.physical is not None and ev.physical.cost["flops"] == cost["pruned"]["flops"]
+            else:
+                assert ev.sparsity == pytest.approx(1 - 0.8 ** rnd.index, abs=1e-4)
