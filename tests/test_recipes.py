@@ -36,7 +36,7 @@ def test_there_are_graSP_and_synflow_recipes():
 
 
 # Every recipe belongs to a family with its own test below; a new family needs its own.
-FAMILIES = ("grasp_", "synflow_", "lth_", "lr_rewinding_", "l1_filter_")
+FAMILIES = ("grasp_", "synflow_", "lth_", "lr_rewinding_", "l1_filter_", "instability_")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -90,6 +90,21 @@ def test_lottery_recipes_follow_open_lth(stem, rewind, ignore, prunable, paper_d
         assert sum(math.prod(shape) for _, shape in prune_checks.weight_layers(spec, False, p.ignore)) == prunable
         assert p.round_densities()[paper_density_round - 1] == pytest.approx(0.8 ** paper_density_round)
         assert p.rounds >= paper_density_round, "the sweep reaches the density the paper reports"
+
+
+def test_instability_recipe_shares_the_lth_recipe_at_its_rewind_point():
+    """Frankle et al.'s analysis on the LTH recipe's training: at k = 2000 the first copies, masks
+    and retrainings are the LTH recipe's own nodes; the paths are the dense net and round 8."""
+    lth = {s.seed: build_plan(s) for s in _recipe("lth_cifar10_resnet20")}
+    for spec in _recipe("instability_cifar10_resnet20"):
+        plan = build_plan(spec)
+        assert spec.instability.rewind_iters == [0, 100, 500, 2000, 5000] and spec.instability.splits == ["test"]
+        assert [r.name for r in plan.rounds if r.rewind_iter == 2000] == ["k=2000 dense", "k=2000 round 8"]
+        theirs = {r.index: r for r in lth[spec.seed].rounds}
+        for r in (r for r in plan.rounds if r.rewind_iter == 2000):
+            index = 0 if r.mask is None else 8
+            assert r.trained.key == theirs[index].trained.key and r.evaluate.key == theirs[index].evaluate.key
+        assert 1 - plan.rounds[-1].density == pytest.approx(1 - 0.8 ** 8)
 
 
 def test_lr_rewinding_recipe_compares_both_arms_on_one_dense_training():
@@ -200,12 +215,14 @@ def test_recipe_runs_end_to_end_on_cpu_with_synthetic_cifar(tmp_path, stem):
 SMALL_ITERATIONS = [*(o for o in SMALL if o not in ("train.epochs=1", "data.batch_size=64")), "train.iterations=4",
                     "data.batch_size=16", "device=cpu"]
 PER_FLOW = {"lottery_ticket": ["prune.rounds=1", "prune.rewind_iter=2"], "lr_rewinding": ["prune.rounds=1"],
-            "prune_after_training": ["retrain.epochs=null", "retrain.iterations=4"]}
+            "prune_after_training": ["retrain.epochs=null", "retrain.iterations=4"],
+            "instability": ["prune.rounds=1", "instability.rewind_iters=[0,2]", "instability.rounds=[0,1]",
+                            "instability.alphas=3"]}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", ["lth_cifar10_resnet20", "lth_cifar10_vgg16", "lr_rewinding_cifar10_resnet56",
-                                  "l1_filter_cifar10_resnet56"])
+                                  "l1_filter_cifar10_resnet56", "instability_cifar10_resnet20"])
 def test_pat_and_lth_recipes_run_end_to_end_on_cpu_with_synthetic_cifar(tmp_path, stem):
     """Every base spec of the recipe (seed 0), its whole plan, shared stages run once."""
     specs = [parse_spec(apply_overrides(s.model_dump(mode="json"), [*SMALL_ITERATIONS, *PER_FLOW[s.flow]]))
@@ -222,5 +239,7 @@ def test_pat_and_lth_recipes_run_end_to_end_on_cpu_with_synthetic_cifar(tmp_path
                 cut = 1 - cost["pruned"]["flops"] / cost["dense"]["flops"]
                 assert cut == pytest.approx(LI_REDUCTION[spec.name.split("[")[0][-1].upper()][0], abs=5e-4)
                 assert ev.physical is not None and ev.physical.cost["flops"] == cost["pruned"]["flops"]
+            elif spec.flow == "instability":  # each row's path, from the round's own copies
+                assert refs[rnd.analysis.key].info.instability["test"] >= 0.0
             else:
                 assert ev.sparsity == pytest.approx(1 - 0.8 ** rnd.index, abs=1e-4)
