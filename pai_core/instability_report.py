@@ -56,23 +56,24 @@ def _split(points: list[PathPoint]) -> str:
 
 
 def instability_plot(points: list[PathPoint], path: str | Path | None = None) -> Figure:
-    """Left: error along the path at the sparsest density, one curve per k (seed means).
-    Right: instability against k, one line per density."""
+    """Left: error along the path, one color per k (seed means), the densest rows solid and the
+    sparsest dashed. Right: instability against k, one line per density."""
     split = _split(points)
     fig = Figure(figsize=(12.5, 4.5), layout="constrained")
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     ks = sorted({p.rewind_iter for p in points})
     colors = colormaps["viridis"]
-    sparsest = min(p.density for p in points)
-    for j, k in enumerate(ks):
-        runs = [p for p in points if p.rewind_iter == k and p.density == sparsest and split in p.errors]
-        if not runs:
-            continue
-        curve = [100 * statistics.fmean(e) for e in zip(*(p.errors[split] for p in runs))]
-        left.plot(runs[0].alphas, curve, color=colors(j / max(len(ks) - 1, 1)), marker=".", label=f"k = {k}")
-    left.set(xlabel="α (0: first copy, 1: second)", ylabel=f"{split} error (%)",
-             title=f"error on the path, density {sparsest:.3g}")
-    left.legend(frameon=False)
+    shown = sorted({max(p.density for p in points), min(p.density for p in points)}, reverse=True)
+    for d, style in zip(shown, ("-", "--")):
+        for j, k in enumerate(ks):
+            runs = [p for p in points if p.rewind_iter == k and p.density == d and split in p.errors]
+            if not runs:
+                continue
+            curve = [100 * statistics.fmean(e) for e in zip(*(p.errors[split] for p in runs))]
+            left.plot(runs[0].alphas, curve, color=colors(j / max(len(ks) - 1, 1)), ls=style, marker=".",
+                      label=f"k = {k}, density {d:.3g}")
+    left.set(xlabel="α (0: first copy, 1: second)", ylabel=f"{split} error (%)", title="error on the path")
+    left.legend(loc="upper right", frameon=False, fontsize="small")
     densities = sorted({p.density for p in points}, reverse=True)
     for j, d in enumerate(densities):
         by_k = defaultdict(list)
