@@ -117,3 +117,17 @@ def instability_table(points: list[PathPoint]) -> str:
         lines.append(f"| {k} | {d:.4f} | {len(ps)} | " + " | ".join(cell(ps, s) for s in splits) + " |")
     return "\n".join(lines) + "\n"
 
+
+def write_instability(specs: list[ExperimentSpec], store: Store, out: Path) -> tuple[tuple[Path, ...], str]:
+    """The figure (PNG, PDF, SVG) and a report.md section, when the specs hold finished paths;
+    nothing otherwise (pai_core.report.write_report calls it for every report)."""
+    if not (paths := collect_paths(specs, store)):
+        return (), ""
+    fig = instability_plot(paths)
+    files = tuple(out / f"instability.{ext}" for ext in ("png", "pdf", "svg"))
+    from pai_core.report import save_figure  # report.py calls this module: imported here, not at the top
+
+    for f in files:
+        save_figure(fig, f)
+    return files, (f"\n## Instability (linear interpolation)\n\n{instability_table(paths)}\n"
+                   "![instability](instability.png)\n")

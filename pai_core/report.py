@@ -319,23 +319,12 @@ def write_report(specs: list[ExperimentSpec], store: Store, out_dir: str | Path)
         for ext in ("png", "pdf", "svg"):
             save_figure(fig, files[f"{plot}_{ext}"])
     vector = ", ".join(f"[{n}.{e}]({n}.{e})" for n in ("accuracy", "layers") for e in ("pdf", "svg"))
-    extra, section = _instability(specs, store, out)
+    from pai_core.instability_report import write_instability  # an instability analysis's own figure
+
+    extra, section = write_instability(specs, store, out)
     md = out / "report.md"
     atomic_write(md, (f"# {_title(points, 'Pruning report')}\n\n{markdown_table(points, missing)}\n"
                       "![test accuracy vs density](accuracy.png)\n\n![per-layer density](layers.png)\n\n"
                       f"Vector versions: {vector}\n{section}").encode())
     return Report(**files, markdown=md, points=points, missing=missing, extra=extra)
 
-
-def _instability(specs: list[ExperimentSpec], store: Store, out: Path) -> tuple[tuple[Path, ...], str]:
-    """An instability analysis's figure and table, when the specs hold finished paths."""
-    from pai_core.instability_report import collect_paths, instability_plot, instability_table
-
-    if not (paths := collect_paths(specs, store)):
-        return (), ""
-    fig = instability_plot(paths)
-    files = tuple(out / f"instability.{ext}" for ext in ("png", "pdf", "svg"))
-    for f in files:
-        save_figure(fig, f)
-    return files, (f"\n## Instability (linear interpolation)\n\n{instability_table(paths)}\n"
-                   "![instability](instability.png)\n")
