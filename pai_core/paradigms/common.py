@@ -4,7 +4,7 @@ from __future__ import annotations
 from pai_core.specs import TrainSpec
 
 PRETTY = dict(snip="SNIP", grasp="GraSP", synflow="SynFlow", set="SET", rigl="RigL", edge_popup="edge-popup", obd="OBD",
-              taylor="Taylor", force="FORCE")
+              taylor="Taylor", force="FORCE", prospr="ProsPr", granet="GraNet")
 
 
 def pretty(name: str) -> str:
