@@ -40,6 +40,24 @@ def tiny_spec(flow: str = "lottery_ticket", **over) -> ExperimentSpec:
     return parse_spec(tiny_raw(flow, **over))
 
 
+def random_sparse_start(seed: int, density: float):
+    """Synthetic data, a LeNet-300-100 at `seed` and a random mask at `density`: where the
+    dynamic methods' training tests start."""
+    import torch
+
+    from pai_core.data import load
+    from pai_core.masks import dense_mask
+    from pai_core.models import build_model
+    from pai_core.selection import select
+
+    data = load("synthetic")
+    model = build_model("lenet_300_100", data.in_shape, data.num_classes, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    dense = dense_mask(model)
+    mask = select({n: torch.rand(m.shape, generator=g) for n, m in dense.items()}, dense, density)
+    return data, model, mask
+
+
 def tracked_tiny_run(pai_home: Path, tmp_path: Path) -> tuple[Path, object]:
     """A tiny one-round LTH spec run in process with MLflow tracking, as `pai run` leaves it:
     its YAML path and the MLflow client of its runs (for commands that act on a stored round)."""

@@ -10,19 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import ROOT, tiny_raw
+from conftest import ROOT, random_sparse_start, tiny_raw
 from pai_core.catalog import catalog
-from pai_core.data import load
 from pai_core.dynamic_methods import dynamic_method_names, get_method
 from pai_core.dynamic_methods.deepr import DeepR, DeepRParams, initial_signs, rewire
 from pai_core.dynamic_methods.dsr import DSR, DSRParams
 from pai_core.dynamic_methods.snfs import SNFS, SNFSParams
 from pai_core.dynamic_methods.tools import apportion, generator, sample_distinct, sample_inactive
-from pai_core.masks import MaskEnforcer, dense_mask
-from pai_core.models import build_model
+from pai_core.masks import MaskEnforcer
 from pai_core.paradigms import build_plan
 from pai_core.paradigms.dynamic_sparse import DynamicSpec
-from pai_core.selection import select
 from pai_core.spec_io import SpecError, load_spec, parse_spec
 from pai_core.specs import TrainSpec
 from pai_core.stages import Runtime, run_plan
@@ -428,12 +425,7 @@ def test_snfs_momentum_is_the_dense_gradients_moving_average():
 # ------------------------------------------------------------------ training: exact sparsity, resume
 
 def sparse_start(seed=0, density=0.1):
-    data = load("synthetic")
-    model = build_model("lenet_300_100", data.in_shape, data.num_classes, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    mask = select({n: torch.rand(m.shape, generator=g) for n, m in dense_mask(model).items()}, dense_mask(model),
-                  density)
-    return data, model, mask
+    return random_sparse_start(seed, density)
 
 
 def make(method: str, total: int, seed: int = 11) -> Callback:

@@ -7,15 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, tiny_raw
+from conftest import ROOT, random_sparse_start, tiny_raw
 from pai_core.catalog import catalog
-from pai_core.data import load
 from pai_core.dynamic_methods import dynamic_method_names, get_method
 from pai_core.dynamic_methods.granet import GraNet, GraNetParams, neuroregenerate
-from pai_core.masks import dense_mask
-from pai_core.models import build_model
 from pai_core.paradigms import build_plan
-from pai_core.selection import select
 from pai_core.spec_io import SpecError, load_spec, parse_spec
 from pai_core.specs import TrainSpec
 from pai_core.stages import Runtime, run_plan
@@ -213,12 +209,7 @@ def test_the_regrow_fraction_is_cosine_decayed_over_the_whole_training():
 # ------------------------------------------------------------------ training: the schedule, resume
 
 def sparse_start(seed=0, density=0.5):
-    data = load("synthetic")
-    model = build_model("lenet_300_100", data.in_shape, data.num_classes, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    mask = select({n: torch.rand(m.shape, generator=g) for n, m in dense_mask(model).items()}, dense_mask(model),
-                  density)
-    return data, model, mask
+    return random_sparse_start(seed, density)
 
 
 class Watch(Callback):
