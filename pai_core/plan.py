@@ -110,15 +110,24 @@ def init_node(spec: ExperimentBase, seed: int | None = None) -> Node:
     })
 
 
+def default_optimizer_state(mode: str) -> str:
+    """A training continued from a stored point restores its optimizer; the others start one."""
+    return "restored" if mode == "continue" else "fresh"
+
+
 def train_node(spec: ExperimentBase, role: str, start: Node, train: TrainSpec, *, mask: Node | None = None,
                mode: str = "continue", stop_iter: int | None = None, order_seed: int | None = None,
-               **extra: Any) -> Node:
-    """`continue` resumes start's iteration and optimizer state (LTH rewinding);
-    `finetune` keeps only its weights and starts a fresh schedule (PaT); `replay` keeps its
-    weights and replays the schedule from `from_iter` (LR rewinding). `extra` fields ask the
-    train stage for a callback registered under their name (pai_core.callbacks)."""
+               optimizer_state: str | None = None, **extra: Any) -> Node:
+    """`continue` resumes start's iteration and optimizer state (LTH rewinding); `finetune` keeps
+    only its weights and starts a fresh schedule (PaT); `replay` keeps its weights and replays the
+    schedule from `from_iter` (LR rewinding). `optimizer_state` departs from the mode's own
+    choice: "fresh" in `continue` (open_lth's rewinding: a new optimizer at step k), "restored" in
+    `replay` (Renda et al.'s code keeps the momentum). `extra` fields ask the train stage for a
+    callback registered under their name (pai_core.callbacks)."""
     fields = {"data": train_data_fields(spec, order_seed), "train": train.key_fields(), "mode": mode,
               "stop_iter": stop_iter, **extra}
+    if optimizer_state is not None and optimizer_state != default_optimizer_state(mode):
+        fields["optimizer_state"] = optimizer_state  # only then: every other training keeps its key
     inputs = {"start": start} | ({"mask": mask} if mask else {})
     return Node("train", role, fields, inputs)
 

@@ -39,7 +39,7 @@ def _meta(model: str, params: tuple[tuple[str, Any], ...], in_shape: tuple[int, 
 
     info = model_info(model)
     with torch.device("meta"):
-        return info.builder(tuple(in_shape), classes, **info.Params(**dict(params)).model_dump())
+        return info.construct(tuple(in_shape), classes, dict(params))
 
 
 def meta_model(spec: Any) -> nn.Module:

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pai_core.data import DatasetInfo, dataset_info, dataset_names, image_folder
 from pai_core.form_schema import form_schema, model_params_schema, registry_enum
 from pai_core.models import model_info, model_names
+from pai_core.models.registry import INIT_FIELDS
 from pai_core.yaml_io import clip, dotted
 
 SEED_LIMIT = 2**63
@@ -78,10 +79,14 @@ class ModelSpec(Frozen):
             params = info.Params.model_validate(given)
         except ValidationError as err:
             e = err.errors()[0]
-            allowed = ", ".join(["name", *info.Params.model_fields])
+            own = [f for f in info.Params.model_fields if f not in INIT_FIELDS]  # the model's own first
+            allowed = ", ".join(["name", *own, *INIT_FIELDS])
             what = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
             raise ValueError(f"model.{dotted(e['loc'])}: {what} for {info.name}; allowed: {allowed}") from None
-        return {"name": data["name"], **params.model_dump(mode="json", exclude_defaults=True)}
+        kept = params.model_dump(mode="json", exclude_defaults=True)
+        if kept.get("bn_init", "model") != "model" and not info.has_batch_norm(kept):
+            raise ValueError(f"model.bn_init: {info.name} has no BatchNorm here; allowed: model")
+        return {"name": data["name"], **kept}
 
     @property
     def params(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def _count(model: nn.Module) -> int:
 
 def _meta(name: str, in_shape=CIFAR, num_classes: int = 10, **params) -> nn.Module:
     with torch.device("meta"):
-        return model_info(name).builder(in_shape, num_classes, **params)
+        return model_info(name).construct(in_shape, num_classes, params)
 
 
 def _spec(*overrides: str):
@@ -188,7 +188,7 @@ def test_wrn_counts_match_the_paper(depth: int, k: int, paper: str) -> None:
 
 def test_wrn_default_is_wrn_28_10_without_dropout() -> None:
     params = model_info("wrn").Params().model_dump()
-    assert params == {"depth": 28, "widen": 10, "dropout": 0.0}
+    assert params == {"depth": 28, "widen": 10, "dropout": 0.0, "bn_init": "model", "bias_init": "model"}
 
 
 def test_wrn_forward_shortcuts_dropout_and_init() -> None:

@@ -87,6 +87,10 @@ def test_lottery_recipes_follow_open_lth(stem, rewind, ignore, prunable, paper_d
         assert t.iterations == 160 * OPEN_LTH_EPOCH and t.milestones == (80 * OPEN_LTH_EPOCH, 120 * OPEN_LTH_EPOCH)
         assert (p.criterion, p.scope, p.rate, p.rewind_iter, p.ignore) == ("magnitude", "global", 0.2, rewind, ignore)
         assert not p.reinit_control and spec.retrain is None
+        # open_lth's init and rewinding: BN weights U(0, 1), PyTorch's default biases, a fresh SGD at k
+        assert spec.model.params | {"last_pool": False} == {"bn_init": "uniform", "bias_init": "torch", "last_pool": False}
+        assert p.rewind_optimizer == "fresh"
+        assert spec.model.name != "vgg16" or spec.model.params["last_pool"] is False, "the head averages 2x2"
         assert sum(math.prod(shape) for _, shape in prune_checks.weight_layers(spec, False, p.ignore)) == prunable
         assert p.round_densities()[paper_density_round - 1] == pytest.approx(0.8 ** paper_density_round)
         assert p.rounds >= paper_density_round, "the sweep reaches the density the paper reports"
@@ -101,9 +105,11 @@ def test_instability_recipe_shares_the_lth_recipe_at_its_rewind_point():
         assert spec.instability.rewind_iters == [0, 100, 500, 2000, 5000] and spec.instability.splits == ["test"]
         assert [r.name for r in plan.rounds if r.rewind_iter == 2000] == ["k=2000 dense", "k=2000 round 8"]
         theirs = {r.index: r for r in lth[spec.seed].rounds}
-        for r in (r for r in plan.rounds if r.rewind_iter == 2000):
-            index = 0 if r.mask is None else 8
-            assert r.trained.key == theirs[index].trained.key and r.evaluate.key == theirs[index].evaluate.key
+        dense, round8 = (r for r in plan.rounds if r.rewind_iter == 2000)
+        assert round8.trained.key == theirs[8].trained.key and round8.evaluate.key == theirs[8].evaluate.key
+        # a fresh optimizer at k: the dense first copy is a new training from the LTH recipe's own w_k
+        assert dense.trained.fields["optimizer_state"] == "fresh"
+        assert dense.trained.inputs["start"].key == theirs[8].trained.inputs["start"].key
         assert 1 - plan.rounds[-1].density == pytest.approx(1 - 0.8 ** 8)
 
 
@@ -119,6 +125,7 @@ def test_lr_rewinding_recipe_compares_both_arms_on_one_dense_training():
         assert (p.criterion, p.scope, p.rate, p.rounds, p.ignore) == ("magnitude", "global", 0.2, 17, [])
         if spec.flow == "lr_rewinding":
             assert p.lr_rewind_iter == 0, "the paper's algorithm replays the whole schedule"
+            assert p.optimizer == "keep", "the authors' code keeps the momentum buffers"
         else:
             assert p.rewind_iter == 4701, "the reference README's rewind checkpoint (epoch 12)"
     # every conv, the 1x1 projections and the fc are pruned: 432 + 18*2304 + (4608 + 17*9216) + 512

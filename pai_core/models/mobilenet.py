@@ -15,11 +15,11 @@ from __future__ import annotations
 from pydantic import Field
 from torch import nn
 
-from pai_core.models.registry import InShape, NoParams, register
+from pai_core.models.registry import InShape, ModelParams, register
 from pai_core.models.resnet_imagenet import MIN_SIDE
 
 
-class MobileNetParams(NoParams):
+class MobileNetParams(ModelParams):
     width: float = Field(1.0, gt=0, le=4, description="torchvision's width_mult: every layer's channels")
 
 

@@ -9,9 +9,10 @@ and refused by name for a model that has no width.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,11 +22,23 @@ InShape = tuple[int, int, int]
 Builder = Callable[..., nn.Module]  # (in_shape, num_classes, **params) -> module
 
 
-class NoParams(BaseModel):
+class ModelParams(BaseModel):
+    """What every model takes: two departures from its builder's init that reference codes make
+    (open_lth draws BatchNorm weights U(0, 1) and keeps PyTorch's default biases). They are
+    applied after the builder, from the same seed, so a model's own init stays in one place."""
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    bn_init: Literal["model", "uniform"] = Field(
+        "model", description="model: the builder's BatchNorm init (weight 1, bias 0 here); uniform: weights "
+                             "U(0, 1), biases 0 (open_lth's batchnorm_init 'uniform')")
+    bias_init: Literal["model", "torch"] = Field(
+        "model", description="model: the builder's biases (zero in most models here); torch: every Conv/Linear "
+                             "bias redrawn U(±1/sqrt(fan_in)), PyTorch's default, which open_lth keeps")
 
 
-class WidthParams(NoParams):
+INIT_FIELDS = tuple(ModelParams.model_fields)
+
+
+class WidthParams(ModelParams):
     width: float = Field(1.0, gt=0, le=16, description="multiplies every hidden layer's units/channels")
 
 
@@ -34,7 +47,7 @@ class ModelInfo:
     name: str
     builder: Builder
     description: str
-    Params: type[BaseModel] = NoParams
+    Params: type[BaseModel] = ModelParams
     chain: bool = False  # every Conv/Linear feeds the next in module order: early-bird's channel tickets apply
     batch_norm: bool | str = False  # True, or the name of the boolean param that turns BN on
 
@@ -43,11 +56,19 @@ class ModelInfo:
             return bool(self.Params(**params).model_dump().get(self.batch_norm))
         return self.batch_norm
 
+    def construct(self, in_shape: InShape, num_classes: int, params: dict[str, Any]) -> nn.Module:
+        """The builder's network with the init options applied (draws from the current generator)."""
+        kwargs = self.Params(**params).model_dump()
+        init = {name: kwargs.pop(name) for name in INIT_FIELDS}
+        model = self.builder(tuple(in_shape), num_classes, **kwargs)
+        apply_init_options(model, **init)
+        return model
+
     def input_problem(self, in_shape: InShape, num_classes: int, params: dict[str, Any]) -> str | None:
         """Why this model cannot take `in_shape`, or None. Built on the meta device: no memory, no time."""
         try:
             with torch.device("meta"):
-                self.builder(tuple(in_shape), num_classes, **params)
+                self.construct(in_shape, num_classes, params)
         except ValueError as e:
             return str(e)
         return None
@@ -56,7 +77,7 @@ class ModelInfo:
 _MODELS: dict[str, ModelInfo] = {}
 
 
-def register(name: str, *, description: str, params: type[BaseModel] = NoParams, chain: bool = False,
+def register(name: str, *, description: str, params: type[BaseModel] = ModelParams, chain: bool = False,
              batch_norm: bool | str = False) -> Callable[[Builder], Builder]:
     """Register `fn(in_shape, num_classes, **params) -> nn.Module` under `name` (unique)."""
 
@@ -89,8 +110,23 @@ def build_model(name: str, in_shape: InShape, num_classes: int, seed: int, **par
     does not restore, and builders create their tensors on the CPU anyway.
     """
     info = model_info(name)
-    kwargs = info.Params(**params).model_dump()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        model = info.builder(tuple(in_shape), num_classes, **kwargs)
+        model = info.construct(in_shape, num_classes, params)
     return model.float().train()
+
+
+@torch.no_grad()
+def apply_init_options(model: nn.Module, bn_init: str = "model", bias_init: str = "model") -> None:
+    """`ModelParams`' departures from the builder's init, in module order: biases first, then
+    BatchNorm weights. Nothing is drawn for "model", so a model without options keeps its weights."""
+    if bias_init == "torch":
+        for m in model.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and m.bias is not None:
+                bound = 1.0 / math.sqrt(m.weight[0].numel()) if m.weight[0].numel() else 0.0
+                nn.init.uniform_(m.bias, -bound, bound)
+    if bn_init == "uniform":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+                nn.init.uniform_(m.weight, 0.0, 1.0)
+                nn.init.zeros_(m.bias)

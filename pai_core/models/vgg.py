@@ -10,7 +10,9 @@
   with fan_out for convs, N(0, 0.01) for the fc, zero fc bias. SynFlow's vgg19_bn (lottery_vgg)
   is the same net but with conv biases (+5,504 parameters) and Kaiming fan_in everywhere.
 
-BN weight 1 / bias 0 in all. All are chain-shaped (early-bird channel tickets apply). The pools use
+`last_pool: false` drops vgg11/16's fifth max-pool: on 32x32 the head then averages a 2x2 map, as
+open_lth's cifar_vgg does (`model.bn_init: uniform` and `model.bias_init: torch` give the rest of its
+init). BN weight 1 / bias 0 in all. All are chain-shaped (early-bird channel tickets apply). The pools use
 `ceil_mode=True` and the head is a global average pool: identical to the references on 32x32
 inputs (GraSP's 2x2 average pool sees a 2x2 map), but a 28x28 input survives all five pools
 of vgg11/16 (28 -> 14 -> 7 -> 4 -> 2 -> 1) instead of reaching 0.
@@ -21,6 +23,8 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from pydantic import Field
 
 from pai_core.models.registry import InShape, WidthParams, register
 
@@ -59,8 +63,13 @@ class VGG(nn.Module):
         return self.fc(self.flatten(self.avgpool(self.features(x))))
 
 
-def _build(name: str, in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
-    model = VGG(_STAGES[name], in_shape, num_classes, width)
+class VGGParams(WidthParams):
+    last_pool: bool = Field(True, description="false: no max-pool after the last stage, so the head averages "
+                                              "its 2x2 map on CIFAR (open_lth's cifar_vgg); true: max-pool it")
+
+
+def _build(name: str, in_shape: InShape, num_classes: int, width: float = 1.0, last_pool: bool = True) -> nn.Module:
+    model = VGG(_STAGES[name], in_shape, num_classes, width, last_pool=last_pool)
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
@@ -71,16 +80,16 @@ def _build(name: str, in_shape: InShape, num_classes: int, width: float = 1.0) -
     return model
 
 
-@register("vgg11", params=WidthParams, chain=True, batch_norm=True,
+@register("vgg11", params=VGGParams, chain=True, batch_norm=True,
           description="VGG-11 (config A) with BN, global average pool, one fc; Kaiming normal")
-def vgg11(in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
-    return _build("vgg11", in_shape, num_classes, width)
+def vgg11(in_shape: InShape, num_classes: int, width: float = 1.0, last_pool: bool = True) -> nn.Module:
+    return _build("vgg11", in_shape, num_classes, width, last_pool)
 
 
-@register("vgg16", params=WidthParams, chain=True, batch_norm=True,
+@register("vgg16", params=VGGParams, chain=True, batch_norm=True,
           description="VGG-16 (config D) with BN, global average pool, one fc; Kaiming normal")
-def vgg16(in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
-    return _build("vgg16", in_shape, num_classes, width)
+def vgg16(in_shape: InShape, num_classes: int, width: float = 1.0, last_pool: bool = True) -> nn.Module:
+    return _build("vgg16", in_shape, num_classes, width, last_pool)
 
 
 @register("vgg19", params=WidthParams, chain=True, batch_norm=True,

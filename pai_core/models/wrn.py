@@ -19,10 +19,10 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 from torch import nn
 
-from pai_core.models.registry import InShape, NoParams, register
+from pai_core.models.registry import InShape, ModelParams, register
 
 
-class WRNParams(NoParams):
+class WRNParams(ModelParams):
     depth: int = Field(28, ge=10, le=1000, description="layers, 6n+4 (10, 16, 22, 28, 34, 40, ...)")
     widen: int = Field(10, ge=1, le=32, description="widening factor k: stage widths 16k, 32k, 64k")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout between a block's two convs (the paper: 0.3)")

@@ -1,7 +1,20 @@
 """Labels and rules more than one paradigm uses."""
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from pai_core.specs import TrainSpec
+
+REWIND_OPTIMIZER = Literal["restore", "fresh"]
+
+
+def rewind_optimizer_field() -> object:
+    """The rewinding option LTH and the instability analysis share (a pydantic Field)."""
+    return Field("restore", description="at a rewind point k > 0: restore = the optimizer state saved at k "
+                                        "(momentum) as well as the weights, schedule and data order; fresh = a "
+                                        "new optimizer at step k (open_lth's lottery runner). Same at k = 0")
 
 PRETTY = dict(snip="SNIP", grasp="GraSP", synflow="SynFlow", set="SET", rigl="RigL", edge_popup="edge-popup", obd="OBD",
               taylor="Taylor", force="FORCE", prospr="ProsPr", granet="GraNet")
@@ -19,6 +32,12 @@ def nm_tag(prune: object) -> str:
 def rewind_fits(rewind_iter: int, total: int, field: str = "prune.rewind_iter") -> None:
     if rewind_iter >= total:
         raise ValueError(f"{field}: must be < the {total} training iterations")
+
+
+def rewind_state(choice: str, k: int) -> str | None:
+    """The train node's `optimizer_state` for a training from w_k: "fresh" when asked and k > 0;
+    at k = 0 there is no state to restore, so both choices are one training (one key)."""
+    return "fresh" if choice == "fresh" and k > 0 else None
 
 
 def same_optimizer(train: TrainSpec, retrain: TrainSpec | None, why: str) -> None:

@@ -23,7 +23,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from pai_core.models import model_info
-from pai_core.paradigms.common import nm_tag, rewind_fits, same_optimizer
+from pai_core.paradigms.common import (REWIND_OPTIMIZER, nm_tag, rewind_fits, rewind_optimizer_field, rewind_state,
+                                       same_optimizer)
 from pai_core.paradigms.filters import FilterPrune
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import (Node, Plan, Round, data_fields, dense_round, evaluate_node, mask_node, score_node,
@@ -49,6 +50,7 @@ class InstabilitySection(Frozen):
         "interpolate", description="BatchNorm running statistics on the path: interpolate (with the weights) or "
                                    "recompute (re-estimated at each point from bn_batches training batches)")
     bn_batches: int = Field(50, ge=1, le=10_000, description="bn_stats recompute: training batches per point")
+    rewind_optimizer: REWIND_OPTIMIZER = rewind_optimizer_field()
     rounds: list[int] | None = Field(None, max_length=256,
                                      description="which rows to analyse: 0 = the dense net, r = IMP round r; "
                                                  "None = all")
@@ -87,7 +89,7 @@ class InstabilitySpec(ExperimentBase):
                 raise ValueError(f"instability.rounds: {ins.rounds} names IMP rounds but there is no prune section; "
                                  f"allowed: [0] (the dense net)")
         else:
-            if max(ins.rewind_iters) > 0:
+            if max(ins.rewind_iters) > 0 and ins.rewind_optimizer == "restore":
                 same_optimizer(self.train, self.retrain, "rewinding to k > 0 restores optimizer state")
             bad = [r for r in ins.rounds or [] if not 0 <= r <= self.prune.rounds]
             if bad:
@@ -136,15 +138,22 @@ def plan(spec: InstabilitySpec) -> Plan:
 
     for k in spec.instability.rewind_iters:
         wk = init if k == 0 else train_node(spec, "rewind", init, spec.train, stop_iter=k)
-        noise = train_node(spec, "second copy", wk, spec.train, order_seed=spec.noise_seed)
-        row(f"k={k} dense", k, 1.0, None, dense.trained, dense.evaluate, noise, 0)
+        state = rewind_state(spec.instability.rewind_optimizer, k)
+        if state:  # the pretraining kept its optimizer past k: this first copy is a new training
+            first = train_node(spec, "first copy", wk, spec.train, optimizer_state="fresh")
+            first_eval = evaluate_node(spec, first, None)
+        else:
+            first, first_eval = dense.trained, dense.evaluate
+        noise = train_node(spec, "second copy", wk, spec.train, order_seed=spec.noise_seed, optimizer_state=state)
+        row(f"k={k} dense", k, 1.0, None, first, first_eval, noise, 0)
         if spec.prune is None:
             continue
         weights, mask = dense.trained, None
         for r, density in enumerate(spec.prune.round_densities(), start=1):
             mask = mask_node(spec, score_node(spec, weights, mask), mask, density, spec.prune.mask_fields())
-            weights = train_node(spec, "retrain", wk, spec.retrain_spec, mask=mask)
-            noise = train_node(spec, "second copy", wk, spec.retrain_spec, mask=mask, order_seed=spec.noise_seed)
+            weights = train_node(spec, "retrain", wk, spec.retrain_spec, mask=mask, optimizer_state=state)
+            noise = train_node(spec, "second copy", wk, spec.retrain_spec, mask=mask, order_seed=spec.noise_seed,
+                               optimizer_state=state)
             row(f"k={k} round {r}", k, density, mask, weights, evaluate_node(spec, weights, mask), noise, r)
     return Plan("instability", rows)
 

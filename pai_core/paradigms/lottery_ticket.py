@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pai_core.paradigms.common import nm_tag, rewind_fits, same_optimizer
+from pai_core.paradigms.common import (REWIND_OPTIMIZER, nm_tag, rewind_fits, rewind_optimizer_field, rewind_state,
+                                       same_optimizer)
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import (REINIT_SEED_OFFSET, Plan, Round, dense_round, evaluate_node, init_node, mask_node,
                            score_node, train_node)
@@ -21,6 +22,7 @@ from pai_core.specs import ExperimentBase, TrainSpec, schedule_help
 class LotteryPrune(FilterPrune):
     schedule: Literal["iterative"] = Field("iterative", description=schedule_help("iterative"))
     rewind_iter: int = Field(0, ge=0, description="0 = original init, k = late rewinding to iteration k")
+    rewind_optimizer: REWIND_OPTIMIZER = rewind_optimizer_field()
     reinit_control: bool = Field(False, description="also train each mask from a fresh random init")
 
 
@@ -32,7 +34,7 @@ class LotteryTicketSpec(ExperimentBase):
     @model_validator(mode="after")
     def _rewind(self) -> LotteryTicketSpec:
         rewind_fits(self.prune.rewind_iter, self.total_iterations)
-        if self.prune.rewind_iter:
+        if self.prune.rewind_iter and self.prune.rewind_optimizer == "restore":
             same_optimizer(self.train, self.retrain, "late rewinding restores optimizer state")
         return self
 
@@ -49,7 +51,8 @@ def plan(spec: LotteryTicketSpec) -> Plan:
     rounds, weights, mask = [dense], dense.trained, None
     for r, density in enumerate(spec.prune.round_densities(), start=1):
         mask = mask_node(spec, score_node(spec, weights, mask), mask, density, spec.prune.mask_fields())
-        weights = train_node(spec, "retrain", rewind, spec.retrain_spec, mask=mask)
+        weights = train_node(spec, "retrain", rewind, spec.retrain_spec, mask=mask,
+                             optimizer_state=rewind_state(spec.prune.rewind_optimizer, k))
         rounds.append(Round(r, f"round {r}", density, mask, weights,
                             evaluate_node(spec, weights, mask, physical=spec.prune.physical)))
         if spec.prune.reinit_control:
@@ -60,7 +63,9 @@ def plan(spec: LotteryTicketSpec) -> Plan:
 
 
 def label(spec: LotteryTicketSpec, rnd: Round) -> str:
-    extra = [s for s in (spec.prune.rewind_iter and f"rewind {spec.prune.rewind_iter}", spec.prune.tag()) if s]
+    k = spec.prune.rewind_iter
+    rewind = k and f"rewind {k}" + (" fresh opt" if rewind_state(spec.prune.rewind_optimizer, k) else "")
+    extra = [s for s in (rewind, spec.prune.tag()) if s]
     return "LTH" + nm_tag(spec.prune) + (" reinit" if rnd.name.endswith("reinit") else "") + (
         f" ({', '.join(extra)})" if extra else "")
 

@@ -5,7 +5,8 @@ paper's comparison is weight rewinding (`lottery_ticket` with `prune.rewind_iter
 also resets the weights to their values at k.
 
 k1 = K each round, k2 = K (the round's trained weights), f3 = retrain with the replayed
-schedule: a fresh optimizer, the learning rate and data order of iterations k..K. Round 1's
+schedule: a fresh optimizer (or, `prune.optimizer: keep`, the trained one's momentum, as the
+authors' code), the learning rate and data order of iterations k..K. Round 1's
 score and mask are LTH's very nodes (same trained net, same criterion), so they are shared.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pai_core.paradigms.common import nm_tag, pretty, rewind_fits
+from pai_core.paradigms.common import nm_tag, pretty, rewind_fits, same_optimizer
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
 from pai_core.specs import ExperimentBase, PruneSpec, TrainSpec, schedule_help
@@ -25,6 +26,10 @@ class LRRewindPrune(PruneSpec):
                                                        description=schedule_help("one_shot", "iterative"))
     lr_rewind_iter: int = Field(0, ge=0, description="replay the learning-rate schedule from this iteration "
                                                      "(0 = the whole schedule, Renda et al.'s recommendation)")
+    optimizer: Literal["fresh", "keep"] = Field(
+        "fresh", description="the replay's optimizer: fresh (the paper's description: a new optimizer, the "
+                             "schedule replayed) or keep (the trained net's momentum carries on, as Renda et "
+                             "al.'s code restores every variable and resets only the step)")
 
 
 class LRRewindingSpec(ExperimentBase):
@@ -36,6 +41,8 @@ class LRRewindingSpec(ExperimentBase):
     def _rewind(self) -> LRRewindingSpec:
         rewind_fits(self.prune.lr_rewind_iter, self.retrain_spec.total_iterations(self.data.iterations_per_epoch),
                     "prune.lr_rewind_iter")
+        if self.prune.optimizer == "keep":
+            same_optimizer(self.train, self.retrain, "prune.optimizer: keep carries the optimizer state on")
         return self
 
     @property
@@ -49,14 +56,16 @@ def plan(spec: LRRewindingSpec) -> Plan:
     for r, density in enumerate(spec.prune.round_densities(), start=1):
         mask = mask_node(spec, score_node(spec, weights, mask), mask, density)
         weights = train_node(spec, "lr_rewind", weights, spec.retrain_spec, mask=mask, mode="replay",
-                             from_iter=spec.prune.lr_rewind_iter)
+                             from_iter=spec.prune.lr_rewind_iter,
+                             optimizer_state="restored" if spec.prune.optimizer == "keep" else None)
         rounds.append(Round(r, f"round {r}", density, mask, weights, evaluate_node(spec, weights, mask)))
     return Plan("lr_rewinding", rounds)
 
 
 def label(spec: LRRewindingSpec, rnd: Round) -> str:
     k = spec.prune.lr_rewind_iter
-    return f"LR rewinding {pretty(spec.prune.criterion)}{nm_tag(spec.prune)}" + (f" (from {k})" if k else "")
+    extra = [s for s in (k and f"from {k}", spec.prune.optimizer == "keep" and "kept momentum") if s]
+    return f"LR rewinding {pretty(spec.prune.criterion)}{nm_tag(spec.prune)}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 PARADIGM = register_paradigm("lr_rewinding", LRRewindingSpec, plan, label,

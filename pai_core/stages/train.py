@@ -12,7 +12,7 @@ from pai_core.callbacks import callbacks_for
 from pai_core.data import dataset_info
 from pai_core.infos import TrainInfo
 from pai_core.masks import dense_mask, sparsity
-from pai_core.plan import Node
+from pai_core.plan import Node, default_optimizer_state
 from pai_core.specs import TrainSpec
 from pai_core.stages.common import bundle_for, model_from
 from pai_core.stages.registry import Runtime, stage
@@ -39,7 +39,7 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     Modes: `continue` resumes start's iteration and optimizer state (LTH rewinding);
     `finetune` keeps only its weights and runs a fresh schedule (PaT); `replay` keeps its
     weights and replays the schedule from iteration `from_iter` with a fresh optimizer
-    (Renda et al.'s learning-rate rewinding)."""
+    (Renda et al.'s learning-rate rewinding). `optimizer_state` overrides the mode's choice."""
     f, start = node.fields, inputs["start"]
     payload = rt.store.load(start)
     model = model_from(start, payload, rt)
@@ -54,12 +54,13 @@ def train_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dic
     if callbacks and mask is None:  # a callback that moves the mask starts from the dense one
         g = f.get("gradual") or f.get("early_bird") or {}
         mask = dense_mask(model, bool(g.get("prune_biases")), g.get("ignore", ()))
+    restored = f.get("optimizer_state", default_optimizer_state(f["mode"])) == "restored"
     start_iter = {"continue": start.info.iteration, "finetune": 0, "replay": f.get("from_iter", 0)}[f["mode"]]
     outcome = train(
         model, data, spec,
         batch_size=f["data"]["batch_size"], order_seed=f["data"]["order_seed"], mask=mask,
         start_iter=start_iter, stop_iter=f["stop_iter"],
-        optimizer_state=payload.get("optimizer") if f["mode"] == "continue" else None,
+        optimizer_state=payload.get("optimizer") if restored else None,
         checkpoint=rt.store.checkpoint_path(node.stage, node.key),
         callbacks=[*callbacks, *([SlimmingL1(spec.bn_l1)] if spec.bn_l1 else []),
                    ProgressCallback(rt.watcher, node.role)],
