@@ -13,7 +13,9 @@ Every training here is one LTH would run. The first copy of each row *is* LTH's 
 dense net's is the pretraining itself (it passes through w_k with the spec's own noise, and a
 training continued from w_k replays it bit for bit), a round's is LTH's retraining from w_k. So
 an instability run on top of LTH runs with rewind points k trains only the second copies, and
-evaluates the paths.
+evaluates the paths. With `instability.rewind_optimizer: fresh` (open_lth: a new optimizer at
+step k) the dense row's first copy is a training of its own, as the pretraining kept its
+momentum past k; the rounds' first copies are then LTH's retrainings with that same option.
 """
 from __future__ import annotations
 
