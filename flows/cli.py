@@ -177,19 +177,24 @@ def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg)
     store = Store(pai_home() / "store")
     plan = build_plan(s)
     splits = list(s.instability.splits) if plan.rounds and plan.rounds[0].analysis is not None else []
+    itop = s.flow == "dynamic_sparse"  # in-time over-parameterization rate of the sparse training
     table = Table("round", "sparsity", "val acc", "test acc", "best-val iter", "test @ best val",
-                  *(f"instability {x}" for x in splits), "stored", title=f"{s.name} ({s.flow})")
+                  *(f"instability {x}" for x in splits), *(["ITOP"] if itop else []), "stored",
+                  title=f"{s.name} ({s.flow})")
     for rnd in plan.rounds:
         ref = store.get("evaluate", rnd.evaluate.key)
         path = store.get("interpolate", rnd.analysis.key) if rnd.analysis is not None else None
         barriers = [f"{path.info.instability[x]:.4f}" if path else "" for x in splits]
+        trained = store.get(rnd.trained.stage, rnd.trained.key) if itop and rnd.mask is not None else None
+        rate = getattr(trained.info, "itop_rate", None) if trained is not None else None  # absent in old artifacts
+        itop_cell = [f"{rate:.4f}" if rate is not None else ""] if itop else []
         if ref is None:
-            table.add_row(rnd.name, f"{1 - rnd.density:.4f}", "", "", "", "", *barriers, "no")
+            table.add_row(rnd.name, f"{1 - rnd.density:.4f}", "", "", "", "", *barriers, *itop_cell, "no")
             continue
         i = ref.info
         table.add_row(rnd.name, f"{i.sparsity:.4f}", f"{i.val_acc:.4f}", f"{i.test_acc:.4f}",
                       str(i.best.iteration if i.best else ""), f"{i.best.test_acc:.4f}" if i.best else "",
-                      *barriers, "yes" if path is not None or rnd.analysis is None else "path missing")
+                      *barriers, *itop_cell, "yes" if path is not None or rnd.analysis is None else "path missing")
     console.print(table)
 
 

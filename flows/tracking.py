@@ -208,7 +208,7 @@ class Tracker:
         final |= {f"layer_density/{name}": float(v["density"]) for name, v in ev.layers.items() if "density" in v}
         metrics += [Metric(k, float(v), now, 0) for k, v in final.items()]
         path = analysis_metrics(rnd, refs, now)
-        metrics += path
+        metrics += path + itop_metrics(trained.info, now)
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(rid, metrics=metrics[i:i + 1000],
                                   params=[Param("round", str(rnd.index)), Param("density_target", clean_value(rnd.density))]
@@ -216,6 +216,9 @@ class Tracker:
         self.client.log_dict(rid, ev.layers, "sparsity_report.json")
         if path:
             self.client.log_dict(rid, refs[rnd.analysis.key].info.model_dump(mode="json"), "interpolation.json")
+        if getattr(trained.info, "itop_rate", None) is not None:
+            self.client.log_dict(rid, {k: getattr(trained.info, f"itop_{k}") for k in ("rate", "layers", "history")},
+                                 "itop.json")
         if self.spec.tracking.copy_artifacts:
             self._copy_artifacts(rid, trained, mask_ref)
         self.client.set_terminated(rid)
@@ -227,6 +230,8 @@ class Tracker:
         row = {"test_acc": ev.test_acc, "val_acc": ev.val_acc, "sparsity": ev.sparsity, "density": 1 - ev.sparsity}
         if rnd.analysis is not None:  # instability: the barrier per split, beside the accuracy
             row |= {f"instability_{s}": v for s, v in refs[rnd.analysis.key].info.instability.items()}
+        if (itop := getattr(refs[rnd.trained.key].info, "itop_rate", None)) is not None:  # dynamic sparse
+            row["itop_rate"] = itop
         self.rounds.append(row)
         now = int(time.time() * 1000)
         self.client.log_batch(self.parent, metrics=[Metric(f"round/{k}", float(v), now, rnd.index)
@@ -324,6 +329,19 @@ def log_to_round_run(spec: Any, row: int, texts: dict[str, str], dicts: dict[str
     for name, d in dicts.items():
         client.log_dict(rid, d, name)
     return rid
+
+
+def itop_metrics(info: Any, now: int) -> list[Metric]:
+    """A dynamic-sparse training's in-time over-parameterization rate: `itop_rate` and
+    `itop/<layer>` at step 0, and `itop_history` at each mask update's iteration (a curve).
+    Nothing for other trainings, or for an artifact made before R_s was tracked."""
+    rate = getattr(info, "itop_rate", None)
+    if rate is None:
+        return []
+    out = [Metric("itop_rate", float(rate), now, 0)]
+    out += [Metric(f"itop/{name}", float(v), now, 0) for name, v in (getattr(info, "itop_layers", None) or {}).items()]
+    return out + [Metric("itop_history", float(h["itop_rate"]), now, int(h["iteration"]))
+                  for h in getattr(info, "itop_history", None) or []]
 
 
 def analysis_metrics(rnd: Round, refs: dict[str, Ref], now: int) -> list[Metric]:

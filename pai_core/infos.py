@@ -60,6 +60,11 @@ class TrainInfo(Info):
     best: Annotated[Best | None, BeforeValidator(_no_best)] = None
     sparsity: float | None = None  # when the training was masked
     mask_updates: list[dict[str, float]] | None = None  # SET/RigL/gradual: what moved, when
+    # dynamic sparse: in-time over-parameterization, the fraction of masked weights ever active
+    # (total, per layer, after each mask update); None in artifacts made before it was tracked
+    itop_rate: float | None = None
+    itop_layers: dict[str, float] | None = None
+    itop_history: list[dict[str, float]] | None = None
     stopped_early: dict[str, Any] | None = None  # a callback ended training (early-bird ticket)
     budget: dict[str, float] | None = None  # Scratch-B: the FLOP ratio and the stretched length
 

@@ -1,11 +1,15 @@
 """What the dynamic methods share: seeded draws, an exact integer split of a regrowth budget
-across layers, and fresh optimizer state for new connections."""
+across layers, fresh optimizer state for new connections, and the in-time
+over-parameterization rate every method's run records."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+
+from pai_core.training import Callback, TrainState
 
 OPTIMIZER_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -119,3 +123,103 @@ def flat_to_mask(idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     out = torch.zeros(math.prod(shape), dtype=torch.bool)
     out[idx.cpu()] = True
     return out.view(shape)
+
+
+def itop_rates(ever: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """R_s of a union of masks: the fraction of the masked weights ever active, in total
+    (Σ ever / Σ numel, so large layers weigh more) and per layer."""
+    layers = {n: int(m.sum()) / max(m.numel(), 1) for n, m in ever.items()}
+    total = sum(m.numel() for m in ever.values())
+    return sum(int(m.sum()) for m in ever.values()) / max(total, 1), layers
+
+
+class InTimeOverparam(Callback):
+    """A dynamic method's callback plus its in-time over-parameterization rate R_s (Liu, Yin,
+    Mocanu & Pechenizkiy, ICML 2021): the fraction of the masked weights that were in the mask
+    at some point of training. The union starts as the initial mask and every mask the
+    training uses is OR'ed into it; `record()` adds `itop_rate` (total), `itop_layers` and
+    `itop_history` (R_s after each entry of the method's `mask_updates`) to the method's own.
+
+    As the reference (Shiweiliuiiiiiii/In-Time-Over-Parameterization, `sparselearning/core.py`:
+    `fired_masks` is a copy of the initial mask, OR'ed with the mask after each
+    `truncate_weights`): weights of the masked layers only (biases and BatchNorm are not in its
+    masks, nor, by default, in ours; `prune.ignore`d layers have no mask and do not count), a
+    weight grown at zero counts, a just-dropped weight regrown in the same update was active
+    anyway, and the total is Σ fired / Σ weights. The reference ORs at each periodic update;
+    here at every change of the mask, which is the same for the periodic methods and counts
+    DeepR's every-step rewiring in full.
+
+    A method hands the training loop a new tensor for every layer whose mask changed (none
+    edits one in place), so only those are OR'ed: the cost is nothing on steps with no update.
+    The union is part of the callback's state (beside the method's, under "itop"), so a resumed
+    run reports what an uninterrupted one would. A checkpoint written before R_s was tracked
+    has no union: that run records no R_s rather than an undercount."""
+
+    STATE_KEY = "itop"
+
+    def __init__(self, inner: Callback):
+        self.inner = inner
+        self.ever: dict[str, torch.Tensor] | None = None  # None: training has not started
+        self.lost = False  # resumed from a checkpoint without the union
+        self.history: list[dict[str, float]] = []
+        self._seen: dict[str, torch.Tensor] = {}  # per layer, the mask tensor last OR'ed in
+        self._updates = 0  # entries of the method's mask_updates already given an R_s
+
+    def _observe(self, state: TrainState) -> None:
+        if self.ever is None or state.mask is None:
+            return
+        for name, m in state.mask.items():
+            if self._seen.get(name) is not m:
+                m_cpu = m.detach().to("cpu", torch.bool)
+                have = self.ever.get(name)
+                self.ever[name] = m_cpu.clone() if have is None else have | m_cpu
+                self._seen[name] = m
+        updates = self.inner.record().get("mask_updates") or []
+        if len(updates) > self._updates:
+            self._updates = len(updates)
+            self.history.append({"iteration": int(updates[-1].get("iteration", state.it)),
+                                 "itop_rate": itop_rates(self.ever)[0]})
+
+    def on_start(self, state: TrainState) -> None:
+        self.inner.on_start(state)
+        self._seen = {}
+        if self.ever is None and not self.lost and state.mask is not None:
+            self.ever = {}
+        self._updates = len(self.inner.record().get("mask_updates") or [])
+        self._observe(state)
+
+    def after_backward(self, state: TrainState) -> None:
+        self.inner.after_backward(state)
+        self._observe(state)
+
+    def on_step_end(self, state: TrainState) -> None:
+        self.inner.on_step_end(state)
+        self._observe(state)
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float]) -> None:
+        self.inner.on_epoch_end(state, row)
+        self._observe(state)
+
+    def on_end(self, state: TrainState) -> None:
+        self.inner.on_end(state)
+        self._observe(state)
+
+    def state_dict(self) -> dict[str, Any]:
+        ever = None if self.ever is None else {n: m.clone() for n, m in self.ever.items()}
+        ours = None if self.lost else {"ever": ever, "history": [dict(h) for h in self.history]}
+        return {**self.inner.state_dict(), self.STATE_KEY: ours}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)  # the methods read their own keys and ignore the rest
+        ours = state.get(self.STATE_KEY)
+        self.lost, self._seen = ours is None, {}
+        ever = None if ours is None else ours.get("ever")
+        self.ever = None if ever is None else {n: m.to("cpu", torch.bool).clone() for n, m in ever.items()}
+        self.history = [] if ours is None else [dict(h) for h in ours.get("history", [])]
+
+    def record(self) -> dict[str, Any]:
+        out = dict(self.inner.record())
+        if self.ever and not self.lost:
+            rate, layers = itop_rates(self.ever)
+            out |= {"itop_rate": rate, "itop_layers": layers, "itop_history": [dict(h) for h in self.history]}
+        return out

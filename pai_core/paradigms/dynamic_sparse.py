@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pai_core.callbacks import register_callback
 from pai_core.dynamic import DynamicSparsity
 from pai_core.dynamic_methods import dynamic_method_names, get_method
+from pai_core.dynamic_methods.tools import InTimeOverparam
 from pai_core.form_schema import registry_enum
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
@@ -136,8 +137,9 @@ def start_density(dynamic: DynamicSpec) -> float | None:
 
 @register_callback("dynamic")
 def _dynamic(d: dict, total: int, key: str) -> Callback:
-    """The method's callback; its random draws are seeded from the train node's key."""
-    return get_method(d["method"]).build(d, total, int(key[:12], 16))
+    """The method's callback, its random draws seeded from the train node's key, inside the
+    in-time over-parameterization tracker (R_s, an output: no key changes)."""
+    return InTimeOverparam(get_method(d["method"]).build(d, total, int(key[:12], 16)))
 
 
 def plan(spec: DynamicSparseSpec) -> Plan:
