@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import typer
 import yaml
@@ -17,6 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from flows.cli_distributed import train_distributed
+from flows.cli_export import export_cmd
+from flows.cli_export import speedup as speedup_cmd
+from flows.cli_report import report as report_cmd
 from flows.cli_masks import masks as masks_cmd
 from flows.cli_sensitivity import sensitivity as sensitivity_cmd
 from flows.cli_server import app as server_app
@@ -198,79 +201,8 @@ def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg)
     console.print(table)
 
 
-@app.command("export")
-def export_cmd(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg,
-               fmt: str = typer.Option(..., "--format", "-f",
-                                       help="dense | csr | bsr | semi_structured | structured"),
-               out: Path = typer.Option(..., "--out", "-o", help="folder for the model file and manifest.json"),
-               round_: Optional[str] = typer.Option(None, "--round", "-r",
-                                                    help="round name ('round 2') or row of `pai results` "
-                                                         "(0 = first); default: the last round"),
-               block_size: Optional[int] = typer.Option(None, "--block-size", help="bsr: the B of B×B blocks"),
-               sparse_conv: Optional[bool] = typer.Option(None, "--sparse-conv/--dense-conv",
-                                                          help="convs as im2col @ sparse matrix "
-                                                               "(default: csr yes, bsr no)"),
-               device: str = typer.Option("cpu", help="where to build and check it (semi_structured: cuda)")) -> None:
-    """Export a finished round as a model that loads without pai-flow (torch.export or TorchScript),
-    checked against the masked model; exit 2 with one line if it cannot be exported faithfully."""
-    from rich.markup import escape
-
-    from pai_core.export import ExportRefused, RoundNotStored
-    from pai_core.export_round import export_round
-    from pai_core.spec_io import one_line
-
-    s = _spec(spec, overrides)
-    try:
-        m = export_round(s, round_, fmt, out, block_size=block_size, device=device, sparse_conv=sparse_conv,
-                         store=Store(pai_home() / "store"))
-    except ExportRefused as e:
-        msg = str(e)
-        if isinstance(e, RoundNotStored):  # the exact command
-            msg = msg.replace("`pai run`", f"`pai run {' '.join([str(spec), *(overrides or [])])}`")
-        err_console.print(f"[red]cannot export:[/red] {escape(one_line(msg))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    table = Table("layer", "shape", "density", "stored as", title=f"{s.name}, {m.round['name']}: {fmt}")
-    for name, layer in m.layers.items():
-        table.add_row(name, "x".join(map(str, layer.shape)), f"{layer.density:.4f}", layer.stored_as)
-    console.print(table)
-    console.print(f"{escape(str(out / m.file))} ({m.serialization}; load: {m.loader}) and manifest.json; "
-                  f"check on {escape(m.check.inputs)}: {m.check.describe()}", highlight=False, soft_wrap=True)
-
-
-@app.command()
-def speedup(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg,
-            round_: Optional[str] = typer.Option(None, "--round", "-r",
-                                                 help="round name or row of `pai results`; default: the last"),
-            formats: list[str] = typer.Option(["dense", "csr"], "--format", "-f",
-                                              help="export formats to time (repeat the option)"),
-            batches: list[int] = typer.Option([1, 64, 1024], "--batch", "-b", help="batch sizes (repeat the option)"),
-            block_size: Optional[int] = typer.Option(None, "--block-size", help="bsr: the B of B×B blocks"),
-            device: str = typer.Option("cpu", help="cpu or cuda"),
-            repeats: int = typer.Option(7, help="timed runs per figure (the median is reported)")) -> None:
-    """Time a finished round's exports against its dense torch model (outputs checked first);
-    the table is printed and logged to the round's MLflow run."""
-    from rich.markup import escape
-
-    from pai_core.export import ExportRefused
-    from pai_core.export_round import load_masked_model
-    from pai_core.spec_io import one_line
-    from pai_core.speedup import as_dicts, markdown, measure
-
-    s = _spec(spec, overrides)
-    try:
-        r = load_masked_model(s, round_, Store(pai_home() / "store"))
-    except ExportRefused as e:
-        err_console.print(f"[red]cannot time:[/red] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    rows = measure(f"{s.name}, {r.name}", r.model, r.mask, tuple(r.arch.in_shape), formats=formats, batches=batches,
-                   device=device, block_size=block_size, repeats=repeats)
-    table = markdown(rows)
-    console.print(table, highlight=False, soft_wrap=True)
-    from flows.tracking import log_to_round_run
-
-    where = log_to_round_run(s, r.index, {"speedup.md": table}, {"speedup.json": as_dicts(rows)})
-    console.print(f"logged to MLflow run {where}" if where else "no finished MLflow run of this round to log to",
-                  highlight=False)
+app.command("export")(export_cmd)  # flows/cli_export.py: a round as a model file that loads without pai-flow
+app.command("speedup")(speedup_cmd)  # flows/cli_export.py: those exports timed against the dense model
 
 
 @app.command()
@@ -302,99 +234,7 @@ def sweep(path: Path = typer.Argument(..., help="sweep YAML, e.g. configs/sweeps
         raise typer.Exit(1)
 
 
-@app.command()
-def report(args: Optional[list[str]] = typer.Argument(
-               None, metavar="SPEC|FIELD=VALUE",
-               help="a sweep YAML, or experiment spec YAMLs and dotted overrides (prune.rate=0.5) applied to each"),
-           name: Optional[str] = typer.Option(None, help="default: the sweep's or the first spec's name"),
-           flow_run: Optional[str] = typer.Option(
-               None, "--flow-run", help="instead of files: the id of a Prefect flow run (paradigm or sweep) to report")
-           ) -> None:
-    """Accuracy-vs-density and per-layer plots (PNG, PDF, SVG) plus a table from stored results;
-    logged to MLflow and published as Prefect artifacts."""
-    if flow_run is not None:
-        if args:
-            _usage_error(f"--flow-run takes no spec files or overrides (got {args[0][:80]}): the flow run's "
-                         "parameters say what it ran")
-        specs, default = _flow_run_specs(flow_run)
-    else:
-        specs, default = _report_specs(args or [])
-    name = name or default
-    from flows.report import report as report_flow
-
-    try:
-        out = report_flow(specs=specs, name=name)
-    except ValueError as e:
-        err_console.print(f"[red]{e}[/red]", highlight=False)
-        raise typer.Exit(1) from None
-    console.print(_table(out["markdown"]))
-    extra = ", instability.{png,pdf,svg}" if out.get("extra") else ""
-    console.print(f"plots: {out['dir']}/accuracy.{{png,pdf,svg}}, layers.{{png,pdf,svg}}{extra}; "
-                  f"MLflow run {out['mlflow_run_id']}", highlight=False, soft_wrap=True)
-
-
-def _usage_error(msg: str) -> NoReturn:
-    from rich.markup import escape
-
-    from pai_core.spec_io import one_line
-
-    err_console.print(f"[red]pai report[/red]: {escape(one_line(msg))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _report_specs(args: list[str]) -> tuple[list[ExperimentSpec], str]:
-    """Files, then overrides for every spec: an argument with '=' that is not a file is one."""
-    from rich.markup import escape
-
-    from pai_core.spec_io import one_line
-    from pai_core.sweep import is_sweep_file
-
-    overrides = [a for a in args if "=" in a and not Path(a).exists()]
-    paths = [Path(a) for a in args if a not in overrides]
-    if not paths:
-        _usage_error("give a sweep YAML or experiment spec YAMLs (overrides alone name no experiment), "
-                     "or --flow-run ID")
-    if len(paths) == 1 and is_sweep_file(paths[0]):
-        if overrides:
-            given = escape(one_line(overrides[0][:80]))
-            err_console.print(f"[red]invalid sweep[/red] {escape(str(paths[0]))}: overrides ({given}) apply to a "
-                              "spec; a sweep varies fields in its grid", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
-        sw = _sweep(paths[0])
-        return sw.expand(), sw.name
-    specs = [_spec(p, overrides) for p in paths]
-    return specs, specs[0].name
-
-
-def _flow_run_specs(flow_run: str) -> tuple[list[ExperimentSpec], str]:
-    """The specs of a Prefect flow run: exit 2 for a malformed id or a flow run that ran no
-    spec or sweep, exit 1 when the API has no such run or cannot be reached."""
-    from uuid import UUID
-
-    from prefect.exceptions import ObjectNotFound
-    from rich.markup import escape
-
-    from flows.report import read_flow_run, specs_of_flow_run
-    from pai_core.spec_io import one_line
-
-    try:
-        uid = UUID(flow_run)
-    except ValueError:
-        _usage_error(f"--flow-run {flow_run[:80]}: not a flow run id (a UUID, as in the Prefect UI's address)")
-    try:
-        run = read_flow_run(uid)
-    except ObjectNotFound:
-        err_console.print(f"[red]no flow run[/red] {uid} on the Prefect API", highlight=False)
-        raise typer.Exit(1) from None
-    except Exception as e:  # an unreachable server, a refused connection: one line, not a trace
-        err_console.print(f"[red]cannot read flow run[/red] {uid}: {escape(one_line(str(e) or type(e).__name__))}",
-                          highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    try:
-        return specs_of_flow_run(run)
-    except SpecError as e:
-        err_console.print(f"[red]cannot report[/red] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+app.command("report")(report_cmd)  # flows/cli_report.py: plots and a table from stored results
 
 
 def _print_rounds(rows: list[dict[str, Any]], title: str) -> None:
