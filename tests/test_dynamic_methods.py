@@ -33,7 +33,7 @@ DYN = ROOT / "configs" / "dynamic"
 # ------------------------------------------------------------------ registry, specs, keys
 
 def test_every_method_is_registered_listed_and_offered_by_the_form():
-    assert set(dynamic_method_names()) == {"set", "rigl", "deepr", "dsr", "snfs", "granet"}
+    assert set(dynamic_method_names()) == {"set", "rigl", "deepr", "dsr", "snfs", "granet", "mest"}
     listed = {name: what for kind, name, what in catalog() if kind.startswith("dynamic method")}
     assert set(listed) == set(dynamic_method_names())
     assert "Bellec" in listed["deepr"] and "Mostafa" in listed["dsr"] and "Dettmers" in listed["snfs"]
@@ -111,7 +111,7 @@ def test_the_train_key_holds_every_param_resolved():
                                                                     "in dynamic.params"),
     ("dsr", {}, {"drop_fraction": 0.5}, "dynamic.drop_fraction", "a set/rigl option"),
     ("set", {"alpha": 1}, {"update_interval": 5}, "dynamic.params.alpha", "unknown field; allowed: none (set takes"),
-    ("setr", None, {}, "dynamic.method", "unknown dynamic method 'setr'; allowed: deepr, dsr, granet, rigl, set, snfs"),
+    ("setr", None, {}, "dynamic.method", "unknown dynamic method 'setr'; allowed: deepr, dsr, granet, mest, rigl, set, snfs"),
 ])
 def test_a_bad_option_is_refused_naming_its_field(method, params, fields, field, says):
     with pytest.raises(SpecError) as e:
