@@ -127,6 +127,6 @@ def apply_init_options(model: nn.Module, bn_init: str = "model", bias_init: str 
                 nn.init.uniform_(m.bias, -bound, bound)
     if bn_init == "uniform":
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and m.affine:
                 nn.init.uniform_(m.weight, 0.0, 1.0)
                 nn.init.zeros_(m.bias)
