@@ -63,7 +63,7 @@ def _build(depth: int, in_shape: InShape, num_classes: int, width: float = 1.0,
 
 
 for _depth in (2, 4, 6):
-    register(f"conv{_depth}", params=ConvParams, chain=True, batch_norm="batch_norm",
+    register(f"conv{_depth}", params=ConvParams, batch_norm="batch_norm",
              description=f"Frankle & Carbin's Conv-{_depth}: {_depth} 3x3 convs, max-pool per pair, "
                          "fc 256-256 (inputs >= {0}x{0}); Glorot normal".format(2 ** (_depth // 2)))(
         partial(_build, _depth))

@@ -62,13 +62,13 @@ class LeNet5Caffe(nn.Module):
         return self.fc2(self.relu(self.fc1(x)))
 
 
-@register("lenet_300_100", params=WidthParams, chain=True,
+@register("lenet_300_100", params=WidthParams,
           description="Frankle & Carbin's fully connected 300-100 net (any input, flattened); Glorot normal")
 def lenet_300_100(in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
     return _init(LeNet300100(in_shape, num_classes, width), nn.init.xavier_normal_)
 
 
-@register("lenet5", chain=True,
+@register("lenet5",
           description="Caffe LeNet-5 as in SNIP: 2 valid 5x5 convs, 500-unit fc (inputs >= 16x16); Xavier uniform")
 def lenet5(in_shape: InShape, num_classes: int) -> nn.Module:
     return _init(LeNet5Caffe(in_shape, num_classes), nn.init.xavier_uniform_)

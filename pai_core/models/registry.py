@@ -48,7 +48,6 @@ class ModelInfo:
     builder: Builder
     description: str
     Params: type[BaseModel] = ModelParams
-    chain: bool = False  # every Conv/Linear feeds the next in module order: early-bird's channel tickets apply
     batch_norm: bool | str = False  # True, or the name of the boolean param that turns BN on
 
     def has_batch_norm(self, params: dict[str, Any]) -> bool:
@@ -77,14 +76,14 @@ class ModelInfo:
 _MODELS: dict[str, ModelInfo] = {}
 
 
-def register(name: str, *, description: str, params: type[BaseModel] = ModelParams, chain: bool = False,
+def register(name: str, *, description: str, params: type[BaseModel] = ModelParams,
              batch_norm: bool | str = False) -> Callable[[Builder], Builder]:
     """Register `fn(in_shape, num_classes, **params) -> nn.Module` under `name` (unique)."""
 
     def decorate(fn: Builder) -> Builder:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelInfo(name, fn, description, params, chain, batch_norm)
+        _MODELS[name] = ModelInfo(name, fn, description, params, batch_norm)
         return fn
 
     return decorate

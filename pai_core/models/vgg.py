@@ -12,7 +12,7 @@
 
 `last_pool: false` drops vgg11/16's fifth max-pool: on 32x32 the head then averages a 2x2 map, as
 open_lth's cifar_vgg does (`model.bn_init: uniform` and `model.bias_init: torch` give the rest of its
-init). BN weight 1 / bias 0 in all. All are chain-shaped (early-bird channel tickets apply). The pools use
+init). BN weight 1 / bias 0 in all. All are chain-shaped. The pools use
 `ceil_mode=True` and the head is a global average pool: identical to the references on 32x32
 inputs (GraSP's 2x2 average pool sees a 2x2 map), but a 28x28 input survives all five pools
 of vgg11/16 (28 -> 14 -> 7 -> 4 -> 2 -> 1) instead of reaching 0.
@@ -80,19 +80,19 @@ def _build(name: str, in_shape: InShape, num_classes: int, width: float = 1.0, l
     return model
 
 
-@register("vgg11", params=VGGParams, chain=True, batch_norm=True,
+@register("vgg11", params=VGGParams, batch_norm=True,
           description="VGG-11 (config A) with BN, global average pool, one fc; Kaiming normal")
 def vgg11(in_shape: InShape, num_classes: int, width: float = 1.0, last_pool: bool = True) -> nn.Module:
     return _build("vgg11", in_shape, num_classes, width, last_pool)
 
 
-@register("vgg16", params=VGGParams, chain=True, batch_norm=True,
+@register("vgg16", params=VGGParams, batch_norm=True,
           description="VGG-16 (config D) with BN, global average pool, one fc; Kaiming normal")
 def vgg16(in_shape: InShape, num_classes: int, width: float = 1.0, last_pool: bool = True) -> nn.Module:
     return _build("vgg16", in_shape, num_classes, width, last_pool)
 
 
-@register("vgg19", params=WidthParams, chain=True, batch_norm=True,
+@register("vgg19", params=WidthParams, batch_norm=True,
           description="VGG-19 (config E) with BN as GraSP's CIFAR net: bias-free convs, 4 max-pools, avg pool, "
                       "one fc (20.0M); Kaiming fan_out, fc N(0, 0.01)")
 def vgg19(in_shape: InShape, num_classes: int, width: float = 1.0) -> nn.Module:
