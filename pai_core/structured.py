@@ -69,15 +69,17 @@ def unit_families(model: nn.Module, layers: str = "all", graph: channel_graph.Ch
     """The channel groups filter pruning may remove, by family (channel_graph): every group not
     tied to the net's input or output (`all`); those whose every producing layer a BatchNorm
     follows (`batch_norm`, slimming's channels); or those made by one layer alone (`unshared`:
-    Li et al. 2017's choice on ResNets, which leaves the residual stream whole). A family with
-    an ignored producer (`prune.ignore`) keeps its filters."""
+    Li et al. 2017's choice on ResNets, which leaves the residual stream whole; a depthwise conv
+    after that layer does not count as a second, as its filter c is channel c itself, so
+    MobileNetV2's expanded channels are unshared). A family with an ignored producer
+    (`prune.ignore`) keeps its filters."""
     graph = graph or channel_graph.trace(model)
     if layers not in UNIT_LAYERS:
         raise ValueError(f"filter layers {layers!r}; allowed: {', '.join(UNIT_LAYERS)}")
     with_bn = bn_after(model) if layers == "batch_norm" else {}
     return {f: gs for f, gs in graph.families.items()
             if not any(is_ignored(f"{n}.weight", ignore) for n in gs[0].layers)
-            and (layers == "all" or (layers == "unshared" and len(gs[0].layers) == 1)
+            and (layers == "all" or (layers == "unshared" and len(set(gs[0].layers) - graph.depthwise) == 1)
                  or (layers == "batch_norm" and all(n in with_bn for n in gs[0].layers)))}
 
 

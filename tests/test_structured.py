@@ -108,3 +108,24 @@ def test_inverted_filter_selection_keeps_the_lowest_ranked_filters():
                                                                         invert=True))
     for name, k in kept.items():
         assert int(k.sum()) == int(inverted[name].sum()) and not (k & inverted[name]).any()
+
+
+def test_unshared_channels_may_pass_through_a_depthwise_conv_but_not_a_residual_add():
+    """MobileNetV2's expanded channels are written by the 1x1 expansion and again by the depthwise
+    conv (filter c is channel c): one writer for `unshared`. Its residual streams stay out (at
+    width 0.25 block 1 is residual too, so the stem's channels are a stream)."""
+    from pai_core import channel_graph, structured
+
+    model = build_model("mobilenet_v2", (3, 32, 32), 10, seed=0, width=0.25)
+    graph = channel_graph.trace(model)
+    unshared = structured.unit_families(model, "unshared", graph)
+    every = structured.unit_families(model, "all", graph)
+    through_dw = {f for f, gs in every.items() if set(gs[0].layers) & graph.depthwise}
+    expansions = {f for f in every if f.endswith(".conv.0.0") and f != "features.1.conv.0.0"}  # blocks 2..17
+    assert len(expansions) == 16 and expansions <= through_dw & set(unshared)  # every expansion is a candidate
+    for f, gs in every.items():
+        writers = set(gs[0].layers) - graph.depthwise
+        assert (f in unshared) == (len(writers) == 1), f  # residual streams (several writers) are not
+    assert any(len(set(gs[0].layers) - graph.depthwise) > 1 for gs in every.values())
+    resnet = build_model("resnet20", (3, 32, 32), 10, seed=0, shortcut="A")
+    assert all(len(gs[0].layers) == 1 for gs in structured.unit_families(resnet, "unshared").values())

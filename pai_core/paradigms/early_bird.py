@@ -143,16 +143,16 @@ def channel_families(model: nn.Module, layers: str = "unshared", graph: channel_
                      ) -> dict[str, list[channel_graph.Group]]:
     """The candidate channel groups, by family: those a BatchNorm follows in every filter that
     writes them (structured.unit_families' `batch_norm`), and with `unshared` only those that no
-    residual add ties: one layer writes them, a depthwise conv after it aside (its filter c is
-    channel c itself, so MobileNetV2's expanded channels count as unshared here, where
-    unit_families' `unshared` counts two layers). A chain net's are its BatchNorm channels, layer by
-    layer, in module order."""
+    residual add ties (its `unshared`: one layer writes them, a depthwise conv after it aside). A
+    chain net's are its BatchNorm channels, layer by layer, in module order."""
     if layers not in CHANNEL_LAYERS:
         raise ValueError(f"early_bird.filter_layers {layers!r}; allowed: {', '.join(CHANNEL_LAYERS)}")
     graph = graph or channel_graph.trace(model)
     families = structured.unit_families(model, "batch_norm", graph)
-    return {f: gs for f, gs in families.items()
-            if layers == "batch_norm" or len([n for n in gs[0].layers if n not in graph.depthwise]) == 1}
+    if layers == "unshared":
+        alone = structured.unit_families(model, "unshared", graph)
+        families = {f: gs for f, gs in families.items() if f in alone}
+    return families
 
 
 def channel_scales(model: nn.Module, families: dict[str, list[channel_graph.Group]]) -> dict[str, torch.Tensor]:
