@@ -23,7 +23,8 @@ from pai_core.specs import TrainSpec
 from pai_core.stages import Runtime, run_plan
 from pai_core.stages import select as select_stage
 from pai_core.store import Store
-from pai_core.supermask import IteRand, Selector, redraw_seed, rerandomize, rerandomize_due
+from pai_core.iterand import IteRand, redraw_seed, rerandomize, rerandomize_due
+from pai_core.supermask import Selector
 from pai_core.training import Callback, evaluate, train
 
 MARK = 7.0  # a candidate value no frozen weight has: where it appears, a weight was redrawn

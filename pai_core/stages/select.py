@@ -13,7 +13,8 @@ from pai_core.specs import TrainSpec
 from pai_core.stages.common import build_arch, bundle_for, model_from
 from pai_core.stages.registry import Runtime, stage
 from pai_core.store import Ref
-from pai_core.supermask import IteRand, Selector, frozen_weights, redraw_seed
+from pai_core.iterand import IteRand, frozen_weights, redraw_seed
+from pai_core.supermask import Selector
 from pai_core.training import Callback, ProgressCallback, best_val, train
 
 
