@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, random_sparse_start, tiny_raw
 from flows.cli import app
-from flows.tracking import itop_metrics
+from flows.round_metrics import itop_metrics
 from pai_core.dynamic_methods import get_method
 from pai_core.dynamic_methods.tools import InTimeOverparam, itop_rates
 from pai_core.infos import TrainInfo
