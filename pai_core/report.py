@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -93,6 +94,15 @@ def _identity(spec: ExperimentSpec, label: str) -> str:  # a dense baseline is i
                                 exclude=None if label == DENSE else _SWEEP)
 
 
+def _without_seed(name: str) -> str:
+    """A sweep point's name less its seed (`base[lr=0.1,seed=0]` -> `base[lr=0.1]`): seeds share a line."""
+    m = re.fullmatch(r"(.*)\[([^\[\]]*)\]", name)
+    if m is None:
+        return name
+    tags = [t for t in m.group(2).split(",") if not t.startswith("seed=")]
+    return m.group(1) + (f"[{','.join(tags)}]" if tags else "")
+
+
 def collect(specs: list[ExperimentSpec], store: Store) -> tuple[list[Point], list[tuple[str, int, str]]]:
     """Every finished round as a Point, and every planned round not stored yet.
 
@@ -105,7 +115,7 @@ def collect(specs: list[ExperimentSpec], store: Store) -> tuple[list[Point], lis
     unique: dict[tuple[str, str], tuple[ExperimentSpec, Round]] = {}  # a shared artifact (dense) counts once
     for s, r, label in rows:
         if len(owners[label]) > 1:
-            label = f"{label} [{owners[label][_identity(s, label)]}]"
+            label = f"{label} [{_without_seed(owners[label][_identity(s, label)])}]"
         unique.setdefault((label, r.evaluate.key), (s, r))
     points, missing = [], []
     for (label, key), (s, r) in unique.items():

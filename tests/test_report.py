@@ -254,6 +254,19 @@ def test_specs_differing_beyond_seed_and_sparsity_are_not_averaged(tmp_path):
     assert methods == ["dense", "PaT magnitude (iterative) [pat-a]", "PaT magnitude (iterative) [pat-b]"]
 
 
+def test_a_sweep_points_seed_is_not_part_of_its_disambiguating_name(tmp_path):
+    """Sweep points are named base[grid tags]: the seed tag would name one seed of a line of
+    several; the other tags tell lines apart and stay."""
+    store = Store(tmp_path)
+    specs = [tiny_spec("prune_after_training", name=f"{base}[{tag}seed={seed}]", seed=seed, retrain={"lr": lr})
+             for base, tag, lr in (("pat", "lr=0.01,", 0.01), ("pat", "lr=0.1,", 0.1)) for seed in (0, 1)]
+    for spec in specs:
+        fake(store, spec, "dense", 0.97, 0.96)
+        fake(store, spec, "round 1", 0.9, 0.9)
+    methods = [g.method for g in aggregate(collect(specs, store)[0])]
+    assert methods == ["dense", "PaT magnitude (iterative) [pat[lr=0.01]]", "PaT magnitude (iterative) [pat[lr=0.1]]"]
+
+
 def reinit_pair(tmp_path):
     """An LTH round and its reinit control: one mask, so identical per-layer densities; and here
     identical accuracies too, as happens when both collapse to chance."""
