@@ -57,6 +57,36 @@ KEYS_BEFORE = {
 }
 
 
+# Every node key of every dynamic config, pinned: each was computed with the code before the next
+# method, or R_s (an output, not a key change), was added, so adding one keeps the others' artifacts.
+CONFIG_KEYS = {
+    "deepr": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
+              "c2c260ff348ac20a6523", "5a6a2f068617b5563920", "1c972649fa77ad8d9aaf"],
+    "dsr": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
+            "c2c260ff348ac20a6523", "88e9ab1344b97d98d37b", "49e819953a8938194336"],
+    "granet": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
+               "4841a12b1372dc856729", "a984fa6033103a818150", "eb4676a1807a9442c0fb"],
+    "mest": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
+             "c2c260ff348ac20a6523", "2c84185c34762c85e756", "9a128f276d44848823ff"],
+    "rigl": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
+             "c2c260ff348ac20a6523", "0a1448e6e07dac5f99d5", "746e7ab2f41dbe63a89f"],
+    "set": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
+            "c2c260ff348ac20a6523", "6dbb48f298fdc54bba65", "25e224dfa6000a6f43e2"],
+    "snfs": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
+             "c2c260ff348ac20a6523", "0dc2d21a88ce62d16222", "5e70eaa791334f32a5bf"],
+}
+
+
+def test_every_dynamic_config_is_pinned():
+    assert sorted(CONFIG_KEYS) == sorted(p.name.removesuffix("_lenet300_mnist.yaml") for p in DYN.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("method", list(CONFIG_KEYS))
+def test_dynamic_configs_keep_every_plan_key(method):
+    spec = load_spec(DYN / f"{method}_lenet300_mnist.yaml")
+    assert [n.key[:20] for n in build_plan(spec).nodes] == CONFIG_KEYS[method]
+
+
 @pytest.mark.parametrize("method, overrides", list(KEYS_BEFORE))
 def test_set_and_rigl_plan_keys_are_unchanged(method, overrides):
     """RigL keeps every key. SET's random growth now draws at the masked layer's std (its old

@@ -12,7 +12,7 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import ROOT, random_sparse_start, tiny_raw
+from conftest import random_sparse_start, tiny_raw
 from flows.cli import app
 from flows.round_metrics import itop_metrics
 from pai_core.dynamic_methods import get_method
@@ -21,7 +21,7 @@ from pai_core.infos import TrainInfo
 from pai_core.masks import sparsity
 from pai_core.paradigms import build_plan
 from pai_core.paradigms.dynamic_sparse import DynamicSpec
-from pai_core.spec_io import load_spec, parse_spec
+from pai_core.spec_io import parse_spec
 from pai_core.specs import TrainSpec
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
@@ -252,23 +252,3 @@ def test_other_flows_show_no_itop_column(tmp_path, pai_home):
     assert res.exit_code == 0 and "ITOP" not in res.output
     assert itop_metrics(TrainInfo(arch={"model": {"name": "x"}, "in_shape": [1], "num_classes": 2}, iteration=0),
                         0) == []
-
-
-# Computed with the code before R_s was tracked: tracking it is an output, not a key change.
-KEYS_BEFORE = {
-    "set": ("c2c260ff348ac20a6523", "6dbb48f298fdc54bba65", "25e224dfa6000a6f43e2"),
-    "rigl": ("c2c260ff348ac20a6523", "0a1448e6e07dac5f99d5", "746e7ab2f41dbe63a89f"),
-    "snfs": ("c2c260ff348ac20a6523", "0dc2d21a88ce62d16222", "5e70eaa791334f32a5bf"),
-    "granet": ("4841a12b1372dc856729", "a984fa6033103a818150", "eb4676a1807a9442c0fb"),
-    "dsr": ("c2c260ff348ac20a6523", "88e9ab1344b97d98d37b", "49e819953a8938194336"),
-    "deepr": ("c2c260ff348ac20a6523", "5a6a2f068617b5563920", "1c972649fa77ad8d9aaf"),
-}
-
-
-@pytest.mark.parametrize("method", list(KEYS_BEFORE))
-def test_dynamic_configs_keep_their_stage_keys(method):
-    plan = build_plan(load_spec(ROOT / "configs" / "dynamic" / f"{method}_lenet300_mnist.yaml"))
-    keys = {n.role: n.key for n in plan.nodes_by_round()[1]}
-    assert (keys["mask"], keys["sparse_train"], keys["evaluate"]) == KEYS_BEFORE[method]
-    assert [n.key for n in plan.nodes_by_round()[0]] == [
-        "8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98"]

@@ -88,6 +88,17 @@ def test_vgg16_without_its_last_max_pool_is_open_lths_cifar_vgg():
 
 # ---------------------------------------------------------------- a fresh optimizer at the rewind point
 
+def _train_from(weights: dict, spec, mask, start_iter: int, optimizer_state) -> dict:
+    """What the train stage should compute: spec's retraining of these weights under the mask, from
+    `start_iter`, with that optimizer state (None: a new optimizer)."""
+    data = load("synthetic")
+    model = build_model("lenet_300_100", data.in_shape, data.num_classes, seed=0)
+    model.load_state_dict(weights)
+    train(model, data, spec.retrain_spec, batch_size=50, order_seed=spec.order_seed, mask=mask,
+          start_iter=start_iter, optimizer_state=optimizer_state)
+    return model.state_dict()
+
+
 def _lth(k: int, choice: str | None, **extra) -> dict:
     prune = {"rewind_iter": k} | ({"rewind_optimizer": choice} if choice else {})
     return tiny_raw(prune=prune, **extra)
@@ -125,17 +136,9 @@ def test_fresh_rewinding_retrains_from_w_k_with_no_momentum(tmp_path):
     mask = rt.store.load(refs[plan.rounds[1].mask.key])["mask"]
     got = rt.store.load(refs[retrain.key])["model"]
 
-    def from_w_k(optimizer_state):
-        data = load("synthetic")
-        model = build_model("lenet_300_100", data.in_shape, data.num_classes, seed=0)
-        model.load_state_dict(w_k["model"])
-        train(model, data, spec.retrain_spec, batch_size=50, order_seed=spec.order_seed, mask=mask,
-              start_iter=7, optimizer_state=optimizer_state)
-        return model.state_dict()
-
-    fresh = from_w_k(None)
+    fresh = _train_from(w_k["model"], spec, mask, 7, None)
     assert all(torch.equal(got[k], v) for k, v in fresh.items())
-    kept = from_w_k(w_k["optimizer"])
+    kept = _train_from(w_k["model"], spec, mask, 7, w_k["optimizer"])
     assert any(not torch.equal(kept[k], v) for k, v in fresh.items())  # the momentum made a difference
 
 
@@ -174,17 +177,9 @@ def test_lr_rewinding_can_keep_the_trained_nets_momentum(tmp_path):
     trained = rt.store.load(refs[keep.rounds[0].trained.key])
     mask = rt.store.load(refs[keep.rounds[1].mask.key])["mask"]
 
-    def replay(optimizer_state):
-        data = load("synthetic")
-        model = build_model("lenet_300_100", data.in_shape, data.num_classes, seed=0)
-        model.load_state_dict(trained["model"])
-        train(model, data, spec.retrain_spec, batch_size=50, order_seed=spec.order_seed, mask=mask,
-              start_iter=0, optimizer_state=optimizer_state)
-        return model.state_dict()
-
     got = rt.store.load(refs[keep.rounds[1].trained.key])["model"]
-    kept = replay(trained["optimizer"])
+    kept = _train_from(trained["model"], spec, mask, 0, trained["optimizer"])
     assert all(torch.equal(got[k], v) for k, v in kept.items())
-    assert any(not torch.equal(got[k], v) for k, v in replay(None).items())
+    assert any(not torch.equal(got[k], v) for k, v in _train_from(trained["model"], spec, mask, 0, None).items())
     with pytest.raises(SpecError, match="retrain.optimizer must equal train.optimizer"):
         parse_spec(_lrr("keep") | {"retrain": {"optimizer": "adam", "lr": 1e-3, "epochs": 1}})
