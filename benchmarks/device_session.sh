@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one prepared run for a session lent a CUDA GPU (the `device` tool's `run`), about 8 minutes:
+# The one prepared run for a session lent a CUDA GPU (the `device` tool's `run`), about 6 minutes:
 #   1. the 2:4 semi_structured export tests (issue 11): tests/test_export.py -k gpu;
-#   2. the 2:4 speedup against dense float16 (issue 11's goal: >= 1.3x on a large Linear);
+#   2. the 2:4 speedup against dense float16 (issue 11's goal: >= 1.3x on a large Linear), eager
+#      and from CUDA graphs; 2b. benchmarks/two_four_paths.py, the same per layer and per path;
 #   3. the GPU throughput benchmark (issue 10's goals), written to $OUT/gpu_throughput.json.
 # The device's Python (3.12, torch preinstalled) lacks pydantic: carry its wheels in .whl,
 # downloaded here first (the folder is git-excluded):
@@ -22,9 +23,12 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 echo "== 1. 2:4 export tests"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_export.py -k "gpu or semi_structured" 2>&1 | tee "$OUT/export_tests.txt"
 echo "== 2. 2:4 speedup"
-timeout 120 python3 benchmarks/speedup.py --cuda-only --json "$OUT/speedup_cuda.json" 2>&1 | tee "$OUT/speedup_cuda.txt"
+timeout 120 python3 benchmarks/speedup.py --cuda-only --batches 1 64 1024 4096 --json "$OUT/speedup_cuda.json" 2>&1 | tee "$OUT/speedup_cuda.txt"
+echo "== 2b. where a 2:4 layer's time goes (eager vs CUDA graph, algorithm, operand layout)"
+timeout 60 python3 benchmarks/two_four_paths.py --json "$OUT/two_four_paths.json" 2>&1 | grep -v "Warning\|return cls" \
+  | tee "$OUT/two_four_paths.txt"
 echo "== 3. GPU throughput"
 # half the default iterations: the full run takes 6-8 minutes alone, more than this call leaves
-timeout 300 python3 benchmarks/gpu_throughput.py --warmup 30 --iters 200 --pack-iters 300 \
+timeout 240 python3 benchmarks/gpu_throughput.py --warmup 30 --iters 200 --pack-iters 300 \
   --out "$OUT/gpu_throughput.json" 2>&1 | tee "$OUT/gpu_throughput.txt"
 echo "== done"

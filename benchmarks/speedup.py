@@ -10,7 +10,8 @@ Cases (the issue's goals):
   (batches up to 64); and MobileNetV2 at 64×64, half of every channel group (each expansion
   channel with its depthwise filter);
 - 2:4 on a 4096 × 4096 (×3) MLP in float16 on a CUDA GPU with compute capability >= 8.0 when
-  there is one (`semi_structured` vs the same net dense in float16); skipped, and said so, when not.
+  there is one (`semi_structured` vs the same net dense in float16, both called eagerly and both
+  replayed from CUDA graphs); skipped, and said so, when not.
 
 Each format is built, saved, loaded back from its file and its outputs checked against the
 masked model before it is timed (pai_core.speedup). Times are medians per call after warm-up,
@@ -39,7 +40,7 @@ from pai_core import structured  # noqa: E402
 from pai_core.masks import prunable_names  # noqa: E402
 from pai_core.models import build_model  # noqa: E402
 from pai_core.selection import select  # noqa: E402
-from pai_core.speedup import Row, as_dicts, markdown, measure, time_call  # noqa: E402
+from pai_core.speedup import Row, as_dicts, markdown, measure  # noqa: E402
 
 
 def magnitude_mask(model: nn.Module, density: float, scope: str = "global", seed: int | None = None) -> dict:
@@ -134,29 +135,28 @@ def filter_case(name: str, model: nn.Module, in_shape: tuple[int, ...], layers: 
 
 
 def semi_structured_case(args: argparse.Namespace) -> list[Row]:
-    """2:4 in float16 on a capable GPU against the same net dense in float16."""
+    """2:4 in float16 on a capable GPU against the same net dense in float16, called eagerly and
+    replayed from CUDA graphs (pai_core.speedup's docstring says why both)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         print("2:4 semi_structured: not measured (no CUDA device with compute capability >= 8.0 here)")
         return []
+    from pai_core.export import masked_copy
     from pai_core.selection import select_nm
+    from pai_core.sparse_layers import HalfPrecision
 
     mlp = wide_mlp(args.width)
     params = dict(mlp.named_parameters())
-    names = [n for n in prunable_names(mlp) if params[n].shape[0] % 64 == 0]  # the head (10 rows) stays dense
+    names = prunable_names(mlp)  # every Linear, the 10-row head too: semi_structured refuses a dense layer
     mask = select_nm({n: params[n].detach().abs() for n in names},
                      {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}, 2, 4)
-    rows = measure(f"MLP {args.width}×{args.width}×3, 2:4", mlp, mask, (args.width,), formats=("semi_structured",),
-                   device="cuda", batches=args.batches, repeats=args.repeats, min_run_s=args.min_run_s, log=print)
-    half = wide_mlp(args.width).cuda().half()  # the fair baseline: the same precision, dense
-    half.load_state_dict({k: v.half() for k, v in mlp.state_dict().items()})
-    out = []
-    for r in rows:
-        x = torch.randn(r.batch, args.width, device="cuda", dtype=torch.float16)
-        with torch.inference_mode():
-            t = time_call(lambda: half(x), repeats=args.repeats, min_run_s=args.min_run_s, sync=torch.cuda.synchronize)
-        out.append(Row(**{**r.__dict__, "dense_seconds": t.median_s, "speedup": t.median_s / r.seconds,
-                          "note": "vs dense float16"}))
-    return out
+    half = HalfPrecision(masked_copy(mlp, mask).half())  # the fair baseline: the same precision, dense
+    rows = []
+    for graph in (False, True):
+        rows += measure(f"MLP {args.width}×{args.width}×3, 2:4", mlp, mask, (args.width,),
+                        formats=("semi_structured",), device="cuda", batches=args.batches, repeats=args.repeats,
+                        min_run_s=args.min_run_s, baseline=half, cuda_graph=graph,
+                        note="vs dense float16, " + ("CUDA graph" if graph else "eager"), log=print)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[Row]:

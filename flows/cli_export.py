@@ -23,7 +23,11 @@ def export_cmd(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesA
                sparse_conv: Optional[bool] = typer.Option(None, "--sparse-conv/--dense-conv",
                                                           help="convs as im2col @ sparse matrix "
                                                                "(default: csr yes, bsr no)"),
-               device: str = typer.Option("cpu", help="where to build and check it (semi_structured: cuda)")) -> None:
+               device: str = typer.Option("cpu", help="where to build and check it (semi_structured: cuda)"),
+               tune_batches: list[int] = typer.Option([], "--tune-batch",
+                                                      help="semi_structured: batch sizes to search cuSPARSELt's "
+                                                           "fastest algorithm for (repeat; default: the check "
+                                                           "batch)")) -> None:
     """Export a finished round as a model that loads without pai-flow (torch.export or TorchScript),
     checked against the masked model; exit 2 with one line if it cannot be exported faithfully."""
     from rich.markup import escape
@@ -37,7 +41,7 @@ def export_cmd(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesA
     s = _spec(spec, overrides)
     try:
         m = export_round(s, round_, fmt, out, block_size=block_size, device=device, sparse_conv=sparse_conv,
-                         store=Store(pai_home() / "store"))
+                         store=Store(pai_home() / "store"), tune_batches=tune_batches)
     except ExportRefused as e:
         msg = str(e)
         if isinstance(e, RoundNotStored):  # the exact command
@@ -60,7 +64,10 @@ def speedup(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg,
             batches: list[int] = typer.Option([1, 64, 1024], "--batch", "-b", help="batch sizes (repeat the option)"),
             block_size: Optional[int] = typer.Option(None, "--block-size", help="bsr: the B of B×B blocks"),
             device: str = typer.Option("cpu", help="cpu or cuda"),
-            repeats: int = typer.Option(7, help="timed runs per figure (the median is reported)")) -> None:
+            repeats: int = typer.Option(7, help="timed runs per figure (the median is reported)"),
+            cuda_graph: bool = typer.Option(False, "--cuda-graph",
+                                            help="cuda: time both sides replayed from CUDA graphs (kernels "
+                                                 "without host work; what a fixed-shape server runs)")) -> None:
     """Time a finished round's exports against its dense torch model (outputs checked first);
     the table is printed and logged to the round's MLflow run."""
     from rich.markup import escape
@@ -71,6 +78,10 @@ def speedup(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg,
     from pai_core.spec_io import one_line
     from pai_core.speedup import as_dicts, markdown, measure
 
+    if cuda_graph and not device.startswith("cuda"):
+        err_console.print(f"[red]cannot time:[/red] --cuda-graph needs --device cuda (got {escape(device)})",
+                          highlight=False)
+        raise typer.Exit(2)
     s = _spec(spec, overrides)
     try:
         r = load_masked_model(s, round_, Store(pai_home() / "store"))
@@ -78,7 +89,8 @@ def speedup(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg,
         err_console.print(f"[red]cannot time:[/red] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     rows = measure(f"{s.name}, {r.name}", r.model, r.mask, tuple(r.arch.in_shape), formats=formats, batches=batches,
-                   device=device, block_size=block_size, repeats=repeats)
+                   device=device, block_size=block_size, repeats=repeats, cuda_graph=cuda_graph,
+                   note="CUDA graph" if cuda_graph else "")
     table = markdown(rows)
     console.print(table, highlight=False, soft_wrap=True)
     from flows.tracking import log_to_round_run

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import Tensor, nn
 
+from pai_core import semi_structured
 from pai_core.masks import Mask, apply_mask
-from pai_core.sparse_layers import (BsrMatrix, CsrMatrix, HalfPrecision, SemiStructuredLinear, SparseConv2d,
-                                    SparseLinear)
+from pai_core.sparse_layers import BsrMatrix, CsrMatrix, HalfPrecision, SparseConv2d, SparseLinear
 
 # ---------------------------------------------------------------------------- formats
 
@@ -291,35 +291,29 @@ def _sparse_layer(fmt: str, layer: nn.Module, keep: Tensor, block_size: int | No
     return SparseConv2d(matrix, bias, layer)
 
 
-def _semi_structured_layer(layer: nn.Linear) -> nn.Module:
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, to_sparse_semi_structured
-
-    rule = SparseSemiStructuredTensorCUSPARSELT._DTYPE_SHAPE_CONSTRAINTS[torch.float16]
-    out_f, in_f = layer.weight.shape
-    rows, cols = (max(m, -(-n // m) * m) for n, m in ((out_f, rule.sparse_min_rows), (in_f, rule.sparse_min_cols)))
-    w = F.pad(layer.weight.detach().half(), (0, cols - in_f, 0, rows - out_f)).contiguous()
-    compressed = to_sparse_semi_structured(w)
-    if not isinstance(compressed, SparseSemiStructuredTensorCUSPARSELT):  # _FORCE_CUTLASS was set
-        raise ExportRefused("semi_structured export uses cuSPARSELt; torch chose the CUTLASS backend "
-                            "(SparseSemiStructuredTensor._FORCE_CUTLASS is set)")
-    bias = None if layer.bias is None else layer.bias.detach().half().clone()
-    return SemiStructuredLinear(compressed.packed, bias, in_f, out_f, cols, rule.dense_min_rows)
+def _two_four_layer(layer: nn.Linear) -> nn.Module:
+    try:
+        return semi_structured.layer(layer)
+    except semi_structured.TwoFourRefused as e:
+        raise ExportRefused(str(e)) from e
 
 
 @torch.no_grad()
 def to_format(model: nn.Module, mask: Mask, fmt: str, *, block_size: int | None = None,
-              device: str | torch.device = "cpu", sparse_conv: bool | None = None) -> nn.Module:
+              device: str | torch.device = "cpu", sparse_conv: bool | None = None,
+              tune_batches: Sequence[int] = ()) -> nn.Module:
     """The exportable module of `fmt` for `model` under `mask`, on `device`, in eval mode. It
     computes what the masked model computes (within the format's tolerance). Refuses
     (ExportRefused) what the format cannot express. Nothing is written. `sparse_conv=False`
-    keeps convs dense in csr, True makes them sparse in bsr."""
+    keeps convs dense in csr, True makes them sparse in bsr. semi_structured searches
+    cuSPARSELt's fastest algorithm for each batch size in `tune_batches` (others use its default)."""
     check_supported(fmt, model, mask, block_size=block_size, device=device, sparse_conv=sparse_conv)
     with _quiet():
-        return _to_format(model, mask, fmt, block_size, device, sparse_conv)
+        return _to_format(model, mask, fmt, block_size, device, sparse_conv, tune_batches)
 
 
 def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, device: str | torch.device,
-               sparse_conv: bool | None) -> nn.Module:
+               sparse_conv: bool | None, tune_batches: Sequence[int] = ()) -> nn.Module:
     masked = masked_copy(model, mask).to(device)
     if fmt == "dense":
         return masked
@@ -331,22 +325,26 @@ def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, d
     for p in layer_plan(fmt, masked, sparse_conv):
         if p.stored_as == "sparse":
             layer = layers[p.name]
-            new = (_semi_structured_layer(layer) if fmt == "semi_structured"
+            new = (_two_four_layer(layer) if fmt == "semi_structured"
                    else _sparse_layer(fmt, layer, mask.get(f"{p.name}.weight", torch.ones_like(layer.weight)),
                                       block_size))
             _replace(masked, p.name, new)
     if fmt == "semi_structured":
+        semi_structured.tune(masked, tune_batches)
         return HalfPrecision(masked.half()).eval()
     return masked.eval()
 
 
 def build(fmt: str, model: nn.Module, mask: Mask, example_input: Tensor | None = None, *,
           block_size: int | None = None, device: str | torch.device = "cpu",
-          sparse_conv: bool | None = None) -> nn.Module:
+          sparse_conv: bool | None = None, tune_batches: Sequence[int] | None = None) -> nn.Module:
     """`to_format` for benchmarks: the module of `fmt`, with nothing written. Given an
     `example_input`, its outputs are first checked against the masked model's (ExportRefused
     past the format's tolerance), so what is timed is known to compute the same thing."""
-    module = to_format(model, mask, fmt, block_size=block_size, device=device, sparse_conv=sparse_conv)
+    if tune_batches is None:  # semi_structured: tuned for the batch it is checked on
+        tune_batches = () if example_input is None else (int(example_input.shape[0]),)
+    module = to_format(model, mask, fmt, block_size=block_size, device=device, sparse_conv=sparse_conv,
+                       tune_batches=tune_batches)
     if example_input is not None:
         reference = masked_copy(model, mask).to(device)
         with torch.no_grad():
@@ -387,7 +385,9 @@ def load_exported(path: str | Path, device: str | torch.device | None = None) ->
     with _quiet():
         if str(path).endswith(".pt2"):
             return torch.export.load(str(path)).module()
-        return torch.jit.load(str(path), map_location=device)
+        module = torch.jit.load(str(path), map_location=device)
+    semi_structured.retarget(module)
+    return module
 
 
 class Check(BaseModel):

@@ -162,10 +162,11 @@ def _layer_reports(fmt: str, model: nn.Module, module: nn.Module, mask: Mask,
 
 def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | Path, *,
                  block_size: int | None = None, device: str = "cpu", sparse_conv: bool | None = None,
-                 store: Any = None, batch: int = CHECK_BATCH) -> Manifest:
+                 store: Any = None, batch: int = CHECK_BATCH, tune_batches: Sequence[int] = ()) -> Manifest:
     """Export a stored round as `fmt` into `out_dir`: the model file, `reference.pt` and
     `manifest.json`. The file is loaded back and checked against the masked model first; an
-    export that fails the check is removed and refused (ExportRefused)."""
+    export that fails the check is removed and refused (ExportRefused). semi_structured is tuned
+    for `tune_batches` (default: the check batch)."""
     check_options(fmt, block_size=block_size)
     check_device(fmt, device)
     f, dev = get_format(fmt), torch.device(device)
@@ -175,7 +176,8 @@ def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | P
     x = x.to(dev)
     with torch.no_grad():
         reference = r.model.to(dev)(x)
-    module = to_format(r.model, r.mask, fmt, block_size=block_size, device=dev, sparse_conv=sparse_conv)
+    module = to_format(r.model, r.mask, fmt, block_size=block_size, device=dev, sparse_conv=sparse_conv,
+                       tune_batches=tuple(tune_batches) or (int(x.shape[0]),))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f.file

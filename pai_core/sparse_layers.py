@@ -1,8 +1,9 @@
 """The layers an export is made of: plain TorchScript-able modules, so their code is saved into
 the archive and loading needs no pai-flow (pai_core.export builds nets from them)."""
-from __future__ import annotations
+# No `from __future__ import annotations` here: TorchScript reads class-level attribute annotations
+# (SemiStructuredLinear.alg_ids) as types, not strings.
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -86,12 +87,21 @@ class SparseConv2d(nn.Module):
 class SemiStructuredLinear(nn.Module):
     """A 2:4 Linear on cuSPARSELt. The weight, zero-padded to the kernel's multiples (zeros keep
     2:4 and add nothing), is compressed by torch.sparse.to_sparse_semi_structured; forward calls
-    the aten op `_cslt_sparse_mm` that torch's own SparseSemiStructuredTensor calls, with the
-    input padded the same way (features to the weight's, rows to the kernel's multiple) and the
-    padding sliced off the result."""
+    the aten op `_cslt_sparse_mm` that torch's own SparseSemiStructuredTensor calls, on the input
+    transposed, with rows padded to the kernel's multiple and sliced off again. The result is
+    returned as a transposed view: the next 2:4 layer reads it as a contiguous (features, rows)
+    operand, with no copy between layers.
+
+    `alg_ids` maps (padded rows, operand layout) -- `alg_key` -- to the cuSPARSELt algorithm
+    searched for exactly that call on the exporting GPU (`pai_core.semi_structured.tune`): the
+    fastest algorithm differs with the operand's layout as with its shape. Other calls use
+    algorithm 0, which every shape has."""
+
+    alg_ids: Dict[int, int]
+    tuned_on: str  # the GPU and cuSPARSELt the ids were searched on: ids are not portable
 
     def __init__(self, packed: Tensor, bias: Optional[Tensor], in_features: int, out_features: int,
-                 padded_in: int, row_multiple: int = 8):
+                 padded_in: int, row_multiple: int = 8, alg_ids: Optional[Dict[int, int]] = None):
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("bias", bias)
@@ -99,15 +109,29 @@ class SemiStructuredLinear(nn.Module):
         self.out_features = out_features
         self.padded_in = padded_in
         self.row_multiple = row_multiple
+        self.alg_ids = dict(alg_ids or {})
+        self.tuned_on = ""
+
+    def padded_rows(self, n: int) -> int:
+        return n + (self.row_multiple - n % self.row_multiple) % self.row_multiple
+
+    def alg_key(self, rows: int, operand_contiguous: bool) -> int:
+        return 2 * rows + int(operand_contiguous)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = list(x.shape[:-1])
         x2 = x.reshape(-1, self.in_features)
         n = x2.shape[0]
-        pad_rows = (self.row_multiple - n % self.row_multiple) % self.row_multiple
-        x2 = F.pad(x2, [0, self.padded_in - self.in_features, 0, pad_rows])
-        y = torch._cslt_sparse_mm(self.packed, x2.t())  # (padded out, padded n)
-        y = y[: self.out_features, :n].t()
+        rows = self.padded_rows(n)
+        if rows != n or self.padded_in != self.in_features:
+            x2 = F.pad(x2, [0, self.padded_in - self.in_features, 0, rows - n])
+        operand = x2.t()  # (features, rows): contiguous when x2 is the previous layer's transposed view
+        if not operand.is_contiguous() and not x2.is_contiguous():
+            operand = x2.contiguous().t()
+        alg = self.alg_ids.get(self.alg_key(rows, operand.is_contiguous()), 0)
+        y = torch._cslt_sparse_mm(self.packed, operand, alg_id=alg).t()  # (rows, padded out), a view
+        if rows != n or y.shape[1] != self.out_features:
+            y = y[:n, : self.out_features]
         bias = self.bias
         if bias is not None:
             y = y + bias

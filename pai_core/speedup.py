@@ -7,6 +7,11 @@ leave it, checked again, and called under `torch.inference_mode`. The baseline i
 torch model with the masked weights stored dense (what pai-flow trains). Each figure is the
 median over `repeats` timed runs after `warmup` calls; a run is as many calls as take at least
 `min_run_s`, so a 50 µs call is not timed by itself. Threads: torch's intra-op count, stated.
+
+On CUDA, `cuda_graph=True` times both sides replayed from CUDA graphs (one per batch size,
+captured after warm-up), as a fixed-shape server would run them: the kernels alone, without
+the host work between them. That matters for 2:4: torch (2.11-2.14) rebuilds cuSPARSELt's
+plan on every eager call, about 0.9 ms on an H200, more than a 4096-wide layer's kernel takes.
 """
 from __future__ import annotations
 
@@ -85,12 +90,17 @@ def _sync(device: torch.device) -> Callable[[], None]:
 def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
             formats: Sequence[str] = DEFAULT_FORMATS, batches: Sequence[int] = DEFAULT_BATCHES,
             device: str = "cpu", block_size: int | None = None, seed: int = 0, warmup: int = 3,
-            repeats: int = 7, min_run_s: float = 0.05,
+            repeats: int = 7, min_run_s: float = 0.05, baseline: nn.Module | None = None,
+            cuda_graph: bool = False, note: str = "",
             log: Callable[[str], None] = lambda _: None) -> list[Row]:
     """One row per (format, batch): its time, the dense model's, the ratio, the output check.
-    A format that cannot express this model and mask (`ExportRefused`) gets one row saying why."""
+    A format that cannot express this model and mask (`ExportRefused`) gets one row saying why.
+    `baseline` is what is timed as dense (default: the masked model, float32, weights dense)."""
     dev = torch.device(device)
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device, not {device}")
     reference = masked_copy(model, mask).to(dev).eval()
+    dense_net = reference if baseline is None else baseline.to(dev).eval()
     gen = torch.Generator().manual_seed(seed)
     inputs = {b: torch.randn(b, *in_shape, generator=gen).to(dev) for b in batches}
     threads = torch.get_num_threads()
@@ -103,7 +113,7 @@ def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
 
     for fmt in formats:
         try:
-            module = _loaded(fmt, model, mask, inputs[max(batches)], block_size, device)
+            module = _loaded(fmt, model, mask, inputs[max(batches)], block_size, device, batches)
         except ExportRefused as e:
             rows += [Row(name, fmt, b, device, threads, float("nan"), float("nan"), float("nan"), float("nan"),
                          0.0, f"refused: {e}") for b in batches]
@@ -111,19 +121,45 @@ def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
             continue
         for b, x in inputs.items():
             with torch.inference_mode():
-                check = check_outputs(module, expected[b], x, fmt, what=f"{name} {fmt} batch {b}")
+                run_dense, run = ((graph_replay(dense_net, x), graph_replay(module, x)) if cuda_graph
+                                  else ((lambda x=x: dense_net(x)), (lambda x=x: module(x))))
+                check = check_outputs(lambda _: run(), expected[b], x, fmt, what=f"{name} {fmt} batch {b}")
                 # side by side, dense first each time: drift on a shared machine hits both alike
-                dense, t = timed(lambda x=x: reference(x)), timed(lambda x=x: module(x))
+                dense, t = timed(run_dense), timed(run)
             rows.append(Row(name, fmt, b, device, threads, t.median_s, dense.median_s,
-                            dense.median_s / t.median_s, check.max_abs_diff, max(t.spread, dense.spread)))
+                            dense.median_s / t.median_s, check.max_abs_diff, max(t.spread, dense.spread),
+                            note))
             log(f"{name} {fmt} batch {b}: {t.median_s * 1e3:.3f} ms vs dense {dense.median_s * 1e3:.3f} ms "
                 f"({rows[-1].speedup:.2f}x)")
     return rows
 
 
-def _loaded(fmt: str, model: nn.Module, mask: Mask, example: Tensor, block_size: int | None, device: str) -> Any:
-    """The format's module as its file loads back (built and checked first)."""
-    module = build(fmt, model, mask, example, block_size=block_size if fmt == "bsr" else None, device=device)
+def graph_replay(module: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], Tensor]:
+    """`module(x)` captured into a CUDA graph: the returned call replays its kernels on the same
+    (static) input and returns the same (static) output tensor. Warmed up on a side stream first,
+    as capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            module(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = module(x)
+
+    def replay() -> Tensor:
+        graph.replay()
+        return out
+
+    return replay
+
+
+def _loaded(fmt: str, model: nn.Module, mask: Mask, example: Tensor, block_size: int | None, device: str,
+            batches: Sequence[int]) -> Any:
+    """The format's module as its file loads back (built, tuned for `batches`, checked first)."""
+    module = build(fmt, model, mask, example, block_size=block_size if fmt == "bsr" else None, device=device,
+                   tune_batches=batches)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_module(module, fmt, Path(tmp) / get_format(fmt).file, example)
         return load_exported(path, device)

@@ -18,8 +18,11 @@ from typer.testing import CliRunner
 from conftest import tiny_raw, tiny_spec
 from flows.cli import app
 from pai_core import export as ex
-from pai_core.export import (FORMATS, ExportRefused, RoundNotStored, SemiStructuredLinear, build, check_device,
-                             check_supported, load_exported, save_module, two_four_problem)
+from pai_core import semi_structured
+from pai_core.export import (FORMATS, ExportRefused, RoundNotStored, build, check_device, check_supported,
+                             load_exported, save_module, two_four_problem)
+from pai_core.sparse_layers import SemiStructuredLinear
+from pai_core.speedup import graph_replay
 from pai_core.export_round import export_round, load_masked_model
 from pai_core.masks import dense_mask
 from pai_core.models import build_model
@@ -253,21 +256,69 @@ def test_semi_structured_refuses_a_mask_that_is_not_2_4_naming_the_layer(monkeyp
 
 
 def test_semi_structured_linear_pads_and_slices_right(monkeypatch, tmp_path):
-    """The layer's own arithmetic (padding, transposes, slicing, bias) with a stand-in for the
-    cuSPARSELt kernel, which needs a GPU: `packed` is the padded dense weight, the kernel A @ B."""
+    """The layer's own arithmetic (padding, transposes, slicing, bias, the algorithm per call) with
+    a stand-in for the cuSPARSELt kernel, which needs a GPU: `packed` is the padded dense weight,
+    the kernel A @ B."""
     torch.manual_seed(0)
     lin = nn.Linear(10, 7)
     padded = torch.zeros(16, 16)
     padded[:7, :10] = lin.weight.detach()
-    layer = SemiStructuredLinear(padded, lin.bias.detach().clone(), 10, 7, 16, row_multiple=8)
+    layer = SemiStructuredLinear(padded, lin.bias.detach().clone(), 10, 7, 16, row_multiple=8, alg_ids={16: 3})
+    calls = []
+
+    def kernel(packed, dense, alg_id=0):
+        calls.append((alg_id, dense.is_contiguous(), dense.data_ptr()))
+        return packed @ dense
+
     with monkeypatch.context() as m:
-        m.setattr(torch, "_cslt_sparse_mm", lambda packed, dense: packed @ dense)
+        m.setattr(torch, "_cslt_sparse_mm", kernel)
         for shape in [(1, 10), (5, 10), (8, 10), (64, 10), (2, 3, 10)]:
             x = torch.randn(shape)
             assert torch.allclose(layer(x), lin(x), atol=1e-6), shape
-    # The TorchScript archive builds, saves and loads here; running it needs CUDA.
+        # the tuned id for 8 padded rows of a transposed row-major input (1..8 rows, 2x3 too), else the default
+        assert [c[0] for c in calls] == [3, 3, 3, 0, 3] and not any(c[1] for c in calls)
+        # a layer after a 2:4 layer gets its transposed view: read as a contiguous operand, not copied
+        first = SemiStructuredLinear(torch.randn(16, 16), None, 16, 16, 16, row_multiple=8)
+        second = SemiStructuredLinear(torch.randn(16, 16), None, 16, 16, 16, row_multiple=8, alg_ids={17: 4})
+        x = torch.randn(8, 16)
+        h = first(x)
+        assert not h.is_contiguous() and h.t().is_contiguous()
+        calls.clear()
+        assert torch.allclose(second(h), h @ second.packed.t(), atol=1e-5)
+        assert calls == [(4, True, h.data_ptr())]
+    assert layer.alg_key(8, False) == 16 and layer.alg_key(8, True) == 17
+    # The TorchScript archive builds, saves and loads here, the ids with it; running it needs CUDA.
+    layer.tuned_on = "H200, cuSPARSELt 800"
     path = save_module(ex.HalfPrecision(layer.half()), "semi_structured", tmp_path / "m.jit.pt", torch.randn(2, 10))
-    assert "torch._cslt_sparse_mm(" in load_exported(path).net.code
+    loaded = load_exported(path)
+    assert "torch._cslt_sparse_mm(" in loaded.net.code and "alg_ids" in loaded.net.code
+    assert dict(loaded.net.alg_ids) == {16: 3} and loaded.net.tuned_on == "H200, cuSPARSELt 800"
+
+
+def test_semi_structured_tuning_searches_each_padded_shape_and_layout_and_stays_with_its_gpu(monkeypatch, tmp_path):
+    """`tune` stores cuSPARSELt's searched algorithm per padded row count and operand layout, with
+    the GPU it was found on; an archive loaded on another GPU drops the ids (they may not exist
+    there) and says so."""
+    layer = SemiStructuredLinear(torch.zeros(16, 16).half(), None, 10, 7, 16, row_multiple=8)
+    net = nn.Sequential(nn.Flatten(), layer)
+    searched = []
+
+    def search(packed, operand):
+        searched.append((tuple(operand.shape), operand.is_contiguous()))
+        return operand.shape[1] // 8 + 100 * operand.is_contiguous()  # an id that names the call
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "GPU A")
+    assert semi_structured.tune(net, [1, 37, 40, 64]) == {"1": {16: 1, 17: 101, 80: 5, 81: 105, 128: 8, 129: 108}}
+    # (padded in, padded rows), both layouts: once per padded shape
+    assert searched == [((16, r), c) for r in (8, 40, 64) for c in (False, True)]
+    assert layer.tuned_on.startswith("GPU A, cuSPARSELt ")
+    path = save_module(ex.HalfPrecision(net.half()), "semi_structured", tmp_path / "m.jit.pt", torch.randn(2, 10))
+    loaded = load_exported(path, "cpu")
+    assert dict(getattr(loaded.net, "1").alg_ids) == dict(layer.alg_ids)  # on no GPU: nothing to drop
+    assert semi_structured.retarget(loaded, layer.tuned_on) == 0  # the same GPU: kept
+    with pytest.warns(UserWarning, match="1 2:4 layers were tuned on another GPU"):
+        assert semi_structured.retarget(loaded, "GPU B, cuSPARSELt 800") == 1
+    assert dict(getattr(loaded.net, "1").alg_ids) == {}
 
 
 def _sm80() -> bool:
@@ -281,9 +332,15 @@ def test_semi_structured_on_a_gpu(tmp_path):
     x = torch.randn(37, 1, 16, 16)  # a batch that is no multiple of 8
     module = build("semi_structured", model, mask, x, device="cuda")  # checked against the fp32 masked model
     assert all(isinstance(module.net.get_submodule(n), SemiStructuredLinear) for n in ("fc1", "fc2", "fc3"))
+    assert all(module.net.get_submodule(n).alg_ids.keys() == {80, 81} for n in ("fc1", "fc2", "fc3"))  # 37 rows
     path = save_module(module, "semi_structured", tmp_path / "m.jit.pt", x.cuda())
     reference = ex.masked_copy(model, mask).cuda()(x.cuda())
-    assert ex.check_outputs(load_exported(path, "cuda"), reference, x.cuda(), "semi_structured").passed
+    loaded = load_exported(path, "cuda")
+    assert ex.check_outputs(loaded, reference, x.cuda(), "semi_structured").passed
+    assert dict(loaded.net.fc1.alg_ids) == dict(module.net.fc1.alg_ids)
+    with torch.inference_mode():  # replayed from a CUDA graph, as `pai speedup --cuda-graph` times it
+        replay = graph_replay(loaded, x.cuda())
+        assert ex.check_outputs(lambda _: replay(), reference, x.cuda(), "semi_structured").passed
 
 
 def test_structured_refuses_masks_that_are_not_whole_filters(stored, tmp_path):

@@ -55,3 +55,27 @@ def test_pai_speedup_times_a_stored_round_and_logs_the_table_to_its_mlflow_run(p
     assert {"speedup.md", "speedup.json"} <= {a.path for a in client.list_artifacts(rid)}
     missing = CliRunner().invoke(app, ["speedup", str(path), "prune.rate=0.5"])
     assert missing.exit_code == 2 and "not stored yet" in missing.output
+
+
+def test_measure_times_the_given_baseline_as_dense_and_refuses_cuda_graphs_off_cuda():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8)).eval()
+    mask = {"1.weight": torch.rand(8, 16) < 0.5}
+
+    class Counted(nn.Module):  # the dense side: counts its calls
+        def __init__(self, net: nn.Module):
+            super().__init__()
+            self.net, self.calls = net, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.net(x)
+
+    baseline = Counted(nn.Sequential(nn.Flatten(), nn.Linear(16, 8)))
+    rows = measure("tiny", model, mask, (16,), formats=("csr",), batches=(2,), repeats=1, min_run_s=0.0005,
+                   baseline=baseline, note="vs a counted baseline")
+    assert baseline.calls > 0 and rows[0].note == "vs a counted baseline" and rows[0].max_abs_diff <= 1e-4
+    with pytest.raises(ValueError, match="cuda_graph needs a CUDA device, not cpu"):
+        measure("tiny", model, mask, (16,), formats=("csr",), batches=(2,), cuda_graph=True)
+    res = CliRunner().invoke(app, ["speedup", "no-such-spec.yaml", "--cuda-graph"])
+    assert res.exit_code == 2 and "--cuda-graph needs --device cuda (got cpu)" in res.output
