@@ -27,6 +27,56 @@ from pai_core.store import Store  # noqa: E402
 from pai_core.determinism import resolve_device  # noqa: E402
 from pai_core.training import train  # noqa: E402
 
+# Every other paradigm's CUDA path: plan runs on the GPU, a re-run computes nothing.
+BASE = {"seed": 0, "device": "auto", "model": {"name": "lenet_300_100"},
+        "data": {"dataset": "synthetic", "batch_size": 50},
+        "train": {"optimizer": "adam", "lr": 0.01, "epochs": 3}}
+VARIANTS = {
+    "prune_at_init synflow x20": {"flow": "prune_at_init", "prune": {"criterion": "synflow", "sparsity": 0.99, "rounds": 20}},
+    "prune_at_init grasp": {"flow": "prune_at_init", "prune": {"criterion": "grasp", "schedule": "one_shot", "sparsity": 0.9}},
+    "dynamic rigl": {"flow": "dynamic_sparse", "dynamic": {"method": "rigl", "update_interval": 5},
+                     "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
+    "dynamic set": {"flow": "dynamic_sparse", "dynamic": {"method": "set", "update_interval": 5},
+                    "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
+    "supermask edge_popup": {"flow": "supermask", "selection": {"method": "edge_popup", "keep": 0.3}},
+    "supermask sampled": {"flow": "supermask", "train": {"optimizer": "adam", "lr": 0.1, "epochs": 3},
+                          "selection": {"method": "supermask"}},
+    "pat gradual": {"flow": "prune_after_training", "retrain": {"optimizer": "adam", "lr": 0.001, "epochs": 2},
+                    "prune": {"schedule": "gradual", "sparsity": 0.8, "gradual": {"every": 5}}},
+    "lr_rewinding": {"flow": "lr_rewinding", "prune": {"rate": 0.5, "rounds": 2, "lr_rewind_iter": 5}},
+    "early_bird channel": {"flow": "early_bird", "model": {"name": "conv2", "width": 0.25, "batch_norm": True},
+                           "prune": {"sparsity": 0.5}, "early_bird": {"window": 2, "epsilon": 0.5}},
+    "early_bird unstructured": {"flow": "early_bird", "prune": {"sparsity": 0.8},
+                                "early_bird": {"structure": "unstructured", "window": 2}},
+    "pat structured conv2": {"flow": "prune_after_training", "model": {"name": "conv2"},
+                             "train": {"optimizer": "adam", "lr": 0.001, "epochs": 3},
+                             "retrain": {"optimizer": "adam", "lr": 0.001, "epochs": 1},
+                             "prune": {"schedule": "one_shot", "sparsity": 0.5, "scope": "layerwise",
+                                       "structure": "filter"}},
+    # added after the first H200 run: methods whose CUDA paths had not run on a GPU yet
+    "supermask iterand": {"flow": "supermask", "selection": {"method": "iterand", "keep": 0.5,
+                                                             "rerandomize": {"every": 20, "rate": 0.1}}},
+    "dynamic mest em_s": {"flow": "dynamic_sparse", "dynamic": {"method": "mest", "params": {"variant": "em_s"}},
+                          "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
+    "dynamic granet": {"flow": "dynamic_sparse", "dynamic": {"method": "granet",
+                                                             "params": {"initial_density": 0.5, "interval": 10}},
+                       "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
+    "dynamic snfs": {"flow": "dynamic_sparse", "dynamic": {"method": "snfs"},
+                     "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
+    "dynamic dsr": {"flow": "dynamic_sparse", "dynamic": {"method": "dsr", "params": {"interval": 10}},
+                    "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
+    "dynamic deepr": {"flow": "dynamic_sparse", "dynamic": {"method": "deepr"},
+                      "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
+    "prune_at_init prospr": {"flow": "prune_at_init", "prune": {"criterion": "prospr", "schedule": "one_shot",
+                                                                "sparsity": 0.9, "params": {"meta_steps": 2}}},
+    "prune_at_init force": {"flow": "prune_at_init", "prune": {"criterion": "force", "sparsity": 0.95,
+                                                               "rounds": 5}},
+    "early_bird resnet20 channels": {"flow": "early_bird", "model": {"name": "resnet20", "width": 0.25},
+                                     "train": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 3},
+                                     "prune": {"sparsity": 0.3, "physical": True},
+                                     "early_bird": {"window": 2, "epsilon": 0.5}},
+}
+
 failures: list[str] = []
 
 
@@ -42,6 +92,10 @@ def on(device: torch.device, b: DataBundle) -> DataBundle:
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--list"]:  # parse and plan every variant, run nothing (tests/test_gpu_throughput.py)
+        for label, over in VARIANTS.items():
+            print(label, len(build_plan(parse_spec({**BASE, **over})).nodes), "stages")
+        return
     print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
           torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
     dev = resolve_device("auto")
@@ -73,35 +127,8 @@ def main() -> None:
         run_plan(plan.nodes, rt2)
         check(f"{model}: re-run computes nothing", rt2.computed == [])
 
-    # Every other paradigm's CUDA path: plan runs on the GPU, a re-run computes nothing.
-    base = {"seed": 0, "device": "auto", "model": {"name": "lenet_300_100"},
-            "data": {"dataset": "synthetic", "batch_size": 50},
-            "train": {"optimizer": "adam", "lr": 0.01, "epochs": 3}}
-    variants = {
-        "prune_at_init synflow x20": {"flow": "prune_at_init", "prune": {"criterion": "synflow", "sparsity": 0.99, "rounds": 20}},
-        "prune_at_init grasp": {"flow": "prune_at_init", "prune": {"criterion": "grasp", "schedule": "one_shot", "sparsity": 0.9}},
-        "dynamic rigl": {"flow": "dynamic_sparse", "dynamic": {"method": "rigl", "update_interval": 5},
-                         "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
-        "dynamic set": {"flow": "dynamic_sparse", "dynamic": {"method": "set", "update_interval": 5},
-                        "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
-        "supermask edge_popup": {"flow": "supermask", "selection": {"method": "edge_popup", "keep": 0.3}},
-        "supermask sampled": {"flow": "supermask", "train": {"optimizer": "adam", "lr": 0.1, "epochs": 3},
-                              "selection": {"method": "supermask"}},
-        "pat gradual": {"flow": "prune_after_training", "retrain": {"optimizer": "adam", "lr": 0.001, "epochs": 2},
-                        "prune": {"schedule": "gradual", "sparsity": 0.8, "gradual": {"every": 5}}},
-        "lr_rewinding": {"flow": "lr_rewinding", "prune": {"rate": 0.5, "rounds": 2, "lr_rewind_iter": 5}},
-        "early_bird channel": {"flow": "early_bird", "model": {"name": "conv2", "width": 0.25, "batch_norm": True},
-                               "prune": {"sparsity": 0.5}, "early_bird": {"window": 2, "epsilon": 0.5}},
-        "early_bird unstructured": {"flow": "early_bird", "prune": {"sparsity": 0.8},
-                                    "early_bird": {"structure": "unstructured", "window": 2}},
-        "pat structured conv2": {"flow": "prune_after_training", "model": {"name": "conv2"},
-                                 "train": {"optimizer": "adam", "lr": 0.001, "epochs": 3},
-                                 "retrain": {"optimizer": "adam", "lr": 0.001, "epochs": 1},
-                                 "prune": {"schedule": "one_shot", "sparsity": 0.5, "scope": "layerwise",
-                                           "structure": "filter"}},
-    }
-    for label, over in variants.items():
-        spec = parse_spec({**base, **over})
+    for label, over in VARIANTS.items():
+        spec = parse_spec({**BASE, **over})
         plan = build_plan(spec)
         store = Store(tempfile.mkdtemp())
         try:
