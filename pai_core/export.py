@@ -126,8 +126,11 @@ def conv_default(fmt: str, sparse_conv: bool | None) -> bool:
     return (fmt == "csr") if sparse_conv is None else sparse_conv
 
 
-def layer_plan(fmt: str, model: nn.Module, sparse_conv: bool | None = None) -> list[LayerPlan]:
-    """Each Linear/Conv2d of `model` and whether `fmt` stores its weight sparse or dense."""
+def layer_plan(fmt: str, model: nn.Module, sparse_conv: bool | None = None,
+               mask: Mask | None = None) -> list[LayerPlan]:
+    """Each Linear/Conv2d of `model` and whether `fmt` stores its weight sparse or dense. Given the
+    mask, semi_structured keeps a Linear the mask leaves whole (a classifier head left out of
+    pruning, say) dense in float16: 2:4 would change it, and a small layer gains nothing."""
     sparse_conv = conv_default(fmt, sparse_conv)
     out = []
     for name, m in _prunable_layers(model):
@@ -137,6 +140,9 @@ def layer_plan(fmt: str, model: nn.Module, sparse_conv: bool | None = None) -> l
             why = f"{fmt} format"
         elif kind == "conv" and fmt == "semi_structured":
             why = "semi_structured covers Linear layers only"
+        elif fmt == "semi_structured" and mask is not None and bool(mask.get(f"{name}.weight",
+                                                                             torch.ones(1, dtype=torch.bool)).all()):
+            why = "the mask keeps every weight"
         elif kind == "conv" and not sparse_conv:
             why = f"{fmt} keeps convs dense (sparse_conv off)"
         elif kind == "conv":
@@ -199,13 +205,14 @@ def check_supported(fmt: str, model: nn.Module, mask: Mask, *, block_size: int |
     """Refuse (ExportRefused, one line) what `fmt` cannot export faithfully; returns None if it can.
     For semi_structured the mask is checked before the device (no device makes a mask 2:4)."""
     check_options(fmt, block_size=block_size)
-    plan = layer_plan(fmt, model, sparse_conv)
+    plan = layer_plan(fmt, model, sparse_conv, mask)
     layers = dict(_prunable_layers(model))
     if fmt == "semi_structured":
-        names = [f"{p.name}.weight" for p in plan if p.stored_as == "sparse"]
-        full = {n: mask[n] if n in mask else torch.ones_like(layers[n[:-len(".weight")]].weight, dtype=torch.bool)
-                for n in names}  # a layer the mask does not cover is dense: not 2:4
-        if problem := two_four_problem(full, names):
+        names = [f"{p.name}.weight" for p in plan if p.stored_as == "sparse"]  # each in the mask, not whole
+        if not names:
+            raise ExportRefused("semi_structured: the mask keeps every Linear weight, so no layer is 2:4 "
+                                "(export a round with an N:M mask: prune.structure nm)")
+        if problem := two_four_problem(mask, names):
             raise ExportRefused(f"semi_structured needs a 2:4 mask: {problem}")
         check_device(fmt, device)
     if fmt == "structured" and (problem := structure_problem(model, mask)):
@@ -322,7 +329,7 @@ def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, d
 
         return physically_prune(masked, mask).eval()
     layers = dict(_prunable_layers(masked))
-    for p in layer_plan(fmt, masked, sparse_conv):
+    for p in layer_plan(fmt, masked, sparse_conv, mask):
         if p.stored_as == "sparse":
             layer = layers[p.name]
             new = (_two_four_layer(layer) if fmt == "semi_structured"

@@ -146,7 +146,7 @@ def _layer_reports(fmt: str, model: nn.Module, module: nn.Module, mask: Mask,
                    sparse_conv: bool | None) -> dict[str, LayerReport]:
     layers = dict(_prunable_layers(model))
     out = {}
-    for p in layer_plan(fmt, model, sparse_conv):
+    for p in layer_plan(fmt, model, sparse_conv, mask):
         param = f"{p.name}.weight"
         w = layers[p.name].weight
         m = mask.get(param, torch.ones_like(w, dtype=torch.bool))

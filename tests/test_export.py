@@ -255,6 +255,22 @@ def test_semi_structured_refuses_a_mask_that_is_not_2_4_naming_the_layer(monkeyp
         check_supported("semi_structured", model, mask, device="cuda")
 
 
+def test_semi_structured_keeps_a_layer_the_mask_leaves_whole_dense_and_refuses_a_mask_with_no_2_4_layer(monkeypatch):
+    model = build_model("lenet_300_100", (1, 16, 16), 10, seed=0)
+    mask = {n: two_four(m.shape) for n, m in dense_mask(model).items() if n != "fc3.weight"}  # the head left out
+    mask_whole_head = {**mask, "fc3.weight": torch.ones(10, 100, dtype=torch.bool)}
+    for m in (mask, mask_whole_head):
+        plan = {p.name: (p.stored_as, p.why_dense) for p in ex.layer_plan("semi_structured", model, mask=m)}
+        assert plan == {"fc1": ("sparse", ""), "fc2": ("sparse", ""), "fc3": ("dense", "the mask keeps every weight")}
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(ExportRefused, match="torch sees no CUDA device"):  # the mask passed; the device did not
+            check_supported("semi_structured", model, m, device="cuda")
+    whole = {n: torch.ones_like(m) for n, m in dense_mask(model).items()}
+    with pytest.raises(ExportRefused, match=r"^semi_structured: the mask keeps every Linear weight, so no layer is "
+                                            r"2:4 \(export a round with an N:M mask: prune.structure nm\)"):
+        check_supported("semi_structured", model, whole, device="cuda")
+
+
 def test_semi_structured_linear_pads_and_slices_right(monkeypatch, tmp_path):
     """The layer's own arithmetic (padding, transposes, slicing, bias, the algorithm per call) with
     a stand-in for the cuSPARSELt kernel, which needs a GPU: `packed` is the padded dense weight,
@@ -341,6 +357,9 @@ def test_semi_structured_on_a_gpu(tmp_path):
     with torch.inference_mode():  # replayed from a CUDA graph, as `pai speedup --cuda-graph` times it
         replay = graph_replay(loaded, x.cuda())
         assert ex.check_outputs(lambda _: replay(), reference, x.cuda(), "semi_structured").passed
+    del mask["fc3.weight"]  # the head left out of pruning stays a dense float16 Linear
+    module = build("semi_structured", model, mask, x, device="cuda")
+    assert isinstance(module.net.fc3, nn.Linear) and module.net.fc3.weight.dtype == torch.float16
 
 
 def test_structured_refuses_masks_that_are_not_whole_filters(stored, tmp_path):
