@@ -457,3 +457,16 @@ def test_cli_export_writes_the_file_and_manifest(tmp_path, pai_home):
                             terminal_width=200)
         assert res.exit_code == 2 and "cannot export:" in res.output and says in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1
+
+    # --tune-batch reaches export_round (the tuning itself needs a GPU: test_semi_structured_on_a_gpu)
+    seen = {}
+
+    def fake_export(*a, **kw):
+        seen.update(kw)
+        raise ExportRefused("stopped here")
+    import pai_core.export_round as er
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(er, "export_round", fake_export)
+        res = runner.invoke(app, ["export", str(path), "--format", "semi_structured", "-o", str(out),
+                                  "--tune-batch", "64", "--tune-batch", "1024"], terminal_width=200)
+    assert res.exit_code == 2 and "stopped here" in res.output and seen["tune_batches"] == [64, 1024]
