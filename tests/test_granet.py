@@ -58,6 +58,20 @@ def test_the_final_density_enters_the_train_key_and_the_initial_one_the_mask_key
     assert plan.rounds[1].trained.fields["dynamic"]["final_density"] == pytest.approx(0.1)
 
 
+def test_the_layerwise_variant_enters_the_train_key_only_when_chosen():
+    """Options added after GraNet's keys were stored leave every existing key as it was (the
+    configs' keys are pinned in test_dynamic_methods) and enter the key when set."""
+    plan = build_plan(parse_spec(dyn_raw({"interval": 5})))
+    uniform = build_plan(parse_spec(dyn_raw({"interval": 5, "pruning_scope": "layerwise"})))
+    floored = build_plan(parse_spec(dyn_raw({"interval": 5, "pruning_scope": "layerwise", "last_layer_floor": 0.3})))
+    params = [p.rounds[1].trained.fields["dynamic"]["params"] for p in (plan, uniform, floored)]
+    assert "pruning_scope" not in params[0] and "last_layer_floor" not in params[0]
+    assert params[1]["pruning_scope"] == "layerwise" and "last_layer_floor" not in params[1]
+    assert params[2]["last_layer_floor"] == 0.3
+    assert len({p.rounds[1].trained.key for p in (plan, uniform, floored)}) == 3
+    assert plan.rounds[1].mask.key == uniform.rounds[1].mask.key  # the same start
+
+
 # (the tiny spec trains 40 iterations: the pruning window ends at int(0.6875 · 40) = 27)
 @pytest.mark.parametrize("params, sparsity, field, says", [
     ({"initial_density": 0}, 0.9, "initial_density", "Input should be greater than 0 (got 0); allowed: "
@@ -77,6 +91,10 @@ def test_the_final_density_enters_the_train_key_and_the_initial_one_the_mask_key
     ({"intervall": 5}, 0.9, "intervall", "unknown field; allowed: initial_density, interval"),
     ({"temperature": float("nan")}, 0.9, "temperature", "unknown field"),
     ({"regrow_fraction": float("nan")}, 0.9, "regrow_fraction", "finite number"),
+    ({"pruning_scope": "erk"}, 0.9, "pruning_scope", "Input should be 'global' or 'layerwise'"),
+    ({"last_layer_floor": 0.3}, 0.9, "last_layer_floor", "0.3 applies to pruning_scope layerwise only; allowed: set "
+                                                         "pruning_scope: layerwise, or leave last_layer_floor out"),
+    ({"pruning_scope": "layerwise", "last_layer_floor": 1.5}, 0.9, "last_layer_floor", "less than or equal to 1"),
 ])
 def test_a_bad_param_is_refused_naming_its_field(params, sparsity, field, says):
     with pytest.raises(SpecError) as e:
@@ -177,6 +195,34 @@ def test_an_update_prunes_globally_to_the_schedule_then_regenerates_per_layer():
     assert ma[[0, 2, 4]].tolist() == [1, 1, 1] and ma[6] == 0 and mb[[0, 2, 4]].tolist() == [1, 1, 1] and mb[1] == 0
     assert cb.updates == [{"iteration": 50, "density": 0.5, "pruned": 4, "regrow_fraction": 0.25, "moved": 2,
                            "regrown": 0}]
+
+
+def test_the_layerwise_variant_prunes_every_layer_to_the_same_density_with_the_last_layers_floor():
+    # A (8 weights, all live) and B, the last layer (8, all live); no regrowth (regrow_fraction 0).
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer, dict]:  # an update zeroes what it prunes
+        model = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 4, bias=False))
+        with torch.no_grad():
+            model[0].weight.copy_(torch.tensor([8., 7, 6, 5, 4, 3, 2, 1]).reshape(2, 4))
+            model[1].weight.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]).reshape(4, 2))
+        full = {"0.weight": torch.ones(2, 4, dtype=torch.bool), "1.weight": torch.ones(4, 2, dtype=torch.bool)}
+        return model, torch.optim.SGD(model.parameters(), lr=0.1), full
+
+    uniform = GraNetParams(initial_density=1.0, interval=10, end_fraction=0.5, regrow_fraction=0,
+                           pruning_scope="layerwise", last_layer_floor=0.25)
+    new = GraNet(uniform, total=100, final_density=0.5).update(50, *fresh())  # d = 0.5, above the floor:
+    assert new["0.weight"].reshape(-1).tolist() == [True] * 4 + [False] * 4   # 4 of 8 in each layer by its own |w|;
+    assert new["1.weight"].reshape(-1).tolist() == [False] * 4 + [True] * 4   # global keeps A's 8 largest, none of B
+    assert GraNet(GraNetParams(initial_density=1.0, interval=10, end_fraction=0.5, regrow_fraction=0),
+                  total=100, final_density=0.5).update(50, *fresh())["1.weight"].sum() == 0
+    # d = 0.125 (2 of 16) is below the floor 0.25: the last layer keeps 2 of 8 and the others
+    # (16·0.125 − 0.25·8) / 8 = 0: what select allows, its smallest positive share (1 of 8)
+    assert uniform.layer_densities({"0.weight": 8, "1.weight": 8}, 0.125) == (0.125, {"1.weight": 0.25})
+    assert uniform.layer_densities({"0.weight": 24, "1.weight": 8}, 0.125) == (
+        pytest.approx((32 * 0.125 - 0.25 * 8) / 24), {"1.weight": 0.25})
+    assert uniform.layer_densities({"0.weight": 24, "1.weight": 8}, 0.3) == (0.3, {})
+    thin = GraNet(uniform, total=100, final_density=0.125)
+    new = thin.update(50, *fresh())
+    assert int(new["1.weight"].sum()) == 2 and int(new["0.weight"].sum()) == 1
 
 
 def test_the_regrow_fraction_is_cosine_decayed_over_the_whole_training():

@@ -28,9 +28,15 @@ Defaults and where paper and reference code (VITA-Group/GraNet, `CIFAR/sparselea
 * t0 = 0 and t_end = 110 of 160 epochs (`--init-prune-epoch 0`, `--final-prune-epoch` 110, the
   defaults the README's CIFAR commands run with); the repository's scripts use 80 of 160 and its
   ImageNet commands 30 of 100. Here both are fractions of training.
-* Pruning is global magnitude (`pruning`: one threshold over all layers; `GraNet_uniform` in
-  the code is the layerwise variant, not offered). The code keeps |w| > the k-th largest, which
-  may keep fewer than k on ties; here exactly round(N·d_t), ties to the lower index.
+* Pruning is global magnitude (`pruning`: one threshold over all layers). The code keeps |w| >
+  the k-th largest, which may keep fewer than k on ties; here exactly round(N·d_t), ties to the
+  lower index. `pruning_scope: layerwise` is the code's GraNet_uniform (`pruning_uniform`): every
+  layer pruned to d_t by its own magnitudes (round(n·d_t) each, a layer already below keeps what
+  it has), except that once d_t falls below `last_layer_floor` (0.2) the classifier stays at that
+  density and the other layers go to (N·d_t − floor·n_last)/(N − n_last), so the total is N·d_t
+  (the code's "keep the density of the last layer as 0.2"; it finds the classifier by its name,
+  here it is the last masked layer). The code pairs it with a uniform initial mask
+  (`prune.scope: layerwise` here).
 * Regeneration is per layer (`truncate_weights`: `magnitude_death` with ⌈r·n⌉, then
   `gradient_growth`, the same count in the same layer), r from `CosineDecay(0.5, T_max = all
   training iterations, eta_min = 0.005)` stepped every iteration, as here.
@@ -46,10 +52,10 @@ Defaults and where paper and reference code (VITA-Group/GraNet, `CIFAR/sparselea
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from pai_core.dynamic_methods.registry import MethodParams, register
 from pai_core.dynamic_methods.tools import fresh_state
@@ -57,6 +63,9 @@ from pai_core.gradual import GradualMagnitude
 from pai_core.masks import Mask
 from pai_core.selection import select
 from pai_core.training import Callback, TrainState
+
+
+LAST_LAYER_FLOOR = 0.2  # the code's GraNet_uniform: "keep the density of the last layer as 0.2"
 
 
 class GraNetParams(MethodParams):
@@ -73,6 +82,31 @@ class GraNetParams(MethodParams):
     regrow_until: Literal["pruning_end", "training_end"] = Field(
         "pruning_end", description="pruning_end: regenerate only with each pruning step (the paper); training_end: "
                                    "every interval to the last iteration (the reference code)")
+    pruning_scope: Literal["global", "layerwise"] = Field(
+        "global", description="global: one magnitude threshold over all layers (GraNet); layerwise: every layer to "
+                              "the same density (the code's GraNet_uniform)")
+    last_layer_floor: float = Field(LAST_LAYER_FLOOR, ge=0, le=1, description="layerwise: the last layer's density never goes "
+                                                                 "below this (the code's 0.2 for the classifier); "
+                                                                 "0 = no floor")
+    KEYED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"pruning_scope", "last_layer_floor"})
+
+    @field_validator("last_layer_floor")
+    @classmethod
+    def _floor_is_layerwise(cls, v: float, info: ValidationInfo) -> float:
+        if v != LAST_LAYER_FLOOR and info.data.get("pruning_scope") != "layerwise":  # a full dump round-trips
+            raise ValueError(f"{v:g} applies to pruning_scope layerwise only; allowed: set pruning_scope: layerwise, "
+                             "or leave last_layer_floor out")
+        return v
+
+    def layer_densities(self, sizes: dict[str, int], density: float) -> tuple[float, dict[str, float]]:
+        """layerwise: (the density of every layer, {the last layer: its floor} when the floor holds)."""
+        last = list(sizes)[-1]
+        floor = self.last_layer_floor
+        total, n_last = sum(sizes.values()), sizes[last]
+        if density >= floor or len(sizes) == 1 or n_last >= total:
+            return density, {}
+        others = (total * density - floor * n_last) / (total - n_last)
+        return max(others, 1.0 / (total - n_last)), {last: floor}
 
     def window(self, total: int) -> tuple[int, int]:
         """The first and last iteration of the gradual pruning."""
@@ -150,8 +184,13 @@ class GraNet(Callback):
         n_all, alive = sum(m.numel() for m in before.values()), sum(int(m.sum()) for m in before.values())
         density = self.density_at(it)
         pruned = before
-        if round(n_all * density) < alive:  # 1. global magnitude pruning to the cubic schedule
-            pruned = select({n: params[n].detach().abs().cpu() for n in before}, before, density, "global")
+        if self.p.pruning_scope == "layerwise" or round(n_all * density) < alive:  # 1. magnitude pruning, cubic
+            scores = {n: params[n].detach().abs().cpu() for n in before}
+            if self.p.pruning_scope == "global":
+                pruned = select(scores, before, density, "global")
+            else:
+                rest, floor = self.p.layer_densities({n: m.numel() for n, m in before.items()}, density)
+                pruned = select(scores, before, rest, "layerwise", layer_density=floor)
         rate = self.p.regrow_at(it, self.total)
         new, moved, regrown = {}, 0, 0
         for name, m in pruned.items():  # 2. per layer: drop ⌈r·n⌉ smallest, regrow as many by |gradient|

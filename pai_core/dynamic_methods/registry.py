@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -24,8 +24,19 @@ Build = Callable[[dict[str, Any], int, int], Callback]  # (node's `dynamic` fiel
 
 
 class MethodParams(BaseModel):
-    """A method's own options: frozen, unknown fields and NaN/inf refused."""
+    """A method's own options: frozen, unknown fields and NaN/inf refused. Fields added after the
+    method's keys were first stored are listed in `KEYED_WHEN_SET`: they enter the train key only
+    when they differ from their default, so a new option never invalidates stored runs."""
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    KEYED_WHEN_SET: ClassVar[frozenset[str]] = frozenset()
+
+    def key_fields(self) -> dict[str, Any]:
+        """Every option, defaults filled in, as the train key holds them (see `KEYED_WHEN_SET`)."""
+        dumped = self.model_dump(mode="json")
+        for name in self.KEYED_WHEN_SET:
+            if getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True):
+                dumped.pop(name)
+        return dumped
 
     def schedule_problem(self, total: int, iterations_per_epoch: int) -> str | None:
         """`"params.<field>: why; allowed: ..."` when no mask update would ever happen in

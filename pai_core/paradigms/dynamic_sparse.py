@@ -85,7 +85,7 @@ class DynamicSpec(Frozen):
         of them, defaults filled in."""
         method = get_method(self.method)
         if not method.top_level:
-            return {"method": self.method, "params": method.Params.model_validate(self.params).model_dump(mode="json")}
+            return {"method": self.method, "params": method.Params.model_validate(self.params).key_fields()}
         given = self.model_dump(mode="json", exclude={"params"})
         out = {k: (DynamicSparsity.paper_defaults(self.method).get(k) if v is None else v) for k, v in given.items()}
         if out["grow_init"] == "random":  # new keys: random growth once drew at the active weights' std (diverged)
