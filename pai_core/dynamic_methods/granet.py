@@ -85,9 +85,9 @@ class GraNetParams(MethodParams):
     pruning_scope: Literal["global", "layerwise"] = Field(
         "global", description="global: one magnitude threshold over all layers (GraNet); layerwise: every layer to "
                               "the same density (the code's GraNet_uniform)")
-    last_layer_floor: float = Field(LAST_LAYER_FLOOR, ge=0, le=1, description="layerwise: the last layer's density never goes "
-                                                                 "below this (the code's 0.2 for the classifier); "
-                                                                 "0 = no floor")
+    last_layer_floor: float = Field(LAST_LAYER_FLOOR, ge=0, le=1,
+                                    description="layerwise: the last layer's density never goes below this (the "
+                                                "code's 0.2 for the classifier); 0 = no floor")
     KEYED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"pruning_scope", "last_layer_floor"})
 
     @field_validator("last_layer_floor")
