@@ -121,8 +121,12 @@ def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
             continue
         for b, x in inputs.items():
             with torch.inference_mode():
-                run_dense, run = ((graph_replay(dense_net, x), graph_replay(module, x)) if cuda_graph
-                                  else ((lambda x=x: dense_net(x)), (lambda x=x: module(x))))
+                runners = _runners(dense_net, module, x, cuda_graph)
+                if isinstance(runners, str):
+                    rows.append(Row(name, fmt, b, device, threads, *[float("nan")] * 4, 0.0, runners))
+                    log(f"{name} {fmt} batch {b}: {runners}")
+                    continue
+                run_dense, run = runners
                 check = check_outputs(lambda _: run(), expected[b], x, fmt, what=f"{name} {fmt} batch {b}")
                 # side by side, dense first each time: drift on a shared machine hits both alike
                 dense, t = timed(run_dense), timed(run)
@@ -132,6 +136,18 @@ def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
             log(f"{name} {fmt} batch {b}: {t.median_s * 1e3:.3f} ms vs dense {dense.median_s * 1e3:.3f} ms "
                 f"({rows[-1].speedup:.2f}x)")
     return rows
+
+
+def _runners(dense_net: Callable[[Tensor], Tensor], module: Callable[[Tensor], Tensor], x: Tensor,
+             cuda_graph: bool) -> tuple[Callable[[], Tensor], Callable[[], Tensor]] | str:
+    """The two calls to time on `x`, eager or replayed from CUDA graphs; or why they cannot be
+    (a row's note: a kernel that waits on the host cannot be captured)."""
+    if not cuda_graph:
+        return (lambda: dense_net(x)), (lambda: module(x))
+    try:
+        return graph_replay(dense_net, x), graph_replay(module, x)
+    except RuntimeError as e:
+        return f"refused: not capturable in a CUDA graph: {(str(e).splitlines() or [repr(e)])[0]}"
 
 
 def graph_replay(module: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], Tensor]:

@@ -79,3 +79,16 @@ def test_measure_times_the_given_baseline_as_dense_and_refuses_cuda_graphs_off_c
         measure("tiny", model, mask, (16,), formats=("csr",), batches=(2,), cuda_graph=True)
     res = CliRunner().invoke(app, ["speedup", "no-such-spec.yaml", "--cuda-graph"])
     assert res.exit_code == 2 and "--cuda-graph needs --device cuda (got cpu)" in res.output
+
+
+def test_a_format_that_cannot_be_captured_in_a_cuda_graph_gets_a_row_saying_why(monkeypatch):
+    from pai_core import speedup
+
+    def refuse(module, x):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+    monkeypatch.setattr(speedup, "graph_replay", refuse)
+    net = nn.Linear(4, 2)
+    why = speedup._runners(net, net, torch.randn(3, 4), cuda_graph=True)
+    assert why == "refused: not capturable in a CUDA graph: operation not permitted when stream is capturing"
+    dense, run = speedup._runners(net, net, torch.ones(3, 4), cuda_graph=False)  # eager: plain calls
+    assert torch.equal(dense(), net(torch.ones(3, 4))) and torch.equal(run(), dense())
