@@ -3,10 +3,11 @@
 torch's `_cslt_sparse_mm` builds and destroys its cuSPARSELt descriptors and plan on every call
 (torch 2.11-2.14); on a 4096 x 4096 layer that host-side setup can outweigh the kernel. This
 table separates the kernel from the setup: each path eagerly and replayed from a CUDA graph
-(which replays the kernels alone), against dense float16 timed the same way. Needs a CUDA GPU
-of compute capability >= 8.0; prints why not otherwise.
+(which replays the kernels alone), against dense float16 timed the same way; then the kernels of
+the whole exported 2:4 MLP beside its dense twin (torch.profiler). Needs a CUDA GPU of compute
+capability >= 8.0; prints why not otherwise.
 
-    python benchmarks/two_four_paths.py [--width 4096] [--batches 64,1024,4096] [--json F]
+    python benchmarks/two_four_paths.py [--width 4096] [--batches 64,1024,4096] [--json F] [--profile-batch B]
 """
 from __future__ import annotations
 
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--json", type=Path)
+    p.add_argument("--profile-batch", type=int, default=1024,
+                   help="then the exported MLP's kernels at this batch beside dense float16 (0: skip)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         print("2:4 paths: not measured (no CUDA device with compute capability >= 8.0 here)")
@@ -141,9 +144,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "speedup": dense / ms, "max_abs_diff": err})
                 print(f"  batch {batch:5d}  {name:36s} {mode:10s} {ms:8.4f} ms  vs dense {dense:8.4f} ms  "
                       f"{dense / ms:5.2f}x  max|diff| {err:.1e}", flush=True)
+    if args.profile_batch:
+        kernel_breakdown(args.width, args.profile_batch)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def kernel_breakdown(width: int, batch: int, calls: int = 10) -> None:
+    """The GPU kernels of the exported 2:4 MLP (benchmarks/speedup.py's, head dense) and of the same
+    net dense in float16, one table each: where the whole net's time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pai_core.export import build, masked_copy
+    from pai_core.masks import prunable_names
+    from pai_core.selection import select_nm
+    from pai_core.sparse_layers import HalfPrecision
+    from speedup import wide_mlp
+
+    mlp = wide_mlp(width)
+    params = dict(mlp.named_parameters())
+    names = prunable_names(mlp)[:-1]
+    mask = select_nm({n: params[n].detach().abs() for n in names},
+                     {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}, 2, 4)
+    x = torch.randn(batch, width, device="cuda")
+    nets = {"dense float16": HalfPrecision(masked_copy(mlp, mask).half()).cuda().eval(),
+            "2:4 export": build("semi_structured", mlp, mask, x, device="cuda", tune_batches=[batch])}
+    for label, net in nets.items():
+        with torch.inference_mode():
+            for _ in range(5):
+                net(x)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    net(x)
+                torch.cuda.synchronize()
+        print(f"\n{label}, batch {batch}, {calls} calls: kernels by GPU time")
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=70))
 
 
 if __name__ == "__main__":
