@@ -227,9 +227,13 @@ def check_supported(fmt: str, model: nn.Module, mask: Mask, *, block_size: int |
                     f"choose a block size dividing both{hint}")
 
 
-def check_options(fmt: str, *, block_size: int | None = None) -> None:
-    """What can be refused from the format and block size alone, before reading anything."""
+def check_options(fmt: str, *, block_size: int | None = None, tune_batches: Sequence[int] = ()) -> None:
+    """What can be refused from the format, block size and tuning batches alone, before reading anything."""
     get_format(fmt)
+    if tune_batches and fmt != "semi_structured":
+        raise ExportRefused(f"tuning batch sizes apply to semi_structured only, not {fmt}")
+    if bad := [b for b in tune_batches if b < 1]:
+        raise ExportRefused(f"a tuning batch size must be >= 1 (got {bad[0]})")
     if fmt == "bsr" and block_size is None:
         raise ExportRefused("bsr needs a block size (--block-size B, B dividing every sparse layer's dimensions)")
     if fmt != "bsr" and block_size is not None:
@@ -314,6 +318,7 @@ def to_format(model: nn.Module, mask: Mask, fmt: str, *, block_size: int | None 
     (ExportRefused) what the format cannot express. Nothing is written. `sparse_conv=False`
     keeps convs dense in csr, True makes them sparse in bsr. semi_structured searches
     cuSPARSELt's fastest algorithm for each batch size in `tune_batches` (others use its default)."""
+    check_options(fmt, block_size=block_size, tune_batches=tune_batches)
     check_supported(fmt, model, mask, block_size=block_size, device=device, sparse_conv=sparse_conv)
     with _quiet():
         return _to_format(model, mask, fmt, block_size, device, sparse_conv, tune_batches)
@@ -349,7 +354,7 @@ def build(fmt: str, model: nn.Module, mask: Mask, example_input: Tensor | None =
     `example_input`, its outputs are first checked against the masked model's (ExportRefused
     past the format's tolerance), so what is timed is known to compute the same thing."""
     if tune_batches is None:  # semi_structured: tuned for the batch it is checked on
-        tune_batches = () if example_input is None else (int(example_input.shape[0]),)
+        tune_batches = () if example_input is None or fmt != "semi_structured" else (int(example_input.shape[0]),)
     module = to_format(model, mask, fmt, block_size=block_size, device=device, sparse_conv=sparse_conv,
                        tune_batches=tune_batches)
     if example_input is not None:

@@ -167,7 +167,7 @@ def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | P
     `manifest.json`. The file is loaded back and checked against the masked model first; an
     export that fails the check is removed and refused (ExportRefused). semi_structured is tuned
     for `tune_batches` (default: the check batch)."""
-    check_options(fmt, block_size=block_size)
+    check_options(fmt, block_size=block_size, tune_batches=tune_batches)
     check_device(fmt, device)
     f, dev = get_format(fmt), torch.device(device)
     r = load_masked_model(spec, round_, store)
@@ -177,7 +177,7 @@ def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | P
     with torch.no_grad():
         reference = r.model.to(dev)(x)
     module = to_format(r.model, r.mask, fmt, block_size=block_size, device=dev, sparse_conv=sparse_conv,
-                       tune_batches=tuple(tune_batches) or (int(x.shape[0]),))
+                       tune_batches=(tuple(tune_batches) or (int(x.shape[0]),)) if fmt == "semi_structured" else ())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f.file

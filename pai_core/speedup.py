@@ -175,7 +175,7 @@ def _loaded(fmt: str, model: nn.Module, mask: Mask, example: Tensor, block_size:
             batches: Sequence[int]) -> Any:
     """The format's module as its file loads back (built, tuned for `batches`, checked first)."""
     module = build(fmt, model, mask, example, block_size=block_size if fmt == "bsr" else None, device=device,
-                   tune_batches=batches)
+                   tune_batches=batches if fmt == "semi_structured" else ())
     with tempfile.TemporaryDirectory() as tmp:
         path = save_module(module, fmt, Path(tmp) / get_format(fmt).file, example)
         return load_exported(path, device)

@@ -452,7 +452,9 @@ def test_cli_export_writes_the_file_and_manifest(tmp_path, pai_home):
 
     for bad, says in ((["--format", "bsr", "--block-size", "3"], "does not divide layer fc1"),
                       (["--format", "coo"], "allowed: dense, csr, bsr, semi_structured, structured"),
-                      (["--format", "structured"], "structured: fc1.weight prunes")):
+                      (["--format", "structured"], "structured: fc1.weight prunes"),
+                      (["--format", "csr", "--tune-batch", "64"], "tuning batch sizes apply to semi_structured only"),
+                      (["--format", "semi_structured", "--tune-batch", "0"], "a tuning batch size must be >= 1 (got 0)")):
         res = runner.invoke(app, ["export", str(path), "train.epochs=1", *bad, "-o", str(tmp_path / "x")],
                             terminal_width=200)
         assert res.exit_code == 2 and "cannot export:" in res.output and says in res.output, res.output
