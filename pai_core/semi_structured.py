@@ -59,8 +59,10 @@ def tune(module: nn.Module, batches: Iterable[int]) -> dict[str, dict[int, int]]
     """Search the fastest algorithm of every 2:4 layer of `module` for each batch size (a layer
     sees `batch` rows: Linear layers after a flatten), for both operand layouts forward meets (a
     row-major input transposed, or the previous 2:4 layer's output), and store the ids in the
-    layers. Returns {layer name: {alg_key: id}}."""
+    layers. Layers of one shape share each search (the speed of a 2:4 product does not depend on
+    the weights' values). Returns {layer name: {alg_key: id}}."""
     found: dict[str, dict[int, int]] = {}
+    searched: dict[tuple, int] = {}  # (packed shape, rows, contiguous operand) -> id
     batches = sorted({int(b) for b in batches})
     for name, m in module.named_modules():
         if not isinstance(m, SemiStructuredLinear) or not batches:
@@ -69,7 +71,10 @@ def tune(module: nn.Module, batches: Iterable[int]) -> dict[str, dict[int, int]]
         for rows in sorted({m.padded_rows(b) for b in batches}):
             x = torch.randn(rows, m.padded_in, device=m.packed.device, dtype=torch.float16)
             for operand in (x.t(), x.t().contiguous()):
-                m.alg_ids[m.alg_key(rows, operand.is_contiguous())] = _search(m, operand)
+                shape = (tuple(m.packed.shape), m.padded_in, rows, operand.is_contiguous())
+                if shape not in searched:
+                    searched[shape] = _search(m, operand)
+                m.alg_ids[m.alg_key(rows, operand.is_contiguous())] = searched[shape]
         found[name] = dict(m.alg_ids)
     return found
 

@@ -316,7 +316,8 @@ def test_semi_structured_tuning_searches_each_padded_shape_and_layout_and_stays_
     the GPU it was found on; an archive loaded on another GPU drops the ids (they may not exist
     there) and says so."""
     layer = SemiStructuredLinear(torch.zeros(16, 16).half(), None, 10, 7, 16, row_multiple=8)
-    net = nn.Sequential(nn.Flatten(), layer)
+    twin = SemiStructuredLinear(torch.ones(16, 16).half(), None, 10, 7, 16, row_multiple=8)  # same shape
+    net = nn.Sequential(nn.Flatten(), layer, twin)
     searched = []
 
     def search(packed, operand):
@@ -324,16 +325,17 @@ def test_semi_structured_tuning_searches_each_padded_shape_and_layout_and_stays_
         return operand.shape[1] // 8 + 100 * operand.is_contiguous()  # an id that names the call
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "GPU A")
-    assert semi_structured.tune(net, [1, 37, 40, 64]) == {"1": {16: 1, 17: 101, 80: 5, 81: 105, 128: 8, 129: 108}}
-    # (padded in, padded rows), both layouts: once per padded shape
+    ids = {16: 1, 17: 101, 80: 5, 81: 105, 128: 8, 129: 108}
+    assert semi_structured.tune(net, [1, 37, 40, 64]) == {"1": ids, "2": ids}
+    # (padded in, padded rows), both layouts: once per padded shape, shared by the layers of one shape
     assert searched == [((16, r), c) for r in (8, 40, 64) for c in (False, True)]
     assert layer.tuned_on.startswith("GPU A, cuSPARSELt ")
     path = save_module(ex.HalfPrecision(net.half()), "semi_structured", tmp_path / "m.jit.pt", torch.randn(2, 10))
     loaded = load_exported(path, "cpu")
     assert dict(getattr(loaded.net, "1").alg_ids) == dict(layer.alg_ids)  # on no GPU: nothing to drop
     assert semi_structured.retarget(loaded, layer.tuned_on) == 0  # the same GPU: kept
-    with pytest.warns(UserWarning, match="1 2:4 layers were tuned on another GPU"):
-        assert semi_structured.retarget(loaded, "GPU B, cuSPARSELt 800") == 1
+    with pytest.warns(UserWarning, match="2 2:4 layers were tuned on another GPU"):
+        assert semi_structured.retarget(loaded, "GPU B, cuSPARSELt 800") == 2
     assert dict(getattr(loaded.net, "1").alg_ids) == {}
 
 
