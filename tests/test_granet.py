@@ -216,10 +216,12 @@ def test_the_layerwise_variant_prunes_every_layer_to_the_same_density_with_the_l
                   total=100, final_density=0.5).update(50, *fresh())["1.weight"].sum() == 0
     # d = 0.125 (2 of 16) is below the floor 0.25: the last layer keeps 2 of 8 and the others
     # (16·0.125 − 0.25·8) / 8 = 0: what select allows, its smallest positive share (1 of 8)
-    assert uniform.layer_densities({"0.weight": 8, "1.weight": 8}, 0.125) == (0.125, {"1.weight": 0.25})
-    assert uniform.layer_densities({"0.weight": 24, "1.weight": 8}, 0.125) == (
+    assert uniform.layer_densities({"0.weight": 8, "1.weight": 8}, 0.125, "1.weight") == (0.125, {"1.weight": 0.25})
+    assert uniform.layer_densities({"0.weight": 24, "1.weight": 8}, 0.125, "1.weight") == (
         pytest.approx((32 * 0.125 - 0.25 * 8) / 24), {"1.weight": 0.25})
-    assert uniform.layer_densities({"0.weight": 24, "1.weight": 8}, 0.3) == (0.3, {})
+    assert uniform.layer_densities({"0.weight": 24, "1.weight": 8}, 0.3, "1.weight") == (0.3, {})
+    # the classifier left out of the mask (prune.ignore): no floor, not even on the last masked layer
+    assert uniform.layer_densities({"0.weight": 24, "1.weight": 8}, 0.125, "2.weight") == (0.125, {})
     thin = GraNet(uniform, total=100, final_density=0.125)
     new = thin.update(50, *fresh())
     assert int(new["1.weight"].sum()) == 2 and int(new["0.weight"].sum()) == 1

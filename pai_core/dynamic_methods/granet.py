@@ -35,7 +35,8 @@ Defaults and where paper and reference code (VITA-Group/GraNet, `CIFAR/sparselea
   it has), except that once d_t falls below `last_layer_floor` (0.2) the classifier stays at that
   density and the other layers go to (N·d_t − floor·n_last)/(N − n_last), so the total is N·d_t
   (the code's "keep the density of the last layer as 0.2"; it finds the classifier by its name,
-  here it is the last masked layer). The code pairs it with a uniform initial mask
+  here it is the model's last prunable layer, and no floor applies when `prune.ignore` keeps it
+  out of the mask). The code pairs it with a uniform initial mask
   (`prune.scope: layerwise` here).
 * Regeneration is per layer (`truncate_weights`: `magnitude_death` with ⌈r·n⌉, then
   `gradient_growth`, the same count in the same layer), r from `CosineDecay(0.5, T_max = all
@@ -60,7 +61,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from pai_core.dynamic_methods.registry import MethodParams, register
 from pai_core.dynamic_methods.tools import fresh_state
 from pai_core.gradual import GradualMagnitude
-from pai_core.masks import Mask
+from pai_core.masks import Mask, prunable_names
 from pai_core.selection import select
 from pai_core.training import Callback, TrainState
 
@@ -98,13 +99,15 @@ class GraNetParams(MethodParams):
                              "or leave last_layer_floor out")
         return v
 
-    def layer_densities(self, sizes: dict[str, int], density: float) -> tuple[float, dict[str, float]]:
-        """layerwise: (the density of every layer, {the last layer: its floor} when the floor holds)."""
-        last = list(sizes)[-1]
+    def layer_densities(self, sizes: dict[str, int], density: float,
+                        classifier: str | None) -> tuple[float, dict[str, float]]:
+        """layerwise: (the density of every layer, {the classifier: its floor} when the floor holds).
+        `classifier`: the model's last prunable weight, or None when the mask leaves it out."""
         floor = self.last_layer_floor
-        total, n_last = sum(sizes.values()), sizes[last]
-        if density >= floor or len(sizes) == 1 or n_last >= total:
+        if classifier is None or classifier not in sizes or density >= floor or len(sizes) == 1:
             return density, {}
+        last = classifier
+        total, n_last = sum(sizes.values()), sizes[last]
         others = (total * density - floor * n_last) / (total - n_last)
         return max(others, 1.0 / (total - n_last)), {last: floor}
 
@@ -189,7 +192,8 @@ class GraNet(Callback):
             if self.p.pruning_scope == "global":
                 pruned = select(scores, before, density, "global")
             else:
-                rest, floor = self.p.layer_densities({n: m.numel() for n, m in before.items()}, density)
+                rest, floor = self.p.layer_densities({n: m.numel() for n, m in before.items()}, density,
+                                                     prunable_names(model)[-1])
                 pruned = select(scores, before, rest, "layerwise", layer_density=floor)
         rate = self.p.regrow_at(it, self.total)
         new, moved, regrown = {}, 0, 0
