@@ -66,6 +66,8 @@ CONFIG_KEYS = {
             "c2c260ff348ac20a6523", "88e9ab1344b97d98d37b", "49e819953a8938194336"],
     "granet": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
                "4841a12b1372dc856729", "a984fa6033103a818150", "eb4676a1807a9442c0fb"],
+    "granet_uniform": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98",
+                       "c41be2b13bb0597a907e", "9abcae8c2241bbe97d75", "3953409bc573436ffa56", "a8a86d9bc36b7be8d757"],
     "mest": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
              "c2c260ff348ac20a6523", "2c84185c34762c85e756", "9a128f276d44848823ff"],
     "rigl": ["8cc42ad981beb3a24757", "57d5dc76798b957cc191", "a92fc5aca01c641c4e98", "c41be2b13bb0597a907e",
