@@ -2,7 +2,8 @@
 # The one prepared run for a session lent a CUDA GPU (the `device` tool's `run`), about 9 minutes:
 #   1. the 2:4 semi_structured export tests (issue 11): tests/test_export.py -k gpu;
 #   2. the 2:4 speedup against dense float16 (issue 11's goal: >= 1.3x on a large Linear), eager
-#      and from CUDA graphs; 2b. benchmarks/two_four_paths.py, the same per layer and per path;
+#      and from CUDA graphs; 2b. benchmarks/two_four_paths.py, the same per layer and per path,
+#      and the exported MLP with its bias added or fused into the kernel (SemiStructuredLinear.fuse_bias);
 #   3. benchmarks/gpu_check.py: every paradigm's and dynamic method's CUDA path;
 #   4. the GPU throughput benchmark (issue 10's goals), written to $OUT/gpu_throughput.json.
 # The device's Python (3.12, torch preinstalled) lacks pydantic: carry its wheels in .whl,
@@ -28,13 +29,13 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_export.py -k "gpu
 echo "== 2. 2:4 speedup"
 timeout 100 python3 benchmarks/speedup.py --cuda-only --batches 1 64 1024 4096 --json "$OUT/speedup_cuda.json" 2>&1 \
   | grep -v "Warning\|return cls" | tee "$OUT/speedup_cuda.txt"
-echo "== 2b. where a 2:4 layer's time goes (eager vs CUDA graph, algorithm, operand layout; the MLP's kernels)"
-timeout 90 python3 benchmarks/two_four_paths.py --json "$OUT/two_four_paths.json" 2>&1 | grep -v "Warning\|return cls" \
+echo "== 2b. where a 2:4 layer's time goes (eager vs CUDA graph, algorithm, operand layout, bias fused or not; the MLP's kernels)"
+timeout 110 python3 benchmarks/two_four_paths.py --json "$OUT/two_four_paths.json" 2>&1 | grep -v "Warning\|return cls" \
   | tee "$OUT/two_four_paths.txt"
 echo "== 3. every paradigm's and method's CUDA path (IteRand, MEST, GraNet, ProsPr, ... since the last run)"
 timeout 150 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt"
 echo "== 4. GPU throughput"
 # a quarter of the default iterations: what this call leaves after the steps above
-timeout 150 python3 benchmarks/gpu_throughput.py --warmup 30 --iters 100 --pack-iters 150 \
+timeout 130 python3 benchmarks/gpu_throughput.py --warmup 30 --iters 100 --pack-iters 150 \
   --out "$OUT/gpu_throughput.json" 2>&1 | tee "$OUT/gpu_throughput.txt"
 echo "== done"

@@ -3,8 +3,8 @@
 torch's `_cslt_sparse_mm` builds and destroys its cuSPARSELt descriptors and plan on every call
 (torch 2.11-2.14); on a 4096 x 4096 layer that host-side setup can outweigh the kernel. This
 table separates the kernel from the setup: each path eagerly and replayed from a CUDA graph
-(which replays the kernels alone), against dense float16 timed the same way; then the kernels of
-the whole exported 2:4 MLP beside its dense twin (torch.profiler). Needs a CUDA GPU of compute
+(which replays the kernels alone), against dense float16 timed the same way; then the whole exported
+2:4 MLP beside its dense twin, timed and kernel by kernel (torch.profiler). Needs a CUDA GPU of compute
 capability >= 8.0; prints why not otherwise.
 
     python benchmarks/two_four_paths.py [--width 4096] [--batches 64,1024,4096] [--json F] [--profile-batch B]
@@ -64,8 +64,9 @@ def two_four_weight(width: int) -> torch.Tensor:
     return w * mask
 
 
-def paths(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The ways to compute x @ w.T that this table compares; a path torch refuses is left out (printed)."""
+def paths(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The ways to compute x @ w.T that this table compares (then two layers with bias `b`); a
+    path torch refuses is left out (printed)."""
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
     out: dict[str, Callable[[], object]] = {"dense fp16": lambda: F.linear(x, w)}
@@ -97,11 +98,13 @@ def paths(w: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
         print(f"  CUTLASS refused: {type(e).__name__}: {e}")
     finally:
         SparseSemiStructuredTensor._FORCE_CUTLASS = False
-    tuned = SemiStructuredLinear(compressed.packed, None, w.shape[1], w.shape[0], w.shape[1]).cuda()
-    semi_structured.tune(tuned, [x.shape[0]])
-    # two layers: the second reads the first's transposed view, as in an exported MLP
-    out["dense 2 layers (relu between)"] = lambda: F.linear(F.relu(F.linear(x, w)), w)
-    out["pai 2 layers, tuned (relu between)"] = lambda: tuned(F.relu(tuned(x)))
+    # two layers with bias, ReLU between, as in an exported MLP: the second 2:4 layer reads the
+    # first's transposed view; the bias added after the product, or in cuSPARSELt's epilogue
+    out["dense 2 layers (bias, relu)"] = lambda: F.linear(F.relu(F.linear(x, w, b)), w, b)
+    for fuse in (False, True):
+        tuned = SemiStructuredLinear(compressed.packed, b, w.shape[1], w.shape[0], w.shape[1], fuse_bias=fuse).cuda()
+        semi_structured.tune(tuned, [x.shape[0]])
+        out[f"pai 2 layers, tuned{', bias fused' if fuse else ''}"] = lambda t=tuned: t(F.relu(t(x)))
     return out
 
 
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--json", type=Path)
     p.add_argument("--profile-batch", type=int, default=1024,
-                   help="then the exported MLP's kernels at this batch beside dense float16 (0: skip)")
+                   help="then the exported MLP at this batch beside dense float16, timed and profiled (0: skip)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         print("2:4 paths: not measured (no CUDA device with compute capability >= 8.0 here)")
@@ -122,12 +125,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"cuSPARSELt {torch.backends.cusparselt.version()}; {args.width} x {args.width} float16 weight, 2:4")
     torch.manual_seed(0)
     w = two_four_weight(args.width)
+    bias = torch.randn(args.width, device="cuda", dtype=torch.float16)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         x = torch.randn(batch, args.width, device="cuda", dtype=torch.float16)
         ref = F.linear(x, w).float()
-        ref2 = F.linear(F.relu(F.linear(x, w)), w).float()
-        fns = paths(w, x)
+        ref2 = F.linear(F.relu(F.linear(x, w, bias)), w, bias).float()
+        fns = paths(w, bias, x)
         for mode in ("eager", "cuda graph"):  # every eager path first: a failed capture cannot spoil them
             dense = float("nan")
             for name, fn in fns.items():
@@ -144,16 +148,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "speedup": dense / ms, "max_abs_diff": err})
                 print(f"  batch {batch:5d}  {name:36s} {mode:10s} {ms:8.4f} ms  vs dense {dense:8.4f} ms  "
                       f"{dense / ms:5.2f}x  max|diff| {err:.1e}", flush=True)
+                if args.json:  # as it goes: a kernel that kills the process leaves the rows before it
+                    args.json.write_text(json.dumps(rows, indent=1))
     if args.profile_batch:
-        kernel_breakdown(args.width, args.profile_batch)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        rows += exported_mlp(args.width, args.profile_batch, args.iters, args.warmup)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
     return rows
 
 
-def kernel_breakdown(width: int, batch: int, calls: int = 10) -> None:
-    """The GPU kernels of the exported 2:4 MLP (benchmarks/speedup.py's, head dense) and of the same
-    net dense in float16, one table each: where the whole net's time goes, kernel by kernel."""
+def exported_mlp(width: int, batch: int, iters: int, warmup: int, calls: int = 10) -> list[dict]:
+    """The exported 2:4 MLP (benchmarks/speedup.py's, head dense) against the same net dense in
+    float16, replayed from CUDA graphs, with the bias added after each product (the export's
+    default) and fused into cuSPARSELt's epilogue; then each one's GPU kernels (torch.profiler):
+    where the whole net's time goes, kernel by kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     from pai_core.export import build, masked_copy
@@ -168,10 +176,27 @@ def kernel_breakdown(width: int, batch: int, calls: int = 10) -> None:
     mask = select_nm({n: params[n].detach().abs() for n in names},
                      {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}, 2, 4)
     x = torch.randn(batch, width, device="cuda")
-    nets = {"dense float16": HalfPrecision(masked_copy(mlp, mask).half()).cuda().eval(),
-            "2:4 export": build("semi_structured", mlp, mask, x, device="cuda", tune_batches=[batch])}
-    for label, net in nets.items():
-        with torch.inference_mode():
+    dense = HalfPrecision(masked_copy(mlp, mask).half()).cuda().eval()
+    export = build("semi_structured", mlp, mask, x, device="cuda", tune_batches=[batch])
+    layers = [m for m in export.modules() if isinstance(m, SemiStructuredLinear)]
+    rows, dense_ms = [], float("nan")
+    with torch.inference_mode():
+        ref = dense(x).float()
+        for label, fuse in (("dense float16", None), ("2:4 export", False), ("2:4 export, bias fused", True)):
+            net = dense if fuse is None else export
+            for m in layers:
+                m.fuse_bias = bool(fuse)
+            try:
+                ms = cuda_ms(graphed(lambda: net(x)), iters, warmup)
+                err = float((net(x).float() - ref).abs().max())
+            except Exception as e:  # noqa: BLE001 - a diagnostic: say what failed and go on
+                print(f"  exported MLP, batch {batch}, {label}: refused: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            dense_ms = ms if fuse is None else dense_ms
+            rows.append({"batch": batch, "path": f"MLP {width}x3+head: {label}", "mode": "cuda graph", "ms": ms,
+                         "dense_ms": dense_ms, "speedup": dense_ms / ms, "max_abs_diff": err})
+            print(f"  exported MLP, batch {batch}, {label:24s} cuda graph {ms:8.4f} ms  {dense_ms / ms:5.2f}x  "
+                  f"max|diff| vs dense fp16 {err:.1e}", flush=True)
             for _ in range(5):
                 net(x)
             torch.cuda.synchronize()
@@ -179,8 +204,9 @@ def kernel_breakdown(width: int, batch: int, calls: int = 10) -> None:
                 for _ in range(calls):
                     net(x)
                 torch.cuda.synchronize()
-        print(f"\n{label}, batch {batch}, {calls} calls: kernels by GPU time")
-        print(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=70))
+            print(f"\n{label}, batch {batch}, {calls} eager calls: kernels by GPU time")
+            print(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=70))
+    return rows
 
 
 if __name__ == "__main__":

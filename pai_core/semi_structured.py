@@ -24,9 +24,10 @@ class TwoFourRefused(ValueError):
     """What cuSPARSELt cannot run (pai_core.export re-raises it as ExportRefused)."""
 
 
-def layer(linear: nn.Linear) -> SemiStructuredLinear:
+def layer(linear: nn.Linear, fuse_bias: bool = False) -> SemiStructuredLinear:
     """`linear` (its weight already 2:4 along rows) compressed for cuSPARSELt in float16; rows and
-    columns zero-padded to the kernel's multiples (zeros keep 2:4 and add nothing)."""
+    columns zero-padded to the kernel's multiples (zeros keep 2:4 and add nothing). `fuse_bias`:
+    the bias in the kernel's epilogue (not yet timed on a GPU against the separate add; off)."""
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, to_sparse_semi_structured
 
     rule = SparseSemiStructuredTensorCUSPARSELT._DTYPE_SHAPE_CONSTRAINTS[torch.float16]
@@ -38,7 +39,7 @@ def layer(linear: nn.Linear) -> SemiStructuredLinear:
         raise TwoFourRefused("semi_structured export uses cuSPARSELt; torch chose the CUTLASS backend "
                              "(SparseSemiStructuredTensor._FORCE_CUTLASS is set)")
     bias = None if linear.bias is None else linear.bias.detach().half().clone()
-    return SemiStructuredLinear(compressed.packed, bias, in_f, out_f, cols, rule.dense_min_rows)
+    return SemiStructuredLinear(compressed.packed, bias, in_f, out_f, cols, rule.dense_min_rows, fuse_bias=fuse_bias)
 
 
 def gpu_signature(device: torch.device | str | int | None = None) -> str:
@@ -60,7 +61,8 @@ def tune(module: nn.Module, batches: Iterable[int]) -> dict[str, dict[int, int]]
     sees `batch` rows: Linear layers after a flatten), for both operand layouts forward meets (a
     row-major input transposed, or the previous 2:4 layer's output), and store the ids in the
     layers. Layers of one shape share each search (the speed of a 2:4 product does not depend on
-    the weights' values). Returns {layer name: {alg_key: id}}."""
+    the weights' values). The search leaves the bias out, fused or not: a search with a bias and a
+    transposed result crashed cuSPARSELt on an H200. Returns {layer name: {alg_key: id}}."""
     found: dict[str, dict[int, int]] = {}
     searched: dict[tuple, int] = {}  # (packed shape, rows, contiguous operand) -> id
     batches = sorted({int(b) for b in batches})

@@ -95,16 +95,25 @@ class SemiStructuredLinear(nn.Module):
     `alg_ids` maps (padded rows, operand layout) -- `alg_key` -- to the cuSPARSELt algorithm
     searched for exactly that call on the exporting GPU (`pai_core.semi_structured.tune`): the
     fastest algorithm differs with the operand's layout as with its shape. Other calls use
-    algorithm 0, which every shape has."""
+    algorithm 0, which every shape has.
+
+    The bias is held zero-padded to the packed weight's rows. With `fuse_bias` it goes into the
+    kernel's epilogue (as torch's own 2:4 F.linear passes it, untransposed result), saving the
+    separate pass over the output that is otherwise added after the product."""
 
     alg_ids: Dict[int, int]
     tuned_on: str  # the GPU and cuSPARSELt the ids were searched on: ids are not portable
+    fuse_bias: bool
 
     def __init__(self, packed: Tensor, bias: Optional[Tensor], in_features: int, out_features: int,
-                 padded_in: int, row_multiple: int = 8, alg_ids: Optional[Dict[int, int]] = None):
+                 padded_in: int, row_multiple: int = 8, alg_ids: Optional[Dict[int, int]] = None,
+                 fuse_bias: bool = False):
         super().__init__()
         self.register_buffer("packed", packed)
+        if bias is not None and bias.shape[0] < packed.shape[0]:
+            bias = F.pad(bias, [0, packed.shape[0] - bias.shape[0]])
         self.register_buffer("bias", bias)
+        self.fuse_bias = fuse_bias
         self.in_features = in_features
         self.out_features = out_features
         self.padded_in = padded_in
@@ -129,12 +138,13 @@ class SemiStructuredLinear(nn.Module):
         if not operand.is_contiguous() and not x2.is_contiguous():
             operand = x2.contiguous().t()
         alg = self.alg_ids.get(self.alg_key(rows, operand.is_contiguous()), 0)
-        y = torch._cslt_sparse_mm(self.packed, operand, alg_id=alg).t()  # (rows, padded out), a view
+        bias = self.bias
+        fused = bias if self.fuse_bias else None
+        y = torch._cslt_sparse_mm(self.packed, operand, bias=fused, alg_id=alg).t()  # (rows, padded out), a view
         if rows != n or y.shape[1] != self.out_features:
             y = y[:n, : self.out_features]
-        bias = self.bias
-        if bias is not None:
-            y = y + bias
+        if bias is not None and not self.fuse_bias:
+            y = y + bias[: self.out_features]
         return y.reshape(lead + [self.out_features])
 
 

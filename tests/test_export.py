@@ -282,9 +282,9 @@ def test_semi_structured_linear_pads_and_slices_right(monkeypatch, tmp_path):
     layer = SemiStructuredLinear(padded, lin.bias.detach().clone(), 10, 7, 16, row_multiple=8, alg_ids={16: 3})
     calls = []
 
-    def kernel(packed, dense, alg_id=0):
+    def kernel(packed, dense, bias=None, alg_id=0):
         calls.append((alg_id, dense.is_contiguous(), dense.data_ptr()))
-        return packed @ dense
+        return packed @ dense + (0 if bias is None else bias[:, None])
 
     with monkeypatch.context() as m:
         m.setattr(torch, "_cslt_sparse_mm", kernel)
@@ -339,6 +339,51 @@ def test_semi_structured_tuning_searches_each_padded_shape_and_layout_and_stays_
     assert dict(getattr(loaded.net, "1").alg_ids) == {}
 
 
+@pytest.mark.parametrize("fuse_bias", [False, True])
+def test_a_tuned_mlp_runs_every_2_4_call_with_its_searched_algorithm(monkeypatch, fuse_bias):
+    """The exported-MLP chain (2:4, bias, ReLU, 2:4, bias, ReLU, dense head): what `tune` searched
+    is what forward asks for, layer by layer, at every tuned batch size, so no call falls back to
+    algorithm 0 (ids searched for one operand layout and looked up for the other were one
+    suspect for the first H200 MLP being slower than dense while each layer alone was faster).
+    With `fuse_bias` the kernel gets the bias (padded to its rows) and no add follows."""
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 16), torch.randn(16, 16)]
+    layers = [SemiStructuredLinear(w, torch.randn(13), 13 if i else 16, 13, 16, row_multiple=8, fuse_bias=fuse_bias)
+              for i, w in enumerate(weights)]  # 13 outputs: rows and bias padded to the weight's 16
+    weights = [w[:13, : 13 if i else 16] for i, w in enumerate(weights)]
+    head = nn.Linear(13, 3)
+    net = nn.Sequential(nn.Flatten(), layers[0], nn.ReLU(), layers[1], nn.ReLU(), head)
+    searched: dict[tuple, int] = {}
+
+    def search(packed, operand):
+        key = (tuple(operand.shape), operand.is_contiguous())
+        searched[key] = 1 + len(searched)  # a distinct non-zero id per searched call
+        return searched[key]
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "GPU A")
+    batches = [1, 13, 64]
+    semi_structured.tune(net, batches)
+    used = []
+
+    def kernel(packed, dense, bias=None, alg_id=0):
+        used.append((alg_id, searched.get((tuple(dense.shape), dense.is_contiguous()))))
+        fused.append(bias is not None and bias.shape == (16,))
+        return packed @ dense + (0 if bias is None else bias[:, None])
+    fused = []
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", kernel)
+    for batch in batches:
+        x = torch.randn(batch, 1, 4, 4)
+        h = x.flatten(1)
+        for layer, w in zip(layers, weights):
+            h = torch.relu(h @ w.t() + layer.bias[:13])
+        assert torch.allclose(net(x), head(h), atol=1e-5)
+    assert len(used) == 2 * len(batches) and all(alg == expected and alg for alg, expected in used), used
+    assert fused == [fuse_bias] * len(used)
+    used.clear()
+    net(torch.randn(100, 1, 4, 4))  # an untuned batch: the default algorithm, which every shape has
+    assert [alg for alg, _ in used] == [0, 0]
+
+
 def _sm80() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
@@ -359,6 +404,9 @@ def test_semi_structured_on_a_gpu(tmp_path):
     with torch.inference_mode():  # replayed from a CUDA graph, as `pai speedup --cuda-graph` times it
         replay = graph_replay(loaded, x.cuda())
         assert ex.check_outputs(lambda _: replay(), reference, x.cuda(), "semi_structured").passed
+    for name in ("fc1", "fc2", "fc3"):  # the bias in cuSPARSELt's epilogue instead: the same outputs
+        module.net.get_submodule(name).fuse_bias = True
+    assert ex.check_outputs(module, reference, x.cuda(), "semi_structured").passed
     del mask["fc3.weight"]  # the head left out of pruning stays a dense float16 Linear
     module = build("semi_structured", model, mask, x, device="cuda")
     assert isinstance(module.net.fc3, nn.Linear) and module.net.fc3.weight.dtype == torch.float16
