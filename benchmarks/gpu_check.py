@@ -61,6 +61,8 @@ VARIANTS = {
     "dynamic granet": {"flow": "dynamic_sparse", "dynamic": {"method": "granet",
                                                              "params": {"initial_density": 0.5, "interval": 10}},
                        "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
+    "dynamic topkast": {"flow": "dynamic_sparse", "dynamic": {"method": "topkast", "params": {"update_interval": 5}},
+                        "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
     "dynamic snfs": {"flow": "dynamic_sparse", "dynamic": {"method": "snfs"},
                      "prune": {"criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "scope": "erk"}},
     "dynamic dsr": {"flow": "dynamic_sparse", "dynamic": {"method": "dsr", "params": {"interval": 10}},

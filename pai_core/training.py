@@ -98,6 +98,9 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> dict[str
 class Callback:
     """One hook protocol for everything that rides along a training run. Every hook is optional.
 
+    - `before_masking`: the starting weights before the start mask zeroes them: a fresh run's in
+      full (Top-KAST keeps the pruned ones' values); a resumed run's are its checkpoint's. May
+      replace `state.mask`: the loop masks with what it holds after this hook.
     - `after_backward`: dense gradients exist, the step has not happened. May replace
       `state.mask` (SET/RigL regrowth, a gradual ramp) and set `state.skip_step`.
     - `on_step_end`: after the masked step (progress displays).
@@ -108,6 +111,7 @@ class Callback:
     - `record`: what the stage stores in its info (`mask_updates`, `stopped_early`).
     """
 
+    def before_masking(self, state: TrainState) -> None: ...
     def on_start(self, state: TrainState) -> None: ...
     def after_backward(self, state: TrainState) -> None: ...
     def on_step_end(self, state: TrainState) -> None: ...
@@ -242,7 +246,9 @@ def train(
         it, history, mask = saved["iteration"], saved["history"], saved.get("mask", mask)
         log.info("resuming from checkpoint at iteration %d of %d", it, stop)
     state = TrainState(model, opt, mask, it, stop, total, ipe)
-    enforcer = MaskEnforcer(model, mask)
+    for cb in callbacks:  # may replace the start mask (Top-KAST: the top-k of the weights it sees)
+        cb.before_masking(state)
+    enforcer = MaskEnforcer(model, state.mask)
     enforcer.after_step()  # the starting point itself is masked: w' = m ⊙ w
     for cb in callbacks:
         cb.on_start(state)

@@ -33,7 +33,8 @@ DYN = ROOT / "configs" / "dynamic"
 # ------------------------------------------------------------------ registry, specs, keys
 
 def test_every_method_is_registered_listed_and_offered_by_the_form():
-    assert set(dynamic_method_names()) == {"set", "rigl", "deepr", "dsr", "snfs", "granet", "mest"}
+    assert set(dynamic_method_names()) == {"set", "rigl", "deepr", "dsr", "snfs", "granet", "mest",
+                                            "topkast"}
     listed = {name: what for kind, name, what in catalog() if kind.startswith("dynamic method")}
     assert set(listed) == set(dynamic_method_names())
     assert "Bellec" in listed["deepr"] and "Mostafa" in listed["dsr"] and "Dettmers" in listed["snfs"]
@@ -70,6 +71,7 @@ CONFIG_KEYS = {  # the rest of each plan: its start mask, its sparse training, i
     "rigl": [*SHARED, ERK_95, "0a1448e6e07dac5f99d5", "746e7ab2f41dbe63a89f"],
     "set": [*SHARED, ERK_95, "6dbb48f298fdc54bba65", "25e224dfa6000a6f43e2"],
     "snfs": [*SHARED, ERK_95, "0dc2d21a88ce62d16222", "5e70eaa791334f32a5bf"],
+    "topkast": [*SHARED, ERK_95, "263c117d7354ea757ff1", "9c08b6890e097100cfb4"],
 }
 
 

@@ -32,5 +32,5 @@ def test_gpu_check_variants_are_valid_specs_with_plans():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     listed = [line.rsplit(" ", 2)[0] for line in proc.stdout.splitlines()]
-    assert {"supermask iterand", "dynamic mest em_s", "dynamic granet", "prune_at_init prospr",
+    assert {"supermask iterand", "dynamic mest em_s", "dynamic granet", "dynamic topkast", "prune_at_init prospr",
             "early_bird resnet20 channels"} <= set(listed) and len(listed) >= 20

@@ -27,7 +27,7 @@ from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
 from pai_core.training import Callback, TrainState, train
 
-METHODS = ("set", "rigl", "deepr", "dsr", "snfs", "granet")
+METHODS = ("set", "rigl", "deepr", "dsr", "snfs", "granet", "topkast")
 SGD = TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, epochs=3)  # 60 iterations of 50 on synthetic
 TOTAL = 60
 
@@ -104,7 +104,7 @@ def build(method: str, seed: int = 11) -> Callback:
     elif method == "granet":
         d = {"method": method, "params": {"interval": 10, "end_fraction": 0.75}, "final_density": 0.1}
     else:
-        d = {"method": method, "params": {"deepr": {"alpha": 1e-4, "temperature": 1e-8},
+        d = {"method": method, "params": {"deepr": {"alpha": 1e-4, "temperature": 1e-8}, "topkast": {"update_interval": 5},
                                           "dsr": {"interval": 5, "n_prune": 300}, "snfs": {}}[method]}
     return InTimeOverparam(get_method(method).build(d, TOTAL, seed))
 
@@ -121,6 +121,7 @@ class EveryStep(Callback):
 
     def _or(self, state):
         m = {n: v.detach().cpu().bool() for n, v in state.mask.items()}
+        self.first = m if self.ever is None else self.first  # what training starts with (Top-KAST: its own A₀)
         self.ever = m if self.ever is None else {n: self.ever[n] | m[n] for n in m}
 
     on_start = after_backward = on_step_end = _or
@@ -134,8 +135,9 @@ def test_every_method_records_the_union_of_every_mask_it_trained_with(method):
     rec = cb.record()
     assert all(torch.equal(cb.ever[n], slow.ever[n]) for n in mask)
     assert rec["itop_rate"] == itop_rates(slow.ever)[0]
-    assert all(torch.equal(cb.ever[n] | mask[n], cb.ever[n]) and torch.equal(cb.ever[n] | out.mask[n], cb.ever[n])
+    assert all(torch.equal(cb.ever[n] | slow.first[n], cb.ever[n]) and torch.equal(cb.ever[n] | out.mask[n], cb.ever[n])
                for n in mask)  # the initial and the final mask are in it
+    assert method == "topkast" or all(torch.equal(slow.first[n], mask[n]) for n in mask)
     final, initial = 1 - sparsity(out.mask), 1 - sparsity(mask)
     assert max(final, initial) < rec["itop_rate"] <= 1  # every method here moved weights
     history = [h["itop_rate"] for h in rec["itop_history"]]

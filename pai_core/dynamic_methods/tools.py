@@ -180,6 +180,9 @@ class InTimeOverparam(Callback):
             self.history.append({"iteration": int(updates[-1].get("iteration", state.it)),
                                  "itop_rate": itop_rates(self.ever)[0]})
 
+    def before_masking(self, state: TrainState) -> None:
+        self.inner.before_masking(state)
+
     def on_start(self, state: TrainState) -> None:
         self.inner.on_start(state)
         self._seen = {}

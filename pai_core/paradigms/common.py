@@ -17,7 +17,8 @@ def rewind_optimizer_field() -> object:
                                         "new optimizer at step k (open_lth's lottery runner). Same at k = 0")
 
 PRETTY = dict(snip="SNIP", grasp="GraSP", synflow="SynFlow", set="SET", rigl="RigL", edge_popup="edge-popup", obd="OBD",
-              taylor="Taylor", force="FORCE", prospr="ProsPr", granet="GraNet", mest="MEST")
+              taylor="Taylor", force="FORCE", prospr="ProsPr", granet="GraNet", mest="MEST",
+              topkast="Top-KAST")
 
 
 def pretty(name: str) -> str:

@@ -31,7 +31,7 @@ SET_RIGL_OPTIONS = ("update_interval", "drop_fraction", "end_fraction", "anneal"
 class DynamicSpec(Frozen):
     """How the mask moves while training."""
     method: str = Field(description="a registered dynamic sparse method (pai list): set, rigl, deepr, dsr, snfs, "
-                                    "granet, mest",
+                                    "granet, mest, topkast",
                         json_schema_extra=registry_enum(dynamic_method_names))
     update_interval: int = Field(100, gt=0, description="set/rigl: iterations between mask updates")
     drop_fraction: float = Field(0.3, gt=0, lt=1, description="set/rigl: fraction of each layer's active weights "
@@ -46,9 +46,9 @@ class DynamicSpec(Frozen):
     skip_step_on_update: bool | None = Field(
         None, description="set/rigl: no optimizer step on update iterations; None = the reference's (RigL: yes, "
                           "SET: no)")
-    params: dict[str, Any] = Field(default_factory=dict, description="deepr, dsr, snfs, granet, mest: the method's "
-                                                                     "own options (pai list names them); empty = the "
-                                                                     "paper's")
+    params: dict[str, Any] = Field(default_factory=dict, description="deepr, dsr, snfs, granet, mest, topkast: the "
+                                                                     "method's own options (pai list names them); "
+                                                                     "empty = the paper's")
 
     @field_validator("method")
     @classmethod
