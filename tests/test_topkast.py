@@ -94,18 +94,20 @@ def tiny(weights):
     return model
 
 
-def test_one_step_by_hand():
+@pytest.mark.parametrize("weight_decay, penalty", [(0.01, None), (0.0, 0.01)], ids=["decay", "penalty"])
+def test_one_step_by_hand(weight_decay, penalty):
     """8 weights, a start mask of 2 (A: the 2 largest |θ| of the dense init, not the mask's own
-    choice), B of 4. One SGD step with weight decay λ: A by the optimizer, B \\ A by the same
-    (dense) gradient and λθ/D, the rest unchanged; then A and B from |θ| again."""
+    choice), B of 4. One SGD step, λ = 0.01 as the optimizer's weight decay or as Top-KAST's own
+    `penalty` (the same step): A by the gradient and λθ, B \\ A by the same (dense) gradient and
+    λθ/D, the rest unchanged; then A and B from |θ| again."""
     w0 = torch.tensor([0.9, -0.05, 0.3, -0.8, 0.02, 0.31, -0.29, 0.01])
     start = {"0.weight": torch.tensor([False, True, False, False, False, False, False, True]).reshape(2, 4)}
     x = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
     y = torch.tensor([1])
     lr, lam = 0.5, 0.01
     model = tiny(w0.tolist())
-    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=lam)
-    cb = TopKAST(TopKASTParams(backward_multiple=2), total=10)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
+    cb = TopKAST(TopKASTParams(backward_multiple=2, penalty=penalty), total=10)
     state = TrainState(model, opt, dict(start), 0, 10, 10, 10)
     cb.before_masking(state)
     cb.on_start(state)  # the loop's order: before_masking, the start mask applied, on_start
@@ -123,7 +125,7 @@ def test_one_step_by_hand():
     explore = (b0 & ~a0).reshape(-1)
     theta[explore] -= lr * (g[explore] + lam * 8 / 2 * w0[explore])  # D = 2/8
     on = a0.reshape(-1)
-    theta[on] -= lr * (g[on] + lam * w0[on])  # the optimizer's SGD with weight decay
+    theta[on] -= lr * (g[on] + lam * w0[on])  # SGD with λθ: the optimizer's decay or the penalty
 
     F.cross_entropy(model(x), y).backward()
     cb.after_backward(state)

@@ -11,10 +11,12 @@ the spec's start mask (ERK densities in the configs; D = k/n):
   masked loop computes for every weight, used or not), at the step's learning rate. θ outside B
   does not change: a weight that left B keeps its value and returns once the
   others' magnitudes fall below it.
-* the exploration penalty: L2 on A (the training's weight decay, as the optimizer applies it)
-  and, on B \\ A, the same scaled by 1/D: a gradient term λ·θ/D with λ = `penalty` (default: the
-  optimizer's weight decay). A weight explored but unused decays D⁻¹ times faster, so it enters A
-  only if the loss keeps pushing it up.
+* the exploration penalty: L2 with coefficient λ on A and λ/D on B \\ A, so a weight explored but
+  unused decays D⁻¹ times faster and enters A only if the loss keeps pushing it up. It is the
+  method's own regulariser: without it a weight of A whose gradient is zero (on an input that is
+  always 0, as MNIST's border pixels) keeps its init magnitude and its place forever. λ =
+  `penalty`, added to the loss's gradient on A (on top of any weight decay of the optimizer); by
+  default (unset) λ is the optimizer's weight decay, which then is A's penalty already.
 * both sets are chosen again from |θ| every `update_interval` steps (the paper: every step; it
   reports every 100 as good). A weight entering A brings its value from θ and starts with fresh
   optimizer state; one leaving A keeps its value in θ.
@@ -33,6 +35,8 @@ Here, in the masked training loop:
   by raw gradient steps at Adam's small learning rate. A weight entering B \\ A (from A or from
   outside B) starts that optimizer's state afresh; θ outside B \\ A is restored after its step
   (momentum and decay must not move it).
+* the compute is the masked loop's: the gradient is computed dense and then restricted to B, so
+  the method's arithmetic is Top-KAST's but not its savings (those need sparse kernels).
 * ties in |θ| go to the lower flat index, so a resumed run chooses exactly as an uninterrupted one
   (θ, B and the per-layer counts are part of the callback's checkpointed state).
 """
@@ -56,8 +60,9 @@ class TopKASTParams(MethodParams):
                                                                      "exploration)")
     update_interval: int = Field(1, ge=1, le=10**9, description="steps between choices of A and B by |θ| (paper: "
                                                                 "every step; it reports 100 as good)")
-    penalty: float | None = Field(None, ge=0, le=1e6, description="λ of the exploration penalty λθ/D on B \\ A; "
-                                                                  "default: the optimizer's weight decay")
+    penalty: float | None = Field(None, ge=0, le=1e6, description="λ of the exploration penalty: λθ added to A's "
+                                                                  "gradient, λθ/D to B \\ A's; default: the "
+                                                                  "optimizer's weight decay (then A's is that)")
 
     def schedule_problem(self, total: int, iterations_per_epoch: int) -> str | None:
         if self.update_interval >= total:
@@ -99,6 +104,7 @@ class TopKAST(Callback):
         self._explore: dict[str, torch.Tensor] = {}  # B \ A per layer, θ's device (a cache)
         self.counts: dict[str, tuple[int, int]] = {}  # (|A|, |B|) per layer
         self.pending = False  # the mask changed after a step: hand it to the loop at the next after_backward
+        self.on_forward = params.penalty or 0.0  # λ added to A's gradient (else the optimizer's decay is A's)
         self.shadow: torch.optim.Optimizer | None = None  # steps B \ A (built at the start: it needs the optimizer)
         self._shadow_saved: dict[str, Any] | None = None  # its state from a checkpoint, until it is built
         self.entered = 0  # weights that entered A since the last epoch end
@@ -141,6 +147,8 @@ class TopKAST(Callback):
                 k, kb = self.counts[name]
                 g, theta = params[name].grad, self.theta[name]
                 theta.grad = None
+                if g is not None and self.on_forward:  # λθ on A: the model holds θ there, 0 elsewhere
+                    g.add_(params[name].detach(), alpha=self.on_forward)
                 if kb == k or g is None:
                     continue
                 explore = self._explore[name]
