@@ -71,7 +71,7 @@ CONFIG_KEYS = {  # the rest of each plan: its start mask, its sparse training, i
     "rigl": [*SHARED, ERK_95, "0a1448e6e07dac5f99d5", "746e7ab2f41dbe63a89f"],
     "set": [*SHARED, ERK_95, "6dbb48f298fdc54bba65", "25e224dfa6000a6f43e2"],
     "snfs": [*SHARED, ERK_95, "0dc2d21a88ce62d16222", "5e70eaa791334f32a5bf"],
-    "topkast": [*SHARED, ERK_95, "263c117d7354ea757ff1", "9c08b6890e097100cfb4"],
+    "topkast": [*SHARED, ERK_95, "9126ec41074da61fe8c5", "665192c36ae3e8cce7fd"],
 }
 
 
@@ -525,9 +525,9 @@ def test_a_resumed_training_equals_an_uninterrupted_one_bit_for_bit(method, tmp_
     assert again.record() == whole.record() and again.record()["mask_updates"]
 
 
-@pytest.mark.parametrize("method", NEW)
+@pytest.mark.parametrize("method", [*NEW, "topkast"])
 def test_the_plan_trains_and_evaluates_with_the_final_mask(tmp_path, method):
-    params = {"deepr": {}, "dsr": {"interval": 5, "n_prune": 300}, "snfs": {}}[method]
+    params = {"deepr": {}, "dsr": {"interval": 5, "n_prune": 300}, "snfs": {}, "topkast": {"update_interval": 5}}[method]
     spec = parse_spec(dyn_raw(method, params))
     plan = build_plan(spec)
     rt = Runtime(Store(tmp_path), "cpu")
