@@ -132,11 +132,17 @@ def train_node(spec: ExperimentBase, role: str, start: Node, train: TrainSpec, *
     return Node("train", role, fields, inputs)
 
 
-def score_node(spec: ExperimentBase, weights: Node, mask: Node | None, prune: PruneSpec | None = None) -> Node:
+def score_node(spec: ExperimentBase, weights: Node, mask: Node | None, prune: PruneSpec | None = None, *,
+               density: float | None = None) -> Node:
+    """`density`: the mask's, for a criterion that `chooses_count` (PHEW's walks stop at it)."""
     prune = prune or spec.prune
     crit = get_criterion(prune.criterion)
     fields: dict[str, Any] = {"criterion": crit.name, "params": crit.Params(**prune.params).model_dump(mode="json"),
                               "prune_biases": prune.prune_biases}
+    if crit.chooses_count:  # only then: every other criterion's scores keep their keys
+        if density is None:
+            raise ValueError(f"criterion {crit.name} chooses the kept weights itself: its score needs the density")
+        fields["density"] = density
     if prune.ignore:  # only when set: masks without ignored layers keep the keys they had
         fields["ignore"] = list(prune.ignore)
     # BatchNorm mode only where there is BatchNorm: BN-free models keep the keys they had.
@@ -169,8 +175,8 @@ def iterative_mask_node(spec: ExperimentBase, weights: Node, densities: list[flo
                         structure: dict[str, Any] | None = None) -> Node:
     """Score and prune repeatedly at fixed weights, keeping only the final mask: a 100-round
     schedule is one artifact, not 200. `structure`: a filter selection's fields, as mask_node's."""
-    score = score_node(spec, weights, None)
-    fields = {**score.fields, "densities": densities, "scope": spec.prune.scope,
+    score = score_node(spec, weights, None, density=densities[-1])
+    fields = {**{k: v for k, v in score.fields.items() if k != "density"}, "densities": densities, "scope": spec.prune.scope,
               "min_density": spec.prune.min_density, "on_collapse": spec.prune.on_collapse} | (structure or {})
     if spec.prune.layer_density:
         fields["layer_density"] = dict(spec.prune.layer_density)

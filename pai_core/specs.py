@@ -146,6 +146,8 @@ class PruneSpec(Frozen):
             raise ValueError(f"criterion: {self.criterion} scores whole filters/neurons, which only "
                              f"structure: filter removes (prune_after_training, lottery_ticket, prune_at_init); "
                              f"allowed here: {allowed}")
+        if crit.chooses_count:
+            self._keeps_choice()
         if self.bn_mode is not None and crit.bn_mode is None:
             raise ValueError(f"bn_mode: criterion {self.criterion} does not run the network")
         self._structure()
@@ -172,6 +174,16 @@ class PruneSpec(Frozen):
                 raise ValueError(f"layer_density: the densities are the mask's, in one round; allowed with rounds: "
                                  f"1 (got {self.rounds})")
         return self
+
+    def _keeps_choice(self) -> None:
+        """A criterion that chooses the kept weights itself (PHEW) ranks its choice first: only a
+        global, floor-free selection of weights keeps exactly that choice."""
+        why = f"criterion {self.criterion} chooses the kept weights itself"
+        for field, allowed in (("structure", "unstructured"), ("scope", "global"), ("min_density", 0.0),
+                               ("prune_biases", False)):
+            if getattr(self, field) != allowed:
+                raise ValueError(f"prune.{field}: {why}, which only a global selection of weights without floors "
+                                 f"keeps; allowed: {str(allowed).lower()} (got {clip(getattr(self, field))})")
 
     def _structure(self) -> None:
         """N:M: n of every m weights per group, in one round, so the density is n/m and the
@@ -271,6 +283,9 @@ class ExperimentBase(Frozen):
             prune_checks.check_ignore(self, prune.ignore, prune.prune_biases)
         if isinstance(prune, PruneSpec) and prune.layer_density:
             prune_checks.check_layer_density(self, prune)
+        if isinstance(prune, PruneSpec) and (check := get_criterion(prune.criterion).model_check):
+            if problem := check(prune_checks.meta_model(self)):
+                raise ValueError(f"prune.criterion: {prune.criterion} cannot score {self.model.name}: {problem}")
         if (units := self.pruned_units()) is not None:
             prune_checks.check_schedule(self.prune, *units)
         return self

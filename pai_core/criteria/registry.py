@@ -28,6 +28,7 @@ class ScoreInputs:
     num_classes: int
     batches: Batches | None = None  # train batches in epoch-0 order, if the criterion needs data
     dense_weights: dict[str, torch.Tensor] | None = None  # a `revives` criterion: the weights before masking
+    keep: int | None = None  # a `chooses_count` criterion: how many weights the round's mask keeps
 
 
 ScoreFn = Callable[[nn.Module, Mask, ScoreInputs, BaseModel], dict[str, torch.Tensor]]
@@ -52,6 +53,13 @@ class Criterion:
     # Scores whole filters/neurons (every weight of a unit carries the unit's score): only a
     # filter selection (PaT's `structure: filter`) may use it.
     whole_units: bool = False
+    # Chooses the set of weights for the round's kept count itself (PHEW's walks stop there);
+    # its scores rank that set first, so only a global, floor-free unstructured selection keeps
+    # exactly its choice, and its score stage is keyed by the density.
+    chooses_count: bool = False
+    # Why the criterion cannot score this net (None: it can), asked of the meta-device net
+    # while the spec validates, so a refusal comes before any compute.
+    model_check: Callable[[nn.Module], str | None] | None = None
 
 
 _CRITERIA: dict[str, Criterion] = {}
@@ -59,12 +67,13 @@ _CRITERIA: dict[str, Criterion] = {}
 
 def register(name: str, *, description: str, params: type[BaseModel] = NoParams, needs_data: bool = False,
              stochastic: bool = False, bn_mode: str | None = None, revives: bool = False,
-             whole_units: bool = False) -> Callable[[ScoreFn], ScoreFn]:
+             whole_units: bool = False, chooses_count: bool = False,
+             model_check: Callable[[nn.Module], str | None] | None = None) -> Callable[[ScoreFn], ScoreFn]:
     def deco(fn: ScoreFn) -> ScoreFn:
         if name in _CRITERIA:
             raise ValueError(f"criterion {name!r} registered twice")
         _CRITERIA[name] = Criterion(name, fn, params, needs_data, stochastic, bn_mode, description, revives,
-                                    whole_units)
+                                    whole_units, chooses_count, model_check)
         return fn
     return deco
 

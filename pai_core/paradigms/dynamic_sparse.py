@@ -148,7 +148,8 @@ def plan(spec: DynamicSparseSpec) -> Plan:
     dynamic, start = spec.dynamic.resolved(), start_density(spec.dynamic)
     if start is not None:  # its density moves (GraNet): it starts at its own, and the target enters its key
         dynamic["final_density"] = density
-    start_mask = mask_node(spec, score_node(spec, init, None), None, density if start is None else start)
+    first = density if start is None else start
+    start_mask = mask_node(spec, score_node(spec, init, None, density=first), None, first)
     trained = train_node(spec, "sparse_train", init, spec.train, mask=start_mask, dynamic=dynamic)
     return Plan("dynamic_sparse", [dense, Round(1, spec.dynamic.method, density, start_mask, trained,
                                                  evaluate_node(spec, trained, None))])

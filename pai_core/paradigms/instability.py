@@ -152,7 +152,8 @@ def plan(spec: InstabilitySpec) -> Plan:
             continue
         weights, mask = dense.trained, None
         for r, density in enumerate(spec.prune.round_densities(), start=1):
-            mask = mask_node(spec, score_node(spec, weights, mask), mask, density, spec.prune.mask_fields())
+            mask = mask_node(spec, score_node(spec, weights, mask, density=density), mask, density,
+                             spec.prune.mask_fields())
             weights = train_node(spec, "retrain", wk, spec.retrain_spec, mask=mask, optimizer_state=state)
             noise = train_node(spec, "second copy", wk, spec.retrain_spec, mask=mask, order_seed=spec.noise_seed,
                                optimizer_state=state)

@@ -50,7 +50,8 @@ def plan(spec: LotteryTicketSpec) -> Plan:
     rewind = init if k == 0 else train_node(spec, "rewind", init, spec.train, stop_iter=k)
     rounds, weights, mask = [dense], dense.trained, None
     for r, density in enumerate(spec.prune.round_densities(), start=1):
-        mask = mask_node(spec, score_node(spec, weights, mask), mask, density, spec.prune.mask_fields())
+        mask = mask_node(spec, score_node(spec, weights, mask, density=density), mask, density,
+                         spec.prune.mask_fields())
         weights = train_node(spec, "retrain", rewind, spec.retrain_spec, mask=mask,
                              optimizer_state=rewind_state(spec.prune.rewind_optimizer, k))
         rounds.append(Round(r, f"round {r}", density, mask, weights,

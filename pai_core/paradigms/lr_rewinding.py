@@ -54,7 +54,7 @@ def plan(spec: LRRewindingSpec) -> Plan:
     _, dense = dense_round(spec)
     rounds, weights, mask = [dense], dense.trained, None
     for r, density in enumerate(spec.prune.round_densities(), start=1):
-        mask = mask_node(spec, score_node(spec, weights, mask), mask, density)
+        mask = mask_node(spec, score_node(spec, weights, mask, density=density), mask, density)
         weights = train_node(spec, "lr_rewind", weights, spec.retrain_spec, mask=mask, mode="replay",
                              from_iter=spec.prune.lr_rewind_iter,
                              optimizer_state="restored" if spec.prune.optimizer == "keep" else None)

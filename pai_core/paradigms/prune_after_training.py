@@ -84,7 +84,7 @@ def plan(spec: PruneAfterTrainingSpec) -> Plan:
                                                           evaluate_node(spec, ft, None))])
     structure = p.mask_fields()
     for r, density in enumerate(p.round_densities(), start=1):
-        mask = mask_node(spec, score_node(spec, weights, mask), mask, density, structure)
+        mask = mask_node(spec, score_node(spec, weights, mask, density=density), mask, density, structure)
         weights = train_node(spec, "finetune", weights, spec.retrain, mask=mask, mode="finetune")
         rounds.append(Round(r, f"round {r}", density, mask, weights,
                             evaluate_node(spec, weights, mask, physical=p.physical)))

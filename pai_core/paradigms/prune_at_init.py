@@ -54,7 +54,7 @@ def plan(spec: PruneAtInitSpec) -> Plan:
     densities = spec.prune.round_densities()
     filters = spec.prune.mask_fields()
     if spec.prune.schedule == "one_shot" or spec.prune.structure == "nm":  # N:M: one round, one mask
-        mask = mask_node(spec, score_node(spec, init, None), None, densities[-1], filters)
+        mask = mask_node(spec, score_node(spec, init, None, density=densities[-1]), None, densities[-1], filters)
     else:
         mask = iterative_mask_node(spec, init, densities, filters)
     start = init

@@ -50,7 +50,7 @@ def iterative_mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> 
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(original[n])
-        scores = score(model, mask, node, weights.info.arch, gen, rt, batches=stream)
+        scores = score(model, mask, node, weights.info.arch, gen, rt, batches=stream, density=density)
         ranked = everything if revives else mask
         if f.get("structure") == "filter":  # whole channel groups, inverted by their norms (sanity checks)
             mask = structured.select_filters(model, scores, ranked, density, f["filter_norm"], f["min_density"],
@@ -87,12 +87,16 @@ def scoring_mode(model: nn.Module, bn_mode: str | None) -> Iterator[None]:
 
 
 def score(model: nn.Module, mask: Mask, node: Node, arch: Arch, gen: torch.Generator,
-          rt: Runtime, batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+          rt: Runtime, batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
+          density: float | None = None) -> dict[str, torch.Tensor]:
     """The criterion's scores of the masked model; refuses a criterion that moved a weight.
-    `batches`: where the criterion's data comes from (default: the first training batches)."""
+    `batches`: where the criterion's data comes from (default: the first training batches);
+    `density`: the round's, for a criterion that `chooses_count` (default: the node's)."""
     f = node.fields
     crit = get_criterion(f["criterion"])
     ctx = ScoreInputs(gen, tuple(arch.in_shape), arch.num_classes)
+    if crit.chooses_count:  # the global selection's count (selection.select): of every entry, pruned or not
+        ctx.keep = round(sum(m.numel() for m in mask.values()) * (density if density is not None else f["density"]))
     if crit.revives:
         ctx.dense_weights = {n: p.detach().clone() for n, p in model.named_parameters() if n in mask}
     apply_mask(model, mask)
