@@ -149,7 +149,8 @@ class PruneSpec(Frozen):
         if crit.chooses_count:
             self._keeps_choice()
         if self.bn_mode is not None and crit.bn_mode is None:
-            raise ValueError(f"bn_mode: criterion {self.criterion} does not run the network")
+            raise ValueError(f"bn_mode: criterion {self.criterion} takes no BatchNorm mode (it does not run the "
+                             f"network, or sets BatchNorm itself)")
         self._structure()
         if self.schedule != "iterative":
             if self.rounds != 1:

@@ -22,7 +22,8 @@ def run(name: str, model=None, seed: int = 0, params=None, data_name="synthetic"
     mask = dense_mask(model)
     batches = [(data.train.x[i:i + 50], data.train.y[i:i + 50]) for i in range(0, 500, 50)]
     ctx = ScoreInputs(torch.Generator().manual_seed(seed), data.in_shape, data.num_classes,
-                      iter(batches) if crit.needs_data else None)
+                      iter(batches) if crit.needs_data else None,
+                      rebuild=lambda s: build_model("lenet5", data.in_shape, data.num_classes, seed=s))
     if crit.chooses_count:  # it picks the set for a count itself: the 10 % the tests select
         ctx.keep = round(sum(m.numel() for m in mask.values()) * 0.1)
     return model, mask, crit.score(model, mask, ctx, crit.Params(**(params or {}), **kw))

@@ -29,6 +29,7 @@ class ScoreInputs:
     batches: Batches | None = None  # train batches in epoch-0 order, if the criterion needs data
     dense_weights: dict[str, torch.Tensor] | None = None  # a `revives` criterion: the weights before masking
     keep: int | None = None  # a `chooses_count` criterion: how many weights the round's mask keeps
+    rebuild: Callable[[int], nn.Module] | None = None  # seed -> a fresh init of the same architecture (NTK-SAP)
 
 
 ScoreFn = Callable[[nn.Module, Mask, ScoreInputs, BaseModel], dict[str, torch.Tensor]]

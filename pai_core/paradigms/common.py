@@ -18,7 +18,7 @@ def rewind_optimizer_field() -> object:
 
 PRETTY = dict(snip="SNIP", grasp="GraSP", synflow="SynFlow", set="SET", rigl="RigL", edge_popup="edge-popup", obd="OBD",
               taylor="Taylor", force="FORCE", prospr="ProsPr", granet="GraNet", mest="MEST",
-              topkast="Top-KAST", phew="PHEW")
+              topkast="Top-KAST", phew="PHEW", ntk_sap="NTK-SAP")
 
 
 def pretty(name: str) -> str:

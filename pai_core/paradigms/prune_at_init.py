@@ -22,7 +22,8 @@ from pai_core.paradigms.filters import FilterPrune
 from pai_core.specs import ExperimentBase
 
 # Score-and-prune rounds at fixed weights, on the exponential schedule, as each paper runs it.
-DEFAULT_ROUNDS = {"synflow": 100, "force": FORCE_ROUNDS}  # Tanaka et al. 2020; de Jorge et al. 2021
+# Tanaka et al. 2020; de Jorge et al. 2021; Wang et al. 2023 (NTK-SAP's scripts/run.sh: --prune-epochs 20)
+DEFAULT_ROUNDS = {"synflow": 100, "force": FORCE_ROUNDS, "ntk_sap": 20}
 INIT_AFTER_MASK = {"keep": "train the kept init weights as they are",
                    "isometry": "first re-initialise them towards approximate isometry: min ||(M⊙W)(M⊙W)ᵀ − I||_F "
                                "per layer, SGD lr 0.1 × 10,000 steps (Lee et al. 2020)"}
@@ -35,7 +36,7 @@ class AtInitPrune(FilterPrune):
     @model_validator(mode="before")
     @classmethod
     def _paper_rounds(cls, data: Any) -> Any:
-        """SynFlow's and FORCE's own default, here and only here (rounds at fixed weights at
+        """SynFlow's, FORCE's and NTK-SAP's own default, here and only here (rounds at fixed weights at
         init): their papers' score-and-prune rounds on the exponential schedule. Not for N:M,
         which prunes once."""
         if (isinstance(data, dict) and data.get("criterion") in DEFAULT_ROUNDS and "schedule" not in data

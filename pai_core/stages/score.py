@@ -14,7 +14,7 @@ from pai_core.infos import Arch, MaskInfo, ScoreInfo
 from pai_core.masks import Mask, apply_mask, dense_mask, density_report, sparsity
 from pai_core.plan import Node
 from pai_core.selection import select
-from pai_core.stages.common import batch_stream, check_collapse, first_batches, generator, model_from
+from pai_core.stages.common import batch_stream, build_arch, check_collapse, first_batches, generator, model_from
 from pai_core.stages.registry import Runtime, stage
 from pai_core.store import Ref
 
@@ -94,7 +94,7 @@ def score(model: nn.Module, mask: Mask, node: Node, arch: Arch, gen: torch.Gener
     `density`: the round's, for a criterion that `chooses_count` (default: the node's)."""
     f = node.fields
     crit = get_criterion(f["criterion"])
-    ctx = ScoreInputs(gen, tuple(arch.in_shape), arch.num_classes)
+    ctx = ScoreInputs(gen, tuple(arch.in_shape), arch.num_classes, rebuild=lambda seed: build_arch(arch, seed))
     if crit.chooses_count:  # the global selection's count (selection.select): of every entry, pruned or not
         ctx.keep = round(sum(m.numel() for m in mask.values()) * (density if density is not None else f["density"]))
     if crit.revives:
