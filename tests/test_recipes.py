@@ -17,6 +17,7 @@ import torch
 
 from conftest import ROOT
 from pai_core import prune_checks, structured
+from pai_core.criteria import get_criterion
 from pai_core.models.registry import build_model
 from pai_core.paradigms import build_plan
 from pai_core.spec_io import apply_overrides, parse_spec
@@ -36,7 +37,7 @@ def test_there_are_graSP_and_synflow_recipes():
 
 
 # Every recipe belongs to a family with its own test below; a new family needs its own.
-FAMILIES = ("grasp_", "synflow_", "lth_", "lr_rewinding_", "l1_filter_", "instability_")
+FAMILIES = ("grasp_", "synflow_", "ntk_sap_", "lth_", "lr_rewinding_", "l1_filter_", "instability_")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -59,6 +60,23 @@ def test_recipe_is_gpu_sized_and_follows_its_paper(path: Path):
     if path.stem.startswith("grasp"):
         assert "SNIP" in text and "GraSP" in text and "dense" in text  # the paper's numbers beside it
         assert {s.prune.criterion for s in specs} == {"grasp", "snip", "random"}
+
+
+def test_ntk_sap_recipe_follows_its_script():
+    """scripts/run.sh of YiteWang/NTK-SAP: densities 0.8^c for its compression list, 20 rounds of
+    5 fresh inits, lr 0.1 ×0.1 at [80, 120], wd 1e-4; SynFlow keeps its own 100 rounds."""
+    specs = _recipe("ntk_sap_cifar10_resnet20")
+    densities = sorted({1 - s.prune.sparsity for s in specs})
+    assert densities == pytest.approx(sorted(0.8 ** c for c in range(2, 19, 2)), abs=1e-9)
+    assert {s.prune.criterion for s in specs} == {"ntk_sap", "synflow", "snip", "random"}
+    for spec in specs:
+        assert spec.model.params.get("shortcut", "B") == "B" and not spec.prune.ignore  # lottery ResNet-20, fc pruned
+        assert (spec.train.lr, tuple(spec.train.milestones), spec.train.gamma) == (0.1, (80, 120), 0.1)
+        assert spec.train.weight_decay == 1e-4 and spec.train.epochs == 160
+        rounds = {"ntk_sap": 20, "synflow": 100}.get(spec.prune.criterion, 1)
+        assert spec.prune.rounds == rounds and (rounds == 1 or spec.prune.schedule == "iterative")
+        if spec.prune.criterion == "ntk_sap":
+            assert spec.prune.params == {} and get_criterion("ntk_sap").Params().samples == 5
 
 
 def _recipe(stem: str) -> list:
@@ -200,11 +218,12 @@ def test_l1_filter_recipe_is_li_et_al_resnet56_pruned(variant):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stem", ["grasp_cifar10_resnet32", "synflow_cifar10_resnet20"])
+@pytest.mark.parametrize("stem", ["grasp_cifar10_resnet32", "synflow_cifar10_resnet20", "ntk_sap_cifar10_resnet20"])
 def test_recipe_runs_end_to_end_on_cpu_with_synthetic_cifar(tmp_path, stem):
     sweep = load_sweep(ROOT / "configs" / "recipes" / f"{stem}.yaml")
     spec = sweep.expand()[0]
-    raw = apply_overrides(spec.model_dump(mode="json"), [*SMALL, "device=cpu"])
+    extra = ["prune.rounds=2", "prune.params.samples=1"] if stem.startswith("ntk_sap") else []  # its 100 passes
+    raw = apply_overrides(spec.model_dump(mode="json"), [*SMALL, "device=cpu", *extra])
     small = parse_spec(raw)
     plan = build_plan(small)
     train = plan.rounds[1].trained

@@ -204,15 +204,15 @@ def walk_order(model: nn.Module, mask: dict[str, torch.Tensor], keep: int, gen: 
     while seen < keep:
         walkers = t0 + torch.arange(CHUNK)
         for direction, seeds in ((0, g.inputs), (1, g.outputs)):  # forward walk t is walk 2t, backward 2t + 1
-            units, alive = seeds[walkers % seeds.numel()], torch.ones(CHUNK, dtype=torch.bool)
+            units, going = seeds[walkers % seeds.numel()], torch.ones(CHUNK, dtype=torch.bool)
             for step in range(depth):
                 e, units = (walker.forward if direction == 0 else walker.backward)(units, gen)
-                alive &= e >= 0
+                going &= e >= 0
                 code = (2 * walkers + direction) * depth + step
-                first.scatter_reduce_(0, e[alive], code[alive], "amin")
-                alive &= units >= 0
+                first.scatter_reduce_(0, e[going], code[going], "amin")
+                going &= units >= 0
                 units = units.clamp(min=0)
-                if not alive.any():
+                if not going.any():
                     break
         now = int(((first < never) & counted).sum())
         stalled = 0 if now > seen else stalled + 1
