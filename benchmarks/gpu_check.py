@@ -73,6 +73,7 @@ VARIANTS = {
                                                                 "sparsity": 0.9, "params": {"meta_steps": 2}}},
     "prune_at_init force": {"flow": "prune_at_init", "prune": {"criterion": "force", "sparsity": 0.95,
                                                                "rounds": 5}},
+    "supermask biprop": {"flow": "supermask", "selection": {"method": "biprop", "keep": 0.5}},
     "prune_at_init phew": {"flow": "prune_at_init", "prune": {"criterion": "phew", "schedule": "one_shot",
                                                               "sparsity": 0.95}},
     "prune_at_init ntk_sap x3": {"flow": "prune_at_init", "prune": {"criterion": "ntk_sap", "sparsity": 0.95,

@@ -6,7 +6,7 @@ Every field is checked before any compute starts. Specs are frozen so a stage ca
 change what it was keyed on. Bounds: rounds <= 1000 (the plan is built whole up front),
 `experiment` <= 500 characters (MLflow's limit); the sections' own: spec_sections.py.
 Schedules that must empty a layer, or whose min_density floors miss the target, are refused
-(prune_checks.py).
+(prune_checks.py); what the criterion itself asks of the spec, by criterion_checks.py.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from pai_core import prune_checks
-from pai_core.criteria import criterion_names, get_criterion
+from pai_core import criterion_checks, prune_checks
+from pai_core.criteria import criterion_names
 from pai_core.form_schema import form_schema, registry_enum
 from pai_core.models import model_info, model_names
 from pai_core.spec_sections import (LR_MAX, MAX_EPOCHS, MAX_ITERATIONS, MAX_NAME, SEED_LIMIT, DataSpec,  # noqa: F401
                                     Frozen, ModelSpec, Name, Seed, TrainSpec, _text, registered)
-from pai_core.yaml_io import clip, dotted
+from pai_core.yaml_io import clip
 
 MAX_ROUNDS = 1000
 MAX_NM_GROUP = 1024  # N:M groups: hardware uses 4 or 8; any m up to this works
@@ -131,26 +131,7 @@ class PruneSpec(Frozen):
 
     @model_validator(mode="after")
     def _schedule(self) -> PruneSpec:
-        crit = get_criterion(self.criterion)
-        try:  # reject unknown/ill-typed params now, named under params
-            crit.Params.model_validate(self.params)
-        except ValidationError as err:
-            e = err.errors(include_url=False)[0]
-            field = dotted(e["loc"])
-            allowed = ", ".join(crit.Params.model_fields) or f"none ({self.criterion} has no params)"
-            what = ("unknown field" if e["type"] == "extra_forbidden"
-                    else f"{e['msg']} (got {clip(e.get('input'))})")
-            raise ValueError(f"params.{field}: {what}; allowed: {allowed}") from None
-        if crit.whole_units and not self.SELECTS_FILTERS:
-            allowed = ", ".join(n for n in criterion_names() if not get_criterion(n).whole_units)
-            raise ValueError(f"criterion: {self.criterion} scores whole filters/neurons, which only "
-                             f"structure: filter removes (prune_after_training, lottery_ticket, prune_at_init); "
-                             f"allowed here: {allowed}")
-        if crit.chooses_count:
-            self._keeps_choice()
-        if self.bn_mode is not None and crit.bn_mode is None:
-            raise ValueError(f"bn_mode: criterion {self.criterion} takes no BatchNorm mode (it does not run the "
-                             f"network, or sets BatchNorm itself)")
+        criterion_checks.check_prune(self)
         self._structure()
         if self.schedule != "iterative":
             if self.rounds != 1:
@@ -175,16 +156,6 @@ class PruneSpec(Frozen):
                 raise ValueError(f"layer_density: the densities are the mask's, in one round; allowed with rounds: "
                                  f"1 (got {self.rounds})")
         return self
-
-    def _keeps_choice(self) -> None:
-        """A criterion that chooses the kept weights itself (PHEW) ranks its choice first: only a
-        global, floor-free selection of weights keeps exactly that choice."""
-        why = f"criterion {self.criterion} chooses the kept weights itself"
-        for field, allowed in (("structure", "unstructured"), ("scope", "global"), ("min_density", 0.0),
-                               ("prune_biases", False)):
-            if getattr(self, field) != allowed:
-                raise ValueError(f"prune.{field}: {why}, which only a global selection of weights without floors "
-                                 f"keeps; allowed: {str(allowed).lower()} (got {clip(getattr(self, field))})")
 
     def _structure(self) -> None:
         """N:M: n of every m weights per group, in one round, so the density is n/m and the
@@ -284,9 +255,8 @@ class ExperimentBase(Frozen):
             prune_checks.check_ignore(self, prune.ignore, prune.prune_biases)
         if isinstance(prune, PruneSpec) and prune.layer_density:
             prune_checks.check_layer_density(self, prune)
-        if isinstance(prune, PruneSpec) and (check := get_criterion(prune.criterion).model_check):
-            if problem := check(prune_checks.meta_model(self)):
-                raise ValueError(f"prune.criterion: {prune.criterion} cannot score {self.model.name}: {problem}")
+        if isinstance(prune, PruneSpec):
+            criterion_checks.check_model(prune, self.model.name, lambda: prune_checks.meta_model(self))
         if (units := self.pruned_units()) is not None:
             prune_checks.check_schedule(self.prune, *units)
         return self

@@ -5,6 +5,10 @@ edge-popup (Ramanujan et al. 2020): a score per weight; the forward pass uses th
 gradient to every score; weights are frozen at a signed Kaiming constant, ±sqrt(2/fan_in).
 Supermask (Zhou et al. 2019): the mask is sampled from Bernoulli(σ(score)) at every step,
 gradients pass straight through the sample to σ(score); weights stay at their init.
+biprop (Diffenderfer & Kailkhura 2021, multi-prize tickets MPT-1/32): edge-popup's top-k over
+*binarized* frozen weights, α·sign(w) per layer with α = the mean |w| of the kept weights
+(chrundle/biprop utils/conv_type.py GetQuantnet_binary: α·mask forward, the score gradient
+g·|w| backward, which is dL/dw_eff ⊙ w as in edge-popup; α itself is not differentiated).
 The wrapped model's parameters have requires_grad off, so an optimizer over
 `Selector.parameters()` moves only the scores.
 
@@ -31,6 +35,7 @@ Reference behaviour each supermask default follows (uber-research/deconstructing
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from typing import Callable, Mapping
@@ -47,7 +52,9 @@ PAPER_DEFAULTS: dict[str, dict] = {
     "supermask": {"score_init": "constant", "score_constant": 0.0,
                   "evaluation": "sampled_mean", "eval_samples": 10},
     "edge_popup": {"score_init": "uniform"},
+    "biprop": {"score_init": "uniform"},
 }
+TOP_K = ("edge_popup", "biprop")  # the top `keep` of each layer by |score|
 
 
 class _TopK(torch.autograd.Function):
@@ -60,6 +67,27 @@ class _TopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+class _GainedTopK(torch.autograd.Function):
+    """biprop's α·mask for binary weights α·sign(w): forward the top-k mask times the mean |w| of
+    the kept weights; backward the incoming gradient times |w| to every score."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+        keep = _TopK.forward(ctx, scores, k)
+        ctx.save_for_backward(weight.abs())
+        return keep * binary_gain(weight, keep)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        magnitude, = ctx.saved_tensors
+        return grad * magnitude, None, None
+
+
+def binary_gain(weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """α = ||keep ⊙ w||₁ / ||keep||₀: the scale of a layer's binarized kept weights."""
+    return (weight.detach().abs() * keep).sum() / keep.sum().clamp(min=1)
 
 
 def signed_kaiming_constant(w: torch.Tensor) -> torch.Tensor:
@@ -138,7 +166,7 @@ class Selector(nn.Module):
         if evaluation not in EVALUATIONS:
             raise ValueError(f"evaluation must be one of {EVALUATIONS}, not {evaluation!r}")
         score_init = score_init or PAPER_DEFAULTS[method]["score_init"]
-        if score_init not in SCORE_INITS or (method == "edge_popup" and score_init != "uniform"):
+        if score_init not in SCORE_INITS or (method in TOP_K and score_init != "uniform"):
             raise ValueError(f"score_init {score_init!r} is not available for {method}")
         if eval_samples < 1:
             raise ValueError("eval_samples must be at least 1")
@@ -182,7 +210,7 @@ class Selector(nn.Module):
         eval_samples)`. These are bool; expected_dense gives the float σ(s).
         """
         scores = self._named_scores()
-        if self.method == "edge_popup":
+        if self.method in TOP_K:
             return [{n: _TopK.apply(s.abs(), round(self.keep * s.numel())).bool() for n, s in scores.items()}]
         if self.evaluation == "sampled_mean":
             return sample_masks(scores, self.seed, 1 if first_only else self.eval_samples)
@@ -208,6 +236,8 @@ class Selector(nn.Module):
             s = self.scores[str(i)]
             if self.method == "edge_popup":
                 out[n] = _TopK.apply(s.abs(), round(self.keep * s.numel()))  # d|s|/ds flows back
+            elif self.method == "biprop":  # α·mask: the forward multiplies it into sign(w)
+                out[n] = _GainedTopK.apply(s.abs(), params[n], round(self.keep * s.numel()))
             else:
                 prob = torch.sigmoid(s)
                 gen = torch.Generator(device=s.device).manual_seed(
@@ -221,25 +251,33 @@ class Selector(nn.Module):
         if self.training:
             self.step += 1
         params = dict(self.model.named_parameters())
-        weights = {n: params[n] * m for n, m in self.masks().items()}
+        frozen = {n: torch.sign(params[n]) if self.method == "biprop" else params[n] for n in self.names}
+        weights = {n: frozen[n] * m for n, m in self.masks().items()}
         return functional_call(self.model, weights, (x,), strict=False)
 
     @torch.no_grad()
     def evaluate(self, split, evaluate: Callable | None = None) -> dict[str, float]:
         """Metrics under this Selector's evaluation: the mean over `eval_masks()` (one mask but
         for sampled_mean), each a whole pass over `split` with one mask, as the reference does."""
-        return mean_over_masks(self.model, self.eval_masks(), split, evaluate)
+        model = self.model
+        if self.method == "biprop":  # through its binary weights, α·sign(w)
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(self.result()[0])
+        return mean_over_masks(model, self.eval_masks(), split, evaluate)
 
     @torch.no_grad()
     def result(self) -> tuple[dict[str, torch.Tensor], Mask]:
         """The evaluated network: (state_dict to store, binary mask).
 
-        The weights are the frozen ones; the mask is `eval_masks()[0]` (for sampled_mean the
+        The weights are the frozen ones (biprop: binarized, α·sign(w)); the mask is `eval_masks()[0]` (for sampled_mean the
         first of its samples, so it is one concrete draw of the distribution that was averaged).
         expected_dense stores w ⊙ σ(s) with an all-ones mask.
         """
         masks = self.eval_masks(first_only=True)[0]
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.method == "biprop":  # the binary weights the forward used: α·sign(w), α over the kept ones
+            for n, m in masks.items():
+                state[n] = torch.sign(state[n]) * binary_gain(state[n], m.to(state[n].dtype))
         if self.method == "supermask" and self.evaluation == "expected_dense":
             for n, m in masks.items():
                 state[n] = state[n] * m.to(state[n].dtype)  # w ⊙ σ(s): dense

@@ -1,7 +1,8 @@
-"""Sparse selection: edge-popup (Ramanujan et al. 2020), Zhou et al.'s supermask (2019) and
-IteRand (Chijiwa et al. 2021). k1 = k2 = 0, f2 = f3 = identity: the mask is learned over
-frozen weights, which are never trained (IteRand redraws the pruned ones from their init
-distribution every K_per steps: pai_core/supermask.py). There is no dense round: `train`
+"""Sparse selection: edge-popup (Ramanujan et al. 2020), Zhou et al.'s supermask (2019),
+IteRand (Chijiwa et al. 2021) and biprop (Diffenderfer & Kailkhura 2021). k1 = k2 = 0,
+f2 = f3 = identity: the mask is learned over frozen weights, which are never trained (IteRand
+redraws the pruned ones from their init distribution every K_per steps; biprop binarizes them:
+pai_core/supermask.py). There is no dense round: `train`
 here is the score schedule (supermasks want a learning rate that would wreck weight
 training); compare with another paradigm's.
 """
@@ -22,8 +23,9 @@ from pai_core.supermask import Selector
 
 METHODS = {"edge_popup": "Ramanujan et al. 2020: top-k by |score| per layer, straight-through, fixed random weights",
            "supermask": "Zhou et al. 2019: Bernoulli(sigmoid(score)) masks over the frozen init",
-           "iterand": "Chijiwa et al. 2021: edge-popup whose pruned weights are redrawn (rate r) every K_per steps"}
-EDGE_POPUP_LIKE = ("edge_popup", "iterand")  # top-k by |score| per layer, `keep` of each
+           "iterand": "Chijiwa et al. 2021: edge-popup whose pruned weights are redrawn (rate r) every K_per steps",
+           "biprop": "Diffenderfer & Kailkhura 2021: edge-popup over binarized weights α·sign(w) (multi-prize tickets)"}
+EDGE_POPUP_LIKE = ("edge_popup", "iterand", "biprop")  # top-k by |score| per layer, `keep` of each
 
 
 class Rerandomize(Frozen):
@@ -39,10 +41,11 @@ class Rerandomize(Frozen):
 
 class SelectionSpec(Frozen):
     """Learn a mask over frozen weights (the `train` section trains the scores)."""
-    method: Literal["edge_popup", "supermask", "iterand"] = Field(
+    method: Literal["edge_popup", "supermask", "iterand", "biprop"] = Field(
         description="edge_popup: top-k by |score| per layer; supermask: Bernoulli(sigmoid(score)) samples; "
-                    "iterand: edge_popup + pruned weights redrawn every K_per steps")
-    keep: float = Field(0.5, gt=0, le=1, description="edge_popup, iterand: fraction of each layer kept")
+                    "iterand: edge_popup + pruned weights redrawn every K_per steps; biprop: edge_popup over "
+                    "binary weights α·sign(w), α the mean |w| kept in the layer")
+    keep: float = Field(0.5, gt=0, le=1, description="edge_popup, iterand, biprop: fraction of each layer kept")
     evaluation: Literal["sampled", "expected", "sampled_mean", "expected_dense"] | None = Field(
         None, description="supermask: sampled_mean = mean accuracy of eval_samples Bernoulli masks (the "
                           "reference's, the default); expected = keep where σ(s) > 0.5; sampled = one mask; "
@@ -54,7 +57,7 @@ class SelectionSpec(Frozen):
     eval_samples: int = Field(10, ge=1, le=1000, description="supermask, sampled_mean: masks averaged")
     weights: Literal["signed_constant", "init"] | None = Field(
         None, description="None = the paper's: signed Kaiming constant for edge_popup and iterand, the init "
-                          "for supermask (iterand redraws from the same distribution)")
+                          "for supermask and biprop (iterand redraws from the same distribution; biprop binarizes)")
     rerandomize: Rerandomize | None = Field(None, description="iterand: when and how much to redraw (None = the "
                                                               "paper's every 300 steps, rate 0.1)")
 
@@ -69,7 +72,7 @@ class SelectionSpec(Frozen):
 
     @property
     def frozen_weights(self) -> str:
-        return self.weights or ("signed_constant" if self.method in EDGE_POPUP_LIKE else "init")
+        return self.weights or ("signed_constant" if self.method in ("edge_popup", "iterand") else "init")
 
     def resolved(self) -> dict:
         """What the select stage runs, the paper's defaults filled in; edge-popup's fields are the
@@ -122,10 +125,11 @@ def plan(spec: SupermaskSpec) -> Plan:
 
 
 def label(spec: SupermaskSpec, rnd: Round) -> str:
-    return "IteRand" if spec.selection.method == "iterand" else pretty(spec.selection.method)
+    return {"iterand": "IteRand", "biprop": "biprop (MPT-1/32)"}.get(spec.selection.method,
+                                                                     pretty(spec.selection.method))
 
 
 PARADIGM = register_paradigm("supermask", SupermaskSpec, plan, label,
                              "sparse selection: learn a mask over frozen weights "
-                             "(edge-popup, Zhou's supermask, IteRand)",
+                             "(edge-popup, Zhou's supermask, IteRand, biprop)",
                              __doc__)
