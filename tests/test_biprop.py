@@ -15,7 +15,7 @@ from pai_core.paradigms import build_plan
 from pai_core.spec_io import load_spec, parse_spec
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
-from pai_core.supermask import Selector, binary_gain
+from pai_core.supermask import Selector, binary_gain, signed_kaiming_constant
 
 
 def net() -> nn.Module:
@@ -68,6 +68,26 @@ def test_every_score_gets_the_references_gradient_g_times_abs_w():
         torch.testing.assert_close(sel.scores[str(i)].grad, want, rtol=1e-12, atol=1e-14)
         assert (sel.scores[str(i)].grad[hand[n][0] == 0] != 0).any(), "pruned weights' scores learn too"
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_over_signed_constant_weights_biprop_is_edge_popup():
+    # |w| = c everywhere: α = c, α·sign(w) = w, and g·|w| = (dL/dw_eff ⊙ sign(w))·c = dL/dw_eff ⊙ w
+    model = net()
+    with torch.no_grad():
+        for n in NAMES:
+            w = model.get_parameter(n)
+            w.copy_(signed_kaiming_constant(w))
+    x = torch.randn(7, 6, dtype=torch.float64)
+    outs, grads = [], []
+    for method in ("biprop", "edge_popup"):
+        sel = Selector(model, NAMES, method, keep=0.4, seed=3).double()
+        out = sel(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([sel.scores[str(i)].grad for i in range(len(NAMES))])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-14)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_the_stored_network_is_the_binarized_one():
