@@ -12,8 +12,9 @@ layers left out by `prune.ignore`, are walked with their (masked) |w| and never 
 
 Walks are drawn `CHUNK` at a time per direction on tensors; a walk's place in the sequential
 order (forward 0, backward 0, forward 1, ...) decides which weight came first, so the result is
-the sequential algorithm's, and a seed always gives the same walks whatever the kept count: the
-mask at a higher density contains the one at a lower density.
+the sequential algorithm's, and one generator state always gives the same walks whatever the
+kept count (so its mask at a higher density contains the one at a lower density; the score stage
+seeds the generator from its key, which holds the density, so two densities draw two walk sets).
 
 Residual nets: a shortcut is a connection without a weight, so the walks run on the graph with
 shortcuts contracted. A layer's input channel is fed by every earlier layer that writes its
