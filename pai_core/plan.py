@@ -176,7 +176,8 @@ def iterative_mask_node(spec: ExperimentBase, weights: Node, densities: list[flo
     """Score and prune repeatedly at fixed weights, keeping only the final mask: a 100-round
     schedule is one artifact, not 200. `structure`: a filter selection's fields, as mask_node's."""
     score = score_node(spec, weights, None, density=densities[-1])
-    fields = {**{k: v for k, v in score.fields.items() if k != "density"}, "densities": densities, "scope": spec.prune.scope,
+    per_round = {k: v for k, v in score.fields.items() if k != "density"}  # each round scores at its own
+    fields = {**per_round, "densities": densities, "scope": spec.prune.scope,
               "min_density": spec.prune.min_density, "on_collapse": spec.prune.on_collapse} | (structure or {})
     if spec.prune.layer_density:
         fields["layer_density"] = dict(spec.prune.layer_density)

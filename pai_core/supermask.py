@@ -269,8 +269,9 @@ class Selector(nn.Module):
     def result(self) -> tuple[dict[str, torch.Tensor], Mask]:
         """The evaluated network: (state_dict to store, binary mask).
 
-        The weights are the frozen ones (biprop: binarized, α·sign(w)); the mask is `eval_masks()[0]` (for sampled_mean the
-        first of its samples, so it is one concrete draw of the distribution that was averaged).
+        The weights are the frozen ones (biprop: binarized, α·sign(w)); the mask is
+        `eval_masks()[0]` (for sampled_mean the first of its samples, so it is one concrete draw of
+        the distribution that was averaged).
         expected_dense stores w ⊙ σ(s) with an all-ones mask.
         """
         masks = self.eval_masks(first_only=True)[0]

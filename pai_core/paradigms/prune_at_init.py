@@ -39,7 +39,8 @@ class AtInitPrune(FilterPrune):
         """SynFlow's, FORCE's and NTK-SAP's own default, here and only here (rounds at fixed weights at
         init): their papers' score-and-prune rounds on the exponential schedule. Not for N:M,
         which prunes once."""
-        if (isinstance(data, dict) and data.get("criterion") in DEFAULT_ROUNDS and "schedule" not in data
+        if (isinstance(data, dict) and isinstance(data.get("criterion"), str) and data["criterion"] in DEFAULT_ROUNDS
+                and "schedule" not in data
                 and data.get("structure") != "nm"):
             data = {**data, "schedule": "iterative", "rounds": data.get("rounds", DEFAULT_ROUNDS[data["criterion"]])}
         return data
