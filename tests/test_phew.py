@@ -211,6 +211,16 @@ def test_a_second_round_walks_only_the_surviving_weights():
     assert all(((second_scores[n] > 0) <= first[n]).all() for n in first)
 
 
+def test_an_ignored_layer_is_walked_but_not_counted():
+    torch.manual_seed(0)
+    net = MLP(12, 10, 8, 3)
+    mask = {n: m for n, m in dense_mask(net).items() if n != "layers.2.weight"}  # prune.ignore: the head
+    scores, _ = phew_scores(net, 0.1, mask=mask)
+    assert set(scores) == set(mask)
+    kept = select(scores, mask, 0.1, "global")
+    assert sum(int(k.sum()) for k in kept.values()) == round(0.1 * (120 + 80))  # the head's 24 not counted
+
+
 def test_keeping_everything_needs_no_walk(monkeypatch):
     import pai_core.criteria.phew as mod
     monkeypatch.setattr(mod, "_Walker", lambda *a: pytest.fail("walked"))
