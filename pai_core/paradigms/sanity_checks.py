@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from pai_core.criteria import get_criterion
 from pai_core.paradigms.registry import get_paradigm, register_paradigm
 from pai_core.plan import REINIT_SEED_OFFSET, Node, Plan, Round, evaluate_node, init_node, train_node
 from pai_core.specs import ExperimentBase, Frozen, TrainSpec
@@ -60,6 +61,11 @@ class SanityChecksSpec(ExperimentBase):
             raise ValueError(f"sanity.checks: {scratch[0]} trains a pruned-after-training mask from scratch; a "
                              f"{self.sanity.base} mask is trained from an init already (its reinit check is "
                              f"Scratch-E); allowed with this base: reinit, shuffle, invert")
+        criterion = base.prune.criterion
+        if "invert" in self.sanity.checks and get_criterion(criterion).chooses_count:
+            raise ValueError(f"sanity.checks: invert keeps the lowest-ranked weights, and {criterion} ranks only "
+                             f"the weights it chose (the rest tie at 0, so an inverse is just the lowest indices); "
+                             f"allowed with this criterion: reinit, shuffle")
         if self.sanity.budget_cap is not None and "scratch_b" not in self.sanity.checks:
             raise ValueError("sanity.budget_cap: only the scratch_b check uses it")
         return self
