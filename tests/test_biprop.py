@@ -10,12 +10,13 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from conftest import ROOT, tiny_raw
+from conftest import ROOT
 from pai_core.paradigms import build_plan
-from pai_core.spec_io import load_spec, parse_spec
+from pai_core.spec_io import load_spec
 from pai_core.stages import Runtime, run_plan
 from pai_core.store import Store
 from pai_core.supermask import Selector, binary_gain, signed_kaiming_constant
+from test_supermask import spec_for
 
 
 def net() -> nn.Module:
@@ -106,12 +107,7 @@ def test_the_stored_network_is_the_binarized_one():
 
 
 def test_a_biprop_run_learns_stores_binary_weights_and_evaluates_them(tmp_path):
-    raw = tiny_raw("supermask", train={"optimizer": "adam", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0,
-                                       "epochs": 4})
-    raw.pop("prune")
-    raw["selection"] = {"method": "biprop", "keep": 0.3}
-    spec = parse_spec(raw)
-    plan = build_plan(spec)
+    plan = build_plan(spec_for({"method": "biprop", "keep": 0.3}))
     rt = Runtime(Store(tmp_path), "cpu")
     refs = run_plan(plan.nodes, rt)
     node = plan.rounds[0].trained
