@@ -30,9 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from pai_core.criteria.registry import NoParams, ScoreInputs, register
-
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-
+from pai_core.interpolation import recompute_bn
 
 class NtkSapParams(NoParams):  # frozen, unknown fields refused
     samples: int = Field(5, gt=0, le=1000, description="fresh inits R per round, each over the whole pruning set "
@@ -45,14 +43,9 @@ class NtkSapParams(NoParams):  # frozen, unknown fields refused
 
 
 def batch_norm_statistics(net: nn.Module, x: torch.Tensor) -> None:
-    """Make every BatchNorm's running statistics exactly `x`'s batch statistics, then eval mode."""
-    net.train()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, NORMS):
-                m.reset_running_stats()
-                m.momentum = 1.0
-        net(x)
+    """Make every BatchNorm's running statistics exactly `x`'s batch statistics (the shared
+    re-estimate, here over one batch), then eval mode."""
+    recompute_bn(net, [(x, None)])
     net.eval()
 
 
