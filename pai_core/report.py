@@ -94,12 +94,17 @@ def _identity(spec: ExperimentSpec, label: str) -> str:  # a dense baseline is i
                                 exclude=None if label == DENSE else _SWEEP)
 
 
-def _without_seed(name: str) -> str:
-    """A sweep point's name less its seed (`base[lr=0.1,seed=0]` -> `base[lr=0.1]`): seeds share a line."""
+# Sweep tags that only move a point along a line: its seed or its place on the density axis.
+_POSITION_TAGS = {"seed", *(f for fields in _SWEEP.values() if isinstance(fields, set) for f in fields)}
+
+
+def _line_name(name: str) -> str:
+    """A sweep point's name less the tags a line spans (`base[lr=0.1,sparsity=0.9,seed=0]` ->
+    `base[lr=0.1]`): seeds and swept sparsities share a line, so its label names neither."""
     m = re.fullmatch(r"(.*)\[([^\[\]]*)\]", name)
     if m is None:
         return name
-    tags = [t for t in m.group(2).split(",") if not t.startswith("seed=")]
+    tags = [t for t in m.group(2).split(",") if t.partition("=")[0] not in _POSITION_TAGS]
     return m.group(1) + (f"[{','.join(tags)}]" if tags else "")
 
 
@@ -115,7 +120,7 @@ def collect(specs: list[ExperimentSpec], store: Store) -> tuple[list[Point], lis
     unique: dict[tuple[str, str], tuple[ExperimentSpec, Round]] = {}  # a shared artifact (dense) counts once
     for s, r, label in rows:
         if len(owners[label]) > 1:
-            label = f"{label} [{_without_seed(owners[label][_identity(s, label)])}]"
+            label = f"{label} [{_line_name(owners[label][_identity(s, label)])}]"
         unique.setdefault((label, r.evaluate.key), (s, r))
     points, missing = [], []
     for (label, key), (s, r) in unique.items():

@@ -254,16 +254,20 @@ def test_specs_differing_beyond_seed_and_sparsity_are_not_averaged(tmp_path):
     assert methods == ["dense", "PaT magnitude (iterative) [pat-a]", "PaT magnitude (iterative) [pat-b]"]
 
 
-def test_a_sweep_points_seed_is_not_part_of_its_disambiguating_name(tmp_path):
-    """Sweep points are named base[grid tags]: the seed tag would name one seed of a line of
-    several; the other tags tell lines apart and stay."""
+def test_a_sweep_points_seed_and_sparsity_are_not_part_of_its_disambiguating_name(tmp_path):
+    """Sweep points are named base[grid tags]: a seed or rate tag would name one point of a line
+    of several; the other tags tell lines apart and stay."""
     store = Store(tmp_path)
-    specs = [tiny_spec("prune_after_training", name=f"{base}[{tag}seed={seed}]", seed=seed, retrain={"lr": lr})
-             for base, tag, lr in (("pat", "lr=0.01,", 0.01), ("pat", "lr=0.1,", 0.1)) for seed in (0, 1)]
+    specs = [tiny_spec("prune_after_training", name=f"{base}[{tag}rate={rate},seed={seed}]", seed=seed,
+                       retrain={"lr": lr}, prune={"rate": rate})
+             for base, tag, lr in (("pat", "lr=0.01,", 0.01), ("pat", "lr=0.1,", 0.1))
+             for rate in (0.2, 0.5) for seed in (0, 1)]
     for spec in specs:
         fake(store, spec, "dense", 0.97, 0.96)
         fake(store, spec, "round 1", 0.9, 0.9)
-    methods = [g.method for g in aggregate(collect(specs, store)[0])]
+    groups = aggregate(collect(specs, store)[0])
+    assert len(groups) == 5 and all(g.seeds == (0, 1) for g in groups)  # dense, then 2 lines x 2 rates
+    methods = list(dict.fromkeys(g.method for g in groups))
     assert methods == ["dense", "PaT magnitude (iterative) [pat[lr=0.01]]", "PaT magnitude (iterative) [pat[lr=0.1]]"]
 
 

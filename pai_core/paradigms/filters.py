@@ -20,7 +20,7 @@ STRUCTURES = {**SHARED_STRUCTURES, "filter": "whole filters/neurons with every c
                                              "they feed, and residual adds"}
 # Criteria that score whole units (one score spread over a unit's weights): filter structure
 # only, filter_norm max, and the layers they prune by default.
-UNIT_CRITERIA = {"bn_scale": "batch_norm", "taylor_filter": "all"}
+UNIT_CRITERIA = {"bn_scale": "batch_norm", "hrank": "all", "taylor_filter": "all"}
 
 
 class FilterPrune(PruneSpec):
@@ -30,7 +30,8 @@ class FilterPrune(PruneSpec):
         "unstructured", description="what is pruned: " + "; ".join(f"{k}: {v}" for k, v in STRUCTURES.items()))
     filter_norm: Literal["l1", "l2", "max"] | None = Field(
         None, description="structure filter: how a filter's per-weight scores combine into one: l1 or l2 norm, or "
-                          "max; None = max for criteria that score whole units (bn_scale, taylor_filter), else l1")
+                          "max; None = max for criteria that score whole units (bn_scale, hrank, taylor_filter), "
+                          "else l1")
     filter_layers: Literal["all", "batch_norm", "unshared"] | None = Field(
         None, description="structure filter: the channels that may go: all (every layer's but the output's), "
                           "batch_norm (those BatchNorms follow: network slimming's channels) or unshared (those "
