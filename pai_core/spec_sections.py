@@ -190,11 +190,13 @@ class DataSpec(Frozen):
 
 
 class TrainSpec(Frozen):
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="torch.optim.SGD or Adam")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd", description="torch.optim.SGD, Adam, or AdamW (Adam with decoupled weight decay)")
     lr: float = Field(gt=0, le=LR_MAX, description="peak learning rate (per step, before warmup and decay)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(False, description="Nesterov momentum (SGD with momentum > 0)")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 coefficient (coupled, as torch's SGD/Adam)")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 coefficient, coupled (SGD, Adam) or decoupled "
+                                                             "(AdamW: w -= lr·wd·w each step)")
     epochs: int | None = Field(None, gt=0, le=MAX_EPOCHS, description="training length in passes over the train split")
     iterations: int | None = Field(None, gt=0, le=MAX_ITERATIONS,
                                    description="training length in steps (instead of epochs)")

@@ -63,8 +63,9 @@ def lr_at(it: int, spec: TrainSpec, ipe: int, total: int) -> float:
 
 
 def make_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer in ("adam", "adamw"):
+        adam = torch.optim.AdamW if spec.optimizer == "adamw" else torch.optim.Adam
+        return adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
                            nesterov=spec.nesterov, weight_decay=spec.weight_decay)
 

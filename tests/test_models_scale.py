@@ -187,7 +187,8 @@ def test_wrn_counts_match_the_paper(depth: int, k: int, paper: str) -> None:
 
 def test_wrn_default_is_wrn_28_10_without_dropout() -> None:
     params = model_info("wrn").Params().model_dump()
-    assert params == {"depth": 28, "widen": 10, "dropout": 0.0, "bn_init": "model", "bias_init": "model"}
+    assert params == {"depth": 28, "widen": 10, "dropout": 0.0, "weight_init": "model", "bn_init": "model",
+                      "bias_init": "model"}
 
 
 def test_wrn_forward_shortcuts_dropout_and_init() -> None:

@@ -37,7 +37,7 @@ def test_there_are_graSP_and_synflow_recipes():
 
 
 # Every recipe belongs to a family with its own test below; a new family needs its own.
-FAMILIES = ("grasp_", "synflow_", "ntk_sap_", "lth_", "lr_rewinding_", "l1_filter_", "instability_")
+FAMILIES = ("grasp_", "synflow_", "ntk_sap_", "lth_", "lr_rewinding_", "l1_filter_", "instability_", "lamp_")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -50,7 +50,8 @@ def test_recipe_is_gpu_sized_and_follows_its_paper(path: Path):
     assert {s.seed for s in specs} >= {0, 1}
     for spec in specs:
         assert spec.data.dataset in ("cifar10", "cifar100") and spec.data.augment_kinds == ("crop", "flip")
-        assert spec.data.batch_size == 128 and spec.train.optimizer == "sgd" and spec.train.momentum == 0.9
+        if not path.stem.startswith("lamp_"):  # LAMP's code trains with AdamW at batch 100 (its own test)
+            assert spec.data.batch_size == 128 and spec.train.optimizer == "sgd" and spec.train.momentum == 0.9
     if path.stem.startswith(("grasp_", "synflow_")):  # pruning at init: one training per sparsity
         assert len({s.prune.sparsity for s in specs}) == 3
         for spec in specs:
@@ -77,6 +78,26 @@ def test_ntk_sap_recipe_follows_its_script():
         assert spec.prune.rounds == rounds and (rounds == 1 or spec.prune.schedule == "iterative")
         if spec.prune.criterion == "ntk_sap":
             assert spec.prune.params == {} and get_criterion("ntk_sap").Params().samples == 5
+
+
+def test_lamp_recipe_follows_its_code():
+    """jaeho-lee/layer-adaptive-sparsity's 'vgg16': AdamW 3e-4 (torch's decay 0.01), batch 100, 50k
+    steps, then 20 iterations of pruning 20 % of what is left and 40k steps from the pruned weights;
+    every Conv/Linear weight pruned; PyTorch's default init; the four allocations on one pretrain."""
+    specs = _recipe("lamp_cifar10_vgg16")
+    assert {s.seed for s in specs} == {0, 1, 2}
+    assert {(s.prune.criterion, s.prune.scope) for s in specs} == {
+        ("lamp", "global"), ("magnitude", "global"), ("magnitude", "layerwise"), ("magnitude", "erk")}
+    for spec in specs:
+        assert spec.flow == "prune_after_training" and spec.data.batch_size == 100
+        assert spec.model.name == "vgg16" and spec.model.params == {"weight_init": "torch", "bias_init": "torch"}
+        for train, steps in ((spec.train, 50_000), (spec.retrain, 40_000)):
+            assert (train.optimizer, train.lr, train.weight_decay) == ("adamw", 3e-4, 0.01)
+            assert (train.iterations, train.lr_schedule, train.warmup_iterations) == (steps, "constant", 0)
+        assert (spec.prune.schedule, spec.prune.rate, spec.prune.rounds) == ("iterative", 0.2, 20)
+        assert not spec.prune.ignore and not spec.prune.prune_biases and spec.prune.min_density == 0
+    for seed in (0, 1, 2):  # one dense training per seed serves all four allocations
+        assert len({build_plan(s).rounds[0].trained.key for s in specs if s.seed == seed}) == 1
 
 
 def _recipe(stem: str) -> list:
@@ -248,10 +269,13 @@ PER_FLOW = {"lottery_ticket": ["prune.rounds=1", "prune.rewind_iter=2"], "lr_rew
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stem", ["lth_cifar10_resnet20", "lth_cifar10_vgg16", "lr_rewinding_cifar10_resnet56",
-                                  "l1_filter_cifar10_resnet56", "instability_cifar10_resnet20"])
+                                  "l1_filter_cifar10_resnet56", "instability_cifar10_resnet20", "lamp_cifar10_vgg16"])
 def test_pat_and_lth_recipes_run_end_to_end_on_cpu_with_synthetic_cifar(tmp_path, stem):
     """Every base spec of the recipe (seed 0), its whole plan, shared stages run once."""
-    specs = [parse_spec(apply_overrides(s.model_dump(mode="json"), [*SMALL_ITERATIONS, *PER_FLOW[s.flow]]))
+    # 2 of LAMP's 20 iterative rounds, for each of its 4 allocations: at a quarter of the width
+    per_recipe = {"lamp_cifar10_vgg16": ["prune.rounds=2", "model.width=0.25"]}
+    specs = [parse_spec(apply_overrides(s.model_dump(mode="json"),
+                                        [*SMALL_ITERATIONS, *PER_FLOW[s.flow], *per_recipe.get(stem, [])]))
              for s in _recipe(stem) if s.seed == 0]
     plans = [build_plan(s) for s in specs]
     refs = run_plan(unique_nodes(plans), Runtime(Store(tmp_path), "cpu"))

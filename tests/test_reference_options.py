@@ -55,9 +55,23 @@ def test_torch_bias_init_is_pytorchs_default_uniform_and_keeps_every_weight():
     assert all(torch.equal(a[k], b[k]) for k in a if not k.endswith("bias") or "bn" in k)
 
 
+def test_torch_weight_init_is_pytorchs_default_uniform_and_leaves_biases_and_batchnorm():
+    plain = build_model("vgg16", CIFAR, 10, seed=0, bias_init="torch", bn_init="uniform")
+    torchw = build_model("vgg16", CIFAR, 10, seed=0, bias_init="torch", bn_init="uniform", weight_init="torch")
+    layers = [m for m in torchw.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for m in layers:
+        bound = 1 / math.sqrt(m.weight[0].numel())  # kaiming_uniform_(a=√5): U(±1/sqrt(fan_in))
+        assert torch.all(m.weight.abs() <= bound) and m.weight.abs().max() > 0.99 * bound
+        assert abs(m.weight.std().item() - bound / math.sqrt(3)) < 0.05 * bound  # uniform, not Kaiming normal
+    a, b = plain.state_dict(), torchw.state_dict()
+    weights = {f"{n}.weight" for n, m in torchw.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in weights)  # drawn after the biases and BN
+    assert all(not torch.equal(a[k], b[k]) for k in weights)
+
+
 def test_default_options_are_dropped_so_keys_do_not_change():
     base = tiny_raw(model={"name": "resnet20"})
-    stated = tiny_raw(model={"name": "resnet20", "bn_init": "model", "bias_init": "model"})
+    stated = tiny_raw(model={"name": "resnet20", "bn_init": "model", "bias_init": "model", "weight_init": "model"})
     assert init_node(parse_spec(base)).key == init_node(parse_spec(stated)).key
     other = tiny_raw(model={"name": "resnet20", "bn_init": "uniform"})
     assert init_node(parse_spec(other)).key != init_node(parse_spec(base)).key

@@ -40,7 +40,7 @@ def test_lth_config_states_its_round_sparsities():
     ({"prune": {"criterion": "nope", "sparsity": 0.5}}, "prune.criterion", "allowed: " + ", ".join(criterion_names())),
     ({"model": {"name": "resnet1000"}}, "model.name", "allowed: "),
     ({"data": {"dataset": "imagenet"}}, "data.dataset", "allowed: "),
-    ({"train": {"optimizer": "lbfgs", "lr": 0.1, "epochs": 1}}, "train.optimizer", "'sgd' or 'adam'"),
+    ({"train": {"optimizer": "lbfgs", "lr": 0.1, "epochs": 1}}, "train.optimizer", "'sgd', 'adam' or 'adamw'"),
     ({"bogus": 1}, "bogus", "allowed: name, experiment, flow"),
     ({"prune": {"schedule": "iterative", "rate": 0.2, "rounds": 2, "rewind_iter": 10_000}}, "prune.rewind_iter", "< the"),
     ({"prune": {"schedule": "iterative", "rate": 0.2, "rounds": 2, "sparsity": 0.5}}, "rate 0.2 over 2 rounds", ""),

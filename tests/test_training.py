@@ -173,3 +173,18 @@ def test_dropout_draws_are_a_function_of_the_iteration(tmp_path):
     other = dropout_net()
     train(other, data, SGD, batch_size=50, order_seed=4)
     assert not same_weights(full, other), "another order seed draws other masks"
+
+
+@pytest.mark.parametrize("optimizer, after", [("adam", 1.0 - 0.1), ("adamw", 1.0 * (1 - 0.1 * 0.5) - 0.1)])
+def test_adamw_decays_the_weight_apart_from_the_gradient(optimizer, after):
+    """One step from w = 1 with gradient 0.5, lr 0.1, weight decay 0.5. Adam adds wd·w to the
+    gradient (g = 1), so its first step is -lr·g/|g|; AdamW shrinks w by lr·wd first, then takes
+    the step of the gradient alone."""
+    from pai_core.training import make_optimizer
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    opt = make_optimizer(model, TrainSpec(optimizer=optimizer, lr=0.1, weight_decay=0.5, epochs=1))
+    model.weight.grad = torch.full_like(model.weight, 0.5)
+    opt.step()
+    assert model.weight.item() == pytest.approx(after, abs=1e-6)

@@ -23,10 +23,15 @@ Builder = Callable[..., nn.Module]  # (in_shape, num_classes, **params) -> modul
 
 
 class ModelParams(BaseModel):
-    """What every model takes: two departures from its builder's init that reference codes make
-    (open_lth draws BatchNorm weights U(0, 1) and keeps PyTorch's default biases). They are
-    applied after the builder, from the same seed, so a model's own init stays in one place."""
+    """What every model takes: departures from its builder's init that reference codes make
+    (open_lth draws BatchNorm weights U(0, 1) and keeps PyTorch's default biases; LAMP's code keeps
+    PyTorch's default weights too). They are applied after the builder, from the same seed, so a
+    model's own init stays in one place."""
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    weight_init: Literal["model", "torch"] = Field(
+        "model", description="model: the builder's weights (Kaiming normal in most models here); torch: every "
+                             "Conv/Linear weight redrawn U(±1/sqrt(fan_in)), PyTorch's default (kaiming_uniform_, "
+                             "a = √5)")
     bn_init: Literal["model", "uniform"] = Field(
         "model", description="model: the builder's BatchNorm init (weight 1, bias 0 here); uniform: weights "
                              "U(0, 1), biases 0 (open_lth's batchnorm_init 'uniform')")
@@ -116,9 +121,11 @@ def build_model(name: str, in_shape: InShape, num_classes: int, seed: int, **par
 
 
 @torch.no_grad()
-def apply_init_options(model: nn.Module, bn_init: str = "model", bias_init: str = "model") -> None:
+def apply_init_options(model: nn.Module, bn_init: str = "model", bias_init: str = "model",
+                       weight_init: str = "model") -> None:
     """`ModelParams`' departures from the builder's init, in module order: biases first, then
-    BatchNorm weights. Nothing is drawn for "model", so a model without options keeps its weights."""
+    BatchNorm weights, then Conv/Linear weights (drawn last, so adding the option left the other two
+    draws as they were). Nothing is drawn for "model", so a model without options keeps its weights."""
     if bias_init == "torch":
         for m in model.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and m.bias is not None:
@@ -129,3 +136,7 @@ def apply_init_options(model: nn.Module, bn_init: str = "model", bias_init: str 
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and m.affine:
                 nn.init.uniform_(m.weight, 0.0, 1.0)
                 nn.init.zeros_(m.bias)
+    if weight_init == "torch":
+        for m in model.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
