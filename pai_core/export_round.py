@@ -15,8 +15,8 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from pai_core.export import (CHECK_BATCH, FORMATS, SPARSE_FORMATS, Check, ExportRefused, RoundNotStored,
-                             _prunable_layers, check_device, check_options, check_outputs, check_supported,
-                             conv_default, get_format, layer_plan, load_exported, save_module, to_format)
+                             check_device, check_options, check_outputs, check_supported, conv_default,
+                             get_format, layer_plan, load_exported, prunable_layers, save_module, to_format)
 from pai_core.masks import Mask, apply_mask, dense_mask
 from pai_core.store import atomic_write
 
@@ -144,7 +144,7 @@ class Manifest(BaseModel):
 
 def _layer_reports(fmt: str, model: nn.Module, module: nn.Module, mask: Mask,
                    sparse_conv: bool | None) -> dict[str, LayerReport]:
-    layers = dict(_prunable_layers(model))
+    layers = dict(prunable_layers(model))
     out = {}
     for p in layer_plan(fmt, model, sparse_conv, mask):
         param = f"{p.name}.weight"
