@@ -100,8 +100,12 @@ def _what(prune: Any, r: int) -> str:
     return "prune.rounds" if r > 1 else "prune.rate"
 
 
-def _counts(layers: Layers, density: float, scope: str) -> list[int]:
-    return layer_counts([s for _, s in layers], density, scope)
+def _counts(layers: Layers, density: float, scope: str, field: str) -> list[int]:
+    """The per-layer counts of `scope`; a scope that cannot reach `density` is refused naming `field`."""
+    try:
+        return layer_counts([s for _, s in layers], density, scope)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}; allowed: a lower sparsity, or another scope") from None
 
 
 def nm_row(shape: tuple[int, ...]) -> int:
@@ -155,7 +159,8 @@ def check_schedule(prune: Any, layers: Layers, scope: str, what: str = "weights"
                     f"{what}, more than the {target:,} of the final density {_fmt(final)}, so sparsity "
                     f"{_fmt(1 - final)} is unreachable; allowed: a floor below the final density")
         else:
-            for (name, _), floor, count, n in zip(layers, floors, _counts(layers, final, scope), sizes):
+            counts = _counts(layers, final, scope, _what(prune, len(densities)))
+            for (name, _), floor, count, n in zip(layers, floors, counts, sizes):
                 if floor > count:
                     raise ValueError(
                         f"prune.min_density: the floor of {_fmt(prune.min_density)} keeps {floor:,} of the {n:,} "
@@ -173,7 +178,7 @@ def check_schedule(prune: Any, layers: Layers, scope: str, what: str = "weights"
                     f"{_what(prune, r)}: {at} keeps {kept:,} of the {total:,} prunable {what} (density "
                     f"{_fmt(d)}), fewer than one per prunable layer ({n_layers}), so a layer would be empty{hint}")
             continue
-        for (name, _), count, n in zip(layers, _counts(layers, d, scope), sizes):
+        for (name, _), count, n in zip(layers, _counts(layers, d, scope, _what(prune, r)), sizes):
             if count < 1 and math.ceil(prune.min_density * n) < 1:
                 raise ValueError(
                     f"{_what(prune, r)}: {at} keeps 0 of the {n:,} {what} of {name} (scope {scope}, density "

@@ -2,7 +2,8 @@
 
 Scopes: `global` ranks all layers together, `layerwise` keeps the same fraction of every
 layer, `erk` gives each layer the Erdős–Rényi-kernel share, `smart_ratio` Su et al.'s
-depth-decaying shares (random tickets). Conventions (DESIGN.md §1):
+depth-decaying shares (random tickets), `uniform_plus` Gale et al.'s uniform with a dense first
+conv and a floored last layer. Conventions (DESIGN.md §1):
 higher score = keep; only weights still alive are ranked, so
 a later round can only remove more; ties go to the lower flat index (a stable sort), so
 the same scores always give the same mask. The kept count is rounded from the density
@@ -35,7 +36,7 @@ def select(
     scores: dict[str, torch.Tensor],
     previous: Mask,
     density: float,
-    scope: Literal["global", "layerwise", "erk", "smart_ratio"] = "global",
+    scope: Literal["global", "layerwise", "erk", "smart_ratio", "uniform_plus"] = "global",
     min_density: float = 0.0,
     layer_density: dict[str, float] | None = None,
 ) -> Mask:
@@ -83,9 +84,51 @@ def layer_counts(shapes: list[tuple[int, ...]], density: float, scope: str) -> l
         return erk_counts(shapes, density)
     if scope == "smart_ratio":
         return smart_ratio_counts(shapes, density)
+    if scope == "uniform_plus":
+        return uniform_plus_counts(shapes, density)
     if scope == "layerwise":
         return [round(math.prod(s) * density) for s in shapes]
-    raise ValueError(f"scope {scope!r} has no fixed per-layer counts; allowed: layerwise, erk, smart_ratio")
+    raise ValueError(f"scope {scope!r} has no fixed per-layer counts; allowed: layerwise, erk, smart_ratio, "
+                     "uniform_plus")
+
+
+UNIFORM_PLUS_LAST = 0.2  # Gale et al.'s uniform+: the last layer keeps at least this share
+
+
+def uniform_plus_counts(shapes: list[tuple[int, ...]], density: float) -> list[int]:
+    """Gale et al. 2019's uniform+ (the `unifplus` of LAMP's code): a first layer that is a conv
+    stays dense, the last layer keeps at least round(UNIFORM_PLUS_LAST · its size), and every
+    other layer keeps the same share, so the total is round(N · density). Shares are rounded by
+    largest remainder. A budget the dense first layer or the last layer's floor already exceeds is
+    refused (ValueError), as the code's "cannot be pruned further"."""
+    sizes = [math.prod(s) for s in shapes]
+    total = round(sum(sizes) * density)
+    if len(sizes) == 1:
+        return [total]
+    first = sizes[0] if len(shapes[0]) == 4 else None  # LAMP's code: only a first conv stays dense
+    budget = total - (first or 0)
+    if budget < 0:
+        raise ValueError(f"scope uniform_plus keeps the first conv dense, {sizes[0]:,} weights, more than the "
+                         f"{total:,} of density {density:.6g}")
+    free = list(range(1 if first is not None else 0, len(sizes)))
+    last = len(sizes) - 1
+    floor = min(round(UNIFORM_PLUS_LAST * sizes[last]), sizes[last])
+    share = budget / sum(sizes[i] for i in free)
+    fixed: dict[int, int] = {}
+    if round(share * sizes[last]) < floor and len(free) > 1:
+        fixed[last] = floor
+        rest = [i for i in free if i != last]
+        share = (budget - floor) / sum(sizes[i] for i in rest)
+        if share < 0:
+            raise ValueError(f"scope uniform_plus keeps at least {floor:,} weights of the last layer, more than "
+                             f"the {budget:,} of density {density:.6g} left for it and the middle layers")
+    counts = [sizes[i] if i == 0 and first is not None else fixed.get(i, math.floor(share * sizes[i]))
+              for i in range(len(sizes))]
+    spread = [i for i in free if i not in fixed]
+    by_remainder = sorted(spread, key=lambda i: (-(share * sizes[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 SMART_RATIO_LAST = 0.3  # Su et al.'s code: `linear_keep_ratio`, default 0.3, for the classifier

@@ -34,7 +34,9 @@ SCHEDULES = {"one_shot": "prune once to the target sparsity",
              "gradual": "PaT: Zhu & Gupta's cubic ramp inside the fine-tune"}
 SCOPES = {"global": "one ranking over all layers", "layerwise": "each layer to the same density",
           "erk": "Erdős–Rényi-kernel layer densities (Evci et al.)",
-          "smart_ratio": "Su et al.'s random-ticket ratios: density ∝ (L-l+1)²+(L-l+1) by depth, classifier 30 %"}
+          "smart_ratio": "Su et al.'s random-ticket ratios: density ∝ (L-l+1)²+(L-l+1) by depth, classifier 30 %",
+          "uniform_plus": "Gale et al.'s uniform+: a first conv dense, the last layer at least 20 %, the rest "
+                          "at one density"}
 
 
 def schedule_help(*allowed: str) -> str:
@@ -78,7 +80,8 @@ class PruneSpec(Frozen):
                                                                   "structure nm: 1 - n/m, derived when unset")
     rate: float | None = Field(None, gt=0, lt=1, description="per round, fraction of the remaining weights removed (0-1)")
     rounds: int = Field(1, gt=0, description="pruning rounds (iterative)")
-    scope: Literal["global", "layerwise", "erk", "smart_ratio"] = Field("global", description=SCOPE_HELP)
+    scope: Literal["global", "layerwise", "erk", "smart_ratio", "uniform_plus"] = Field("global",
+                                                                                     description=SCOPE_HELP)
     min_density: float = Field(0.0, ge=0, le=1, description="per-layer floor on the kept fraction")
     prune_biases: bool = Field(False, description=PRUNE_BIASES_HELP)
     ignore: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(

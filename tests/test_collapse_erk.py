@@ -93,3 +93,41 @@ def test_synflow_reaches_maximum_compression_on_lenet_300_100(tmp_path):
     assert info.layers["total"]["kept"] == 3
     assert [info.layers[n]["kept"] for n in ("fc1.weight", "fc2.weight", "fc3.weight")] == [1, 1, 1]
     assert info.collapse == {"empty_layers": [], "connected": True, "collapsed": False}
+
+
+# ---------------------------------------------------------------- uniform+ (Gale et al. 2019)
+
+def test_uniform_plus_counts_by_hand():
+    from pai_core.selection import uniform_plus_counts
+    shapes = [(4, 1, 3, 3), (10, 36), (10, 10), (5, 10)]  # 36, 360, 100, 50 weights: 546
+    # density 0.2 keeps 109: the first conv dense (36) leaves 73 for 510 weights, 14.3 %, which would
+    # give the last layer 7 < round(0.2 · 50) = 10; so it keeps 10 and the middle shares 63 / 460:
+    # 49.30 and 13.70, floors 49 + 13, the one left over to the larger remainder.
+    assert uniform_plus_counts(shapes, 0.2) == [36, 49, 14, 10]
+    # density 0.5 keeps 273: 237 / 510 = 46.5 % everywhere but the first conv, the last above its floor.
+    assert uniform_plus_counts(shapes, 0.5) == [36, 167, 47, 23]
+    # an MLP's first layer is no conv, so it is pruned like the middle (LAMP's code)
+    assert uniform_plus_counts([(300, 784), (100, 300), (10, 100)], 0.02) == [4544, 580, 200]
+
+
+def test_uniform_plus_scope_keeps_the_first_conv_whole_and_the_exact_total():
+    model = build_model("conv2", (1, 16, 16), 10, seed=0)
+    mask = dense_mask(model)
+    scores = {n: torch.rand(m.shape, generator=torch.Generator().manual_seed(1)) for n, m in mask.items()}
+    new = select(scores, mask, 0.05, scope="uniform_plus")
+    names = list(mask)
+    assert bool(new[names[0]].all()) and mask[names[0]].dim() == 4
+    total = sum(m.numel() for m in mask.values())
+    assert sum(int(m.sum()) for m in new.values()) == round(total * 0.05)
+    assert int(new[names[-1]].sum()) == round(0.2 * mask[names[-1]].numel())
+    middle = [int(new[n].sum()) / new[n].numel() for n in names[1:-1]]
+    assert max(middle) - min(middle) < 1e-3
+
+
+def test_uniform_plus_past_the_first_conv_is_refused_by_name():
+    from conftest import tiny_raw
+    from pai_core.spec_io import SpecError, parse_spec
+    with pytest.raises(SpecError, match=r"prune\.sparsity: scope uniform_plus keeps the first conv dense, 576 "
+                                        r"weights, more than the .* allowed: a lower sparsity, or another scope"):
+        parse_spec(tiny_raw("prune_at_init", model={"name": "conv2"}) | {"prune": {
+            "criterion": "random", "schedule": "one_shot", "sparsity": 0.9999, "scope": "uniform_plus"}})

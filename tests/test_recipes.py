@@ -83,11 +83,12 @@ def test_ntk_sap_recipe_follows_its_script():
 def test_lamp_recipe_follows_its_code():
     """jaeho-lee/layer-adaptive-sparsity's 'vgg16': AdamW 3e-4 (torch's decay 0.01), batch 100, 50k
     steps, then 20 iterations of pruning 20 % of what is left and 40k steps from the pruned weights;
-    every Conv/Linear weight pruned; PyTorch's default init; the four allocations on one pretrain."""
+    every Conv/Linear weight pruned; PyTorch's default init; the five allocations on one pretrain."""
     specs = _recipe("lamp_cifar10_vgg16")
     assert {s.seed for s in specs} == {0, 1, 2}
     assert {(s.prune.criterion, s.prune.scope) for s in specs} == {
-        ("lamp", "global"), ("magnitude", "global"), ("magnitude", "layerwise"), ("magnitude", "erk")}
+        ("lamp", "global"), ("magnitude", "global"), ("magnitude", "layerwise"), ("magnitude", "uniform_plus"),
+        ("magnitude", "erk")}
     for spec in specs:
         assert spec.flow == "prune_after_training" and spec.data.batch_size == 100
         assert spec.model.name == "vgg16" and spec.model.params == {"weight_init": "torch", "bias_init": "torch"}
@@ -96,7 +97,7 @@ def test_lamp_recipe_follows_its_code():
             assert (train.iterations, train.lr_schedule, train.warmup_iterations) == (steps, "constant", 0)
         assert (spec.prune.schedule, spec.prune.rate, spec.prune.rounds) == ("iterative", 0.2, 20)
         assert not spec.prune.ignore and not spec.prune.prune_biases and spec.prune.min_density == 0
-    for seed in (0, 1, 2):  # one dense training per seed serves all four allocations
+    for seed in (0, 1, 2):  # one dense training per seed serves all five allocations
         assert len({build_plan(s).rounds[0].trained.key for s in specs if s.seed == seed}) == 1
 
 
@@ -272,7 +273,7 @@ PER_FLOW = {"lottery_ticket": ["prune.rounds=1", "prune.rewind_iter=2"], "lr_rew
                                   "l1_filter_cifar10_resnet56", "instability_cifar10_resnet20", "lamp_cifar10_vgg16"])
 def test_pat_and_lth_recipes_run_end_to_end_on_cpu_with_synthetic_cifar(tmp_path, stem):
     """Every base spec of the recipe (seed 0), its whole plan, shared stages run once."""
-    # 2 of LAMP's 20 iterative rounds, for each of its 4 allocations: at a quarter of the width
+    # 2 of LAMP's 20 iterative rounds, for each of its 5 allocations: at a quarter of the width
     per_recipe = {"lamp_cifar10_vgg16": ["prune.rounds=2", "model.width=0.25"]}
     specs = [parse_spec(apply_overrides(s.model_dump(mode="json"),
                                         [*SMALL_ITERATIONS, *PER_FLOW[s.flow], *per_recipe.get(stem, [])]))
