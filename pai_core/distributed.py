@@ -329,10 +329,10 @@ class DataParallel:
         self.scale = self.world / max(total, 1)  # the GLOBAL batch's size: an empty slice adds 0
         return x, y
 
-    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def loss(self, out: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """The slice's summed loss × world / global batch: DDP's average over ranks is then the
         global batch's mean, whatever the slice sizes (an empty slice contributes zero)."""
-        return F.cross_entropy(out, y, reduction="sum") * self.scale
+        return F.cross_entropy(out, y, reduction="sum", label_smoothing=label_smoothing) * self.scale
 
     def mean(self, running: torch.Tensor) -> torch.Tensor:
         """The global batch's mean loss from each rank's scaled sums (one all-reduce per epoch)."""

@@ -214,12 +214,16 @@ class TrainSpec(Frozen):
                                              "first steps pay the compilation)")
     deterministic: bool = Field(True, description="CUDA: deterministic kernels, so a resumed or rewound run is "
                                                   "bit-exact; false lets cuDNN pick the fastest (not bit-exact)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="the training loss's targets: 1 − ε on the label "
+                                                                  "and ε/C spread over all C classes (Szegedy et "
+                                                                  "al.; RigL's ImageNet runs use 0.1); evaluation "
+                                                                  "and criteria keep plain cross-entropy")
     bn_l1: float = Field(0.0, ge=0, le=1, description="network slimming (Liu et al. 2017): L1 penalty on BatchNorm "
                                                       "scales, λ·sign(γ) added to their gradients (paper: 1e-4 VGG, "
                                                       "1e-5 ResNet); models with BatchNorm only")
     # Added after keys were first stored: at their defaults they leave every key as it was.
     KEYED_WHEN_SET: ClassVar[frozenset[str]] = frozenset({"precision", "channels_last", "compile", "deterministic",
-                                                          "bn_l1"})
+                                                          "bn_l1", "label_smoothing"})
 
     @model_validator(mode="after")
     def _length(self) -> TrainSpec:

@@ -281,7 +281,9 @@ def train(
             if spec.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
-                loss = F.cross_entropy(forward(x), y) if ddp is None else ddp.loss(forward(x), y)
+                out = forward(x)
+                loss = (F.cross_entropy(out, y, label_smoothing=spec.label_smoothing) if ddp is None
+                        else ddp.loss(out, y, spec.label_smoothing))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             state.it, state.skip_step, before = it, False, state.mask

@@ -188,3 +188,30 @@ def test_adamw_decays_the_weight_apart_from_the_gradient(optimizer, after):
     model.weight.grad = torch.full_like(model.weight, 0.5)
     opt.step()
     assert model.weight.item() == pytest.approx(after, abs=1e-6)
+
+
+def test_label_smoothing_moves_the_targets_by_epsilon_over_the_classes():
+    """One full-batch SGD step of a linear net with and without ε: smoothed cross-entropy's logit
+    gradient is softmax − ((1 − ε)·onehot + ε/C), so the weights differ by exactly
+    −lr·ε·mean_b((onehot_b − 1/C) x_bᵀ), and the bias by −lr·ε·mean_b(onehot_b − 1/C)."""
+    data = load("synthetic")
+    n, c, lr, eps = len(data.train), data.num_classes, 0.5, 0.2
+    after = {}
+    for smoothing in (0.0, eps):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(data.train.x[0].numel(), c))
+        train(net, data, TrainSpec(lr=lr, iterations=1, label_smoothing=smoothing), batch_size=n, order_seed=0)
+        after[smoothing] = (net[1].weight.detach().clone(), net[1].bias.detach().clone())
+    x = data.train.x.reshape(n, -1).double()
+    target = torch.nn.functional.one_hot(data.train.y, c).double() - 1.0 / c
+    torch.testing.assert_close((after[eps][0] - after[0.0][0]).double(), -lr * eps * target.T @ x / n,
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close((after[eps][1] - after[0.0][1]).double(), -lr * eps * target.mean(0), rtol=0, atol=1e-6)
+
+
+def test_label_smoothing_enters_the_train_key_only_when_set():
+    base = build_plan(tiny_spec()).rounds[0].trained
+    zero = build_plan(tiny_spec(train={"label_smoothing": 0.0})).rounds[0].trained
+    set_ = build_plan(tiny_spec(train={"label_smoothing": 0.1})).rounds[0].trained
+    assert base.key == zero.key != set_.key
+    assert set_.inputs["start"].key == base.inputs["start"].key  # the init is shared
