@@ -10,10 +10,11 @@ from pai_core.criteria import criterion_names
 from pai_core.dynamic_methods import dynamic_method_names
 from pai_core.paradigms import paradigm_names
 from pai_core.paradigms.supermask import METHODS, SelectionSpec
+from pai_core.specs import SCOPES
 
 SELECTION = sorted(set(METHODS) | set(get_args(SelectionSpec.model_fields["method"].annotation)))
 NAMES = {"criterion": criterion_names(), "dynamic method": dynamic_method_names(),
-         "selection method": SELECTION, "paradigm": paradigm_names()}
+         "selection method": SELECTION, "paradigm": paradigm_names(), "scope": sorted(SCOPES)}
 
 
 @pytest.mark.parametrize("kind", NAMES)
