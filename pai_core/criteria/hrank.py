@@ -21,6 +21,8 @@ removes the lowest-rank filters of each conv at per-layer rates: `scope: layerwi
 `prune.layer_density` for rates that differ by layer.
 
 Departures from the reference:
+- Its `main.py` prunes one conv at a time, fine-tuning 15 epochs after each (SGD lr 0.01, ×0.1
+  at epochs 5 and 10, weight decay 5e-4); a pai-flow round prunes every layer at once.
 - ResNet blocks: the reference ranks a block's second conv by the ReLU after the residual
   add (`relu2` of `resnet_cifar.py`; ResNet-50's stem by the max-pool); here it is the ReLU
   of that conv's own BatchNorm output, before the add, so the score is the unit's alone.
