@@ -2,6 +2,7 @@
 (PAI_DATA) is shared so real MNIST is provisioned once per machine, not per test."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,25 @@ def tracked_tiny_run(pai_home: Path, tmp_path: Path) -> tuple[Path, object]:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, tracking.tracker(job).client
+
+
+def loadable_config(path: Path, tmp: Path) -> Path:
+    """`path` itself, or for a config that reads an image folder (the ImageNet recipe, `root:
+    imagenet` under PAI_DATA) a copy beside a tiny generated folder of that name: validation lists
+    the folder before any compute, and no test machine holds ImageNet. Same file name, so the
+    spec's name is unchanged."""
+    text = path.read_text()
+    if "dataset: image_folder" not in text:
+        return path
+    from test_image_folder import make_folder  # a test module's helper, imported only when needed
+
+    roots = set(re.findall(r"^\s*root: (\S+)\s*$", text, flags=re.M))
+    for root in roots:
+        if not (tmp / root).exists():
+            make_folder(tmp / root, {"train": 12, "val": 3}, size=(24, 24))
+    copy = tmp / "configs" / path.name
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    for root in roots:
+        text = re.sub(rf"^(\s*)root: {re.escape(root)}\s*$", rf"\g<1>root: {tmp / root}", text, flags=re.M)
+    copy.write_text(text)
+    return copy

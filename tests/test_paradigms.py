@@ -3,12 +3,14 @@ config and a `pai list` line; models carry their metadata and params."""
 from __future__ import annotations
 
 import inspect
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import ROOT, tiny_raw
+from conftest import ROOT, loadable_config, tiny_raw
 from pai_core.catalog import catalog
 from pai_core.criteria import criterion_names
 from pai_core.data import dataset_names
@@ -22,7 +24,8 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 def every_config_spec():
-    for path in CONFIGS:
+    tmp = Path(tempfile.mkdtemp())  # an image folder's config: validated against a tiny generated folder
+    for path in map(lambda p: loadable_config(p, tmp), CONFIGS):
         yield from (load_sweep(path).expand() if is_sweep_file(path) else [load_spec(path)])
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, loadable_config
 from pai_core import prune_checks, structured
 from pai_core.criteria import get_criterion
 from pai_core.models.registry import build_model
@@ -26,6 +27,7 @@ from pai_core.store import Store
 from pai_core.sweep import load_sweep, unique_nodes
 
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+IMAGENET = ("lth_imagenet_resnet50",)  # read an image folder: validated against a tiny generated one
 SMALL = ["data.dataset=synthetic_cifar", "data.val_size=100", "train.epochs=1", "train.lr_schedule=constant",
          "train.milestones=[]", "data.batch_size=64"]
 
@@ -41,13 +43,16 @@ FAMILIES = ("grasp_", "synflow_", "ntk_sap_", "lth_", "lr_rewinding_", "l1_filte
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_is_gpu_sized_and_follows_its_paper(path: Path):
+def test_recipe_is_gpu_sized_and_follows_its_paper(path: Path, tmp_path):
     text = path.read_text()
     assert text.startswith("# GPU-sized."), "configs/ are CPU-sized unless marked"
     assert path.stem.startswith(FAMILIES), f"{path.stem}: add its family's test to tests/test_recipes.py"
-    sweep = load_sweep(path)
+    sweep = load_sweep(loadable_config(path, tmp_path))
     specs = sweep.expand()
     assert {s.seed for s in specs} >= {0, 1}
+    if path.stem in IMAGENET:  # its own test below; the folder's workers crop and flip
+        assert all(s.data.dataset == "image_folder" and s.data.augment_kinds == () for s in specs)
+        return
     for spec in specs:
         assert spec.data.dataset in ("cifar10", "cifar100") and spec.data.augment_kinds == ("crop", "flip")
         if not path.stem.startswith("lamp_"):  # LAMP's code trains with AdamW at batch 100 (its own test)
@@ -101,8 +106,32 @@ def test_lamp_recipe_follows_its_code():
         assert len({build_plan(s).rounds[0].trained.key for s in specs if s.seed == seed}) == 1
 
 
-def _recipe(stem: str) -> list:
-    return load_sweep(ROOT / "configs" / "recipes" / f"{stem}.yaml").expand()
+def _recipe(stem: str, tmp: Path | None = None) -> list:
+    path = ROOT / "configs" / "recipes" / f"{stem}.yaml"
+    return load_sweep(loadable_config(path, tmp) if tmp else path).expand()
+
+
+IMAGENET_EPOCH = math.ceil(1_281_167 / 1024)  # open_lth's iterations per ImageNet epoch at batch 1024
+
+
+def test_lth_imagenet_recipe_follows_open_lth(tmp_path):
+    """models/imagenet_resnet.py default_hparams: batch 1024, lr 0.4 with 5 warmup epochs, x0.1 at
+    30/60/80 of 90, decay 1e-4, 20 % a round, global, nothing ignored; kaiming_normal weights and
+    uniform BatchNorm; the folder is named by root (under PAI_DATA), 224 pixels."""
+    specs = _recipe("lth_imagenet_resnet50", tmp_path)
+    assert {s.seed for s in specs} == {0, 1}
+    text = (ROOT / "configs/recipes/lth_imagenet_resnet50.yaml").read_text()
+    assert re.search(r"^\s*root: imagenet$", text, flags=re.M), "a root under PAI_DATA, no machine's path"
+    for spec in specs:
+        t, p = spec.train, spec.prune
+        assert spec.model.name == "resnet50" and spec.model.params == {"weight_init": "kaiming_normal",
+                                                                        "bn_init": "uniform"}
+        assert spec.data.batch_size == 1024 and spec.data.image_size == 224
+        assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.gamma) == ("sgd", 0.4, 0.9, 1e-4, 0.1)
+        assert t.iterations == 90 * IMAGENET_EPOCH and t.warmup_iterations == 5 * IMAGENET_EPOCH
+        assert t.milestones == tuple(e * IMAGENET_EPOCH for e in (30, 60, 80)) and t.lr_schedule == "step"
+        assert (p.criterion, p.scope, p.rate, p.ignore, p.rewind_optimizer) == ("magnitude", "global", 0.2, [], "fresh")
+        assert p.rewind_iter == 5 * IMAGENET_EPOCH and not p.prune_biases
 
 
 OPEN_LTH_EPOCH = math.ceil(50_000 / 128)  # open_lth's iterations per CIFAR-10 epoch (datasets/base.py)
@@ -294,3 +323,19 @@ def test_pat_and_lth_recipes_run_end_to_end_on_cpu_with_synthetic_cifar(tmp_path
                 assert refs[rnd.analysis.key].info.instability["test"] >= 0.0
             else:
                 assert ev.sparsity == pytest.approx(1 - 0.8 ** rnd.index, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_lth_imagenet_recipe_runs_end_to_end_on_a_tiny_image_folder(tmp_path):
+    """The recipe's own spec (seed 0) through its whole plan on CPU: ResNet-50 on 32-pixel crops of a
+    generated 3-class folder, 4 iterations a training, one round rewound to iteration 2; the
+    folder streams through its loader workers' RandomResizedCrop and flip."""
+    spec = next(s for s in _recipe("lth_imagenet_resnet50", tmp_path) if s.seed == 0)
+    small = ["train.iterations=4", "train.warmup_iterations=1", "train.milestones=[2]", "data.batch_size=4",
+             "data.image_size=32", "data.val_size=3", "prune.rounds=1", "prune.rewind_iter=2", "device=cpu"]
+    small_spec = parse_spec(apply_overrides(spec.model_dump(mode="json"), small))
+    plan = build_plan(small_spec)
+    refs = run_plan(plan.nodes, Runtime(Store(tmp_path / "store"), "cpu"))
+    ev = refs[plan.rounds[1].evaluate.key].info
+    assert ev.sparsity == pytest.approx(0.2, abs=1e-4) and 0.0 <= ev.test_acc <= 1.0
+    assert plan.rounds[1].trained.fields["data"]["dataset"] == "image_folder"

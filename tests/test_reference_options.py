@@ -69,6 +69,21 @@ def test_torch_weight_init_is_pytorchs_default_uniform_and_leaves_biases_and_bat
     assert all(not torch.equal(a[k], b[k]) for k in weights)
 
 
+def test_kaiming_normal_weight_init_redraws_every_weight_with_fan_in():
+    plain = build_model("resnet50", (3, 32, 32), 10, seed=0)
+    redrawn = build_model("resnet50", (3, 32, 32), 10, seed=0, weight_init="kaiming_normal")
+    layers = [(n, m) for n, m in redrawn.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for name, m in layers:
+        fan_in = m.weight[0].numel()
+        if m.weight.numel() >= 4096:  # enough draws for the std to be within 5 %
+            assert abs(m.weight.std().item() / math.sqrt(2 / fan_in) - 1) < 0.05, name
+    conv = redrawn.layer4[0].conv1  # torchvision's own init is fan_out: 512·1·1 against fan_in 1024
+    assert abs(conv.weight.std().item() / math.sqrt(2 / 1024) - 1) < 0.05
+    a, b = plain.state_dict(), redrawn.state_dict()
+    weights = {f"{n}.weight" for n, _ in layers}
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in weights)
+
+
 def test_default_options_are_dropped_so_keys_do_not_change():
     base = tiny_raw(model={"name": "resnet20"})
     stated = tiny_raw(model={"name": "resnet20", "bn_init": "model", "bias_init": "model", "weight_init": "model"})

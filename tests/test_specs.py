@@ -7,7 +7,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import ROOT, tiny_raw
+from conftest import ROOT, loadable_config, tiny_raw
 from flows.cli import app
 from pai_core.criteria import criterion_names
 from pai_core.spec_io import SpecError, apply_overrides, load_spec, parse_spec
@@ -16,9 +16,10 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_example_config_validates(path):
+def test_every_example_config_validates(path, tmp_path):
     from pai_core.sweep import is_sweep_file, load_sweep
 
+    path = loadable_config(path, tmp_path)  # an image folder's config: against a tiny generated folder
     spec = load_sweep(path) if is_sweep_file(path) else load_spec(path)  # a sweep: every grid point
     assert spec.name == path.stem
 

@@ -24,14 +24,15 @@ Builder = Callable[..., nn.Module]  # (in_shape, num_classes, **params) -> modul
 
 class ModelParams(BaseModel):
     """What every model takes: departures from its builder's init that reference codes make
-    (open_lth draws BatchNorm weights U(0, 1) and keeps PyTorch's default biases; LAMP's code keeps
-    PyTorch's default weights too). They are applied after the builder, from the same seed, so a
+    (open_lth draws BatchNorm weights U(0, 1), keeps PyTorch's default biases and redraws weights
+    Kaiming normal with fan_in; LAMP's code keeps PyTorch's default weights). They are applied after the builder, from the same seed, so a
     model's own init stays in one place."""
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-    weight_init: Literal["model", "torch"] = Field(
+    weight_init: Literal["model", "torch", "kaiming_normal"] = Field(
         "model", description="model: the builder's weights (Kaiming normal in most models here); torch: every "
                              "Conv/Linear weight redrawn U(±1/sqrt(fan_in)), PyTorch's default (kaiming_uniform_, "
-                             "a = √5)")
+                             "a = √5); kaiming_normal: redrawn N(0, 2/fan_in) (open_lth's kaiming_normal "
+                             "initializer, which replaces torchvision's fan_out init of its ImageNet ResNets)")
     bn_init: Literal["model", "uniform"] = Field(
         "model", description="model: the builder's BatchNorm init (weight 1, bias 0 here); uniform: weights "
                              "U(0, 1), biases 0 (open_lth's batchnorm_init 'uniform')")
@@ -136,7 +137,10 @@ def apply_init_options(model: nn.Module, bn_init: str = "model", bias_init: str 
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and m.affine:
                 nn.init.uniform_(m.weight, 0.0, 1.0)
                 nn.init.zeros_(m.bias)
-    if weight_init == "torch":
+    if weight_init != "model":
         for m in model.modules():
             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+                if weight_init == "torch":
+                    nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))
+                else:  # kaiming_normal: fan_in, ReLU gain
+                    nn.init.kaiming_normal_(m.weight)
