@@ -5,6 +5,7 @@ the flows and so Prefect and MLflow.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from flows.cli_masks import masks as masks_cmd
 from flows.cli_sensitivity import sensitivity as sensitivity_cmd
 from flows.cli_server import app as server_app
 from flows.cli_server import deploy as deploy_cmd
+from pai_core import flops
 from pai_core import progress as pai_progress
 from pai_core.paths import pai_home
 from pai_core.paradigms import ExperimentSpec, build_plan
@@ -175,13 +177,14 @@ def run(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> 
 
 @app.command()
 def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """A table per round: sparsity, val and test accuracy, best-val iteration (from the store)."""
+    """A table per round: sparsity, FLOPs (% of the dense net's), val and test accuracy, best-val
+    iteration (from the store)."""
     s = _spec(spec, overrides)
     store = Store(pai_home() / "store")
     plan = build_plan(s)
     splits = list(s.instability.splits) if plan.rounds and plan.rounds[0].analysis is not None else []
     itop = s.flow == "dynamic_sparse"  # in-time over-parameterization rate of the sparse training
-    table = Table("round", "sparsity", "val acc", "test acc", "best-val iter", "test @ best val",
+    table = Table("round", "sparsity", "FLOPs %", "val acc", "test acc", "best-val iter", "test @ best val",
                   *(f"instability {x}" for x in splits), *(["ITOP"] if itop else []), "stored",
                   title=f"{s.name} ({s.flow})")
     for rnd in plan.rounds:
@@ -192,10 +195,12 @@ def results(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesArg)
         rate = getattr(trained.info, "itop_rate", None) if trained is not None else None  # absent in old artifacts
         itop_cell = [f"{rate:.4f}" if rate is not None else ""] if itop else []
         if ref is None:
-            table.add_row(rnd.name, f"{1 - rnd.density:.4f}", "", "", "", "", *barriers, *itop_cell, "no")
+            table.add_row(rnd.name, f"{1 - rnd.density:.4f}", "", "", "", "", "", *barriers, *itop_cell, "no")
             continue
         i = ref.info
-        table.add_row(rnd.name, f"{i.sparsity:.4f}", f"{i.val_acc:.4f}", f"{i.test_acc:.4f}",
+        share = flops.spec_share(s, {n: v["density"] for n, v in i.layers.items() if n != "total"})
+        table.add_row(rnd.name, f"{i.sparsity:.4f}", "" if math.isnan(share) else f"{100 * share:.2f}",
+                      f"{i.val_acc:.4f}", f"{i.test_acc:.4f}",
                       str(i.best.iteration if i.best else ""), f"{i.best.test_acc:.4f}" if i.best else "",
                       *barriers, *itop_cell, "yes" if path is not None or rnd.analysis is None else "path missing")
     console.print(table)

@@ -18,6 +18,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from pai_core import flops
 from pai_core.paradigms import ExperimentSpec, build_plan, get_paradigm
 from pai_core.plan import Round
 from pai_core.store import Store, atomic_write
@@ -41,6 +42,7 @@ class Point:
     val_acc: float
     layers: dict[str, float]
     setting: str  # "model on dataset", for titles
+    flops: float = math.nan  # the masked net's share of the dense net's FLOPs (inference, one input)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Group:
     test_std: float
     val_mean: float
     layers: dict[str, float]
+    flops: float = math.nan  # mean share of the dense FLOPs
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def collect(specs: list[ExperimentSpec], store: Store) -> tuple[list[Point], lis
         i = ref.info
         layers = {n: float(v["density"]) for n, v in i.layers.items() if n != "total"}
         points.append(Point(s.name, label, s.seed, r.name, r.density, 1 - i.sparsity, i.test_acc,
-                            i.val_acc, layers, f"{s.model.name} on {s.data.dataset}"))
+                            i.val_acc, layers, f"{s.model.name} on {s.data.dataset}", flops.spec_share(s, layers)))
     return points, missing
 
 
@@ -149,7 +152,8 @@ def aggregate(points: list[Point]) -> list[Group]:
                             tuple(sorted(p.seed for p in ps)), statistics.fmean(test),
                             statistics.stdev(test) if len(test) > 1 else 0.0, statistics.fmean(p.val_acc for p in ps),
                             {n: statistics.fmean(p.layers[n] for p in ps if n in p.layers)
-                             for n in dict.fromkeys(n for p in ps for n in p.layers)}))
+                             for n in dict.fromkeys(n for p in ps for n in p.layers)},
+                            statistics.fmean(p.flops for p in ps)))
     return sorted(groups, key=lambda g: (not g.method.startswith(DENSE), g.method.casefold(), -g.target))
 
 
@@ -308,14 +312,16 @@ def _save(fig: Figure, path: str | Path | None) -> Figure:
 def markdown_table(points: list[Point], missing: list[tuple[str, int, str]] = ()) -> str:
     """A GitHub table, one row per method and sparsity (dense first), then what is missing.
 
-    "± std" only where there are several seeds: a single run has no spread to show."""
+    "± std" only where there are several seeds: a single run has no spread to show. FLOPs are
+    the masked net's share of the dense net's (`flops.spec_share`), blank where it cannot be counted."""
     def acc(g: Group) -> str:
         return f"{100 * g.test_mean:.2f}" + (f" ± {100 * g.test_std:.2f}" if len(g.seeds) > 1 else "")
 
-    lines = ["| method | target sparsity | n seeds | test acc mean ± std (%) | val acc mean (%) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| method | target sparsity | n seeds | test acc mean ± std (%) | val acc mean (%) | FLOPs (% of dense) |",
+             "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {g.method} | {1 - g.target:.4f}{' (measured)' if g.measured else ''} | {len(g.seeds)} | "
-              f"{acc(g)} | {100 * g.val_mean:.2f} |" for g in aggregate(points)]
+              f"{acc(g)} | {100 * g.val_mean:.2f} | {'' if math.isnan(g.flops) else f'{100 * g.flops:.2f}'} |"
+              for g in aggregate(points)]
     if missing:
         lines += ["", f"**Not computed yet ({len(missing)}):** " +
                   ", ".join(f"{spec} (seed {seed}) {rnd}" for spec, seed, rnd in missing)]

@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pai_core import channel_graph
+from pai_core import channel_graph, flops
 from pai_core.masks import Mask, is_ignored
 from pai_core.selection import density_of, select
 
-LAYERS = (nn.Conv2d, nn.Linear)
+LAYERS = flops.LAYERS  # the layers whose filters and inputs are pruned
 BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 NORMS = ("l1", "l2", "max")  # how a filter's per-weight scores combine into one
 UNIT_LAYERS = ("all", "batch_norm", "unshared")  # which groups may go: see unit_families
@@ -267,18 +267,9 @@ def _replace(model: nn.Module, dotted: str, module: nn.Module) -> None:
 def cost(model: nn.Module, in_shape: tuple[int, ...], mask: Mask | None = None) -> dict[str, Any]:
     """Parameters and FLOPs (2 per multiply-add) of Conv/Linear layers, counting only kept
     weights when a mask is given; plus all parameters of the module as it is."""
-    flops, weights = 0, 0
-    sizes: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: sizes.__setitem__(n, o[0, 0].numel()))
-             for n, m in chain(model)]
-    was = model.training
-    model.eval()
-    model(torch.zeros((1, *in_shape), device=next(model.parameters()).device))
-    model.train(was)
-    for h in hooks:
-        h.remove()
-    for n, m in chain(model):
-        kept = int(mask[f"{n}.weight"].sum()) if mask and f"{n}.weight" in mask else m.weight.numel()
+    multiply_adds, weights = 0, 0
+    for n, (numel, uses) in flops.layer_work(model, in_shape).items():
+        kept = int(mask[f"{n}.weight"].sum()) if mask and f"{n}.weight" in mask else numel
         weights += kept
-        flops += 2 * kept * (sizes[n] if isinstance(m, nn.Conv2d) else 1)
-    return {"weights": weights, "flops": flops, "parameters": sum(p.numel() for p in model.parameters())}
+        multiply_adds += kept * uses
+    return {"weights": weights, "flops": 2 * multiply_adds, "parameters": sum(p.numel() for p in model.parameters())}

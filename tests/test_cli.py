@@ -39,6 +39,7 @@ def test_show_and_results_follow_the_store(tmp_path, pai_home):
     assert res.exit_code == 0
     dense_row = next(line for line in res.output.splitlines() if "dense" in line)
     assert "0.0000" in dense_row and "yes" in dense_row
+    assert "FLOPs %" in res.output and "100.00" in dense_row  # the dense net's own FLOPs
     assert "no" in next(line for line in res.output.splitlines() if "round 2" in line)
 
 

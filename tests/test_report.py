@@ -91,18 +91,45 @@ def test_seeds_aggregate_by_hand(results):
     assert missing == [("lth", 1, "round 2")]  # (spec name, seed, round name)
 
 
+def linear_flops(density: float, shift: float = 0.0) -> float:
+    """`layers`' densities as a share of LeNet-300-100's FLOPs on 16×16 inputs, by hand: a Linear
+    uses each weight once, so it is Σ density·size / Σ size over 256·300, 300·100, 100·10."""
+    sizes = (256 * 300, 300 * 100, 100 * 10)
+    d = (density * (0.9 + shift), min(1.0, density * 2), min(1.0, density * 5))
+    return sum(a * b for a, b in zip(d, sizes)) / sum(sizes)
+
+
 def test_markdown_table_rows_and_missing(results):
     table = markdown_table(*collect(*results))
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert rows == [
+    assert [r.rsplit(" | ", 1)[0] + " |" for r in rows] == [
         "| dense | 0.0000 | 2 | 97.00 ± 1.41 | 96.00 |",
         "| LTH | 0.2000 | 2 | 92.00 ± 2.83 | 90.00 |",
         "| LTH | 0.3600 | 1 | 88.00 | 86.00 |",  # one seed: no spread to show
         "| SNIP | 0.9000 | 2 | 86.00 ± 1.41 | 85.00 |",
         "| SNIP | 0.9900 | 2 | 55.00 ± 7.07 | 54.00 |",
     ]
-    assert table.startswith("| method | target sparsity | n seeds | test acc mean ± std (%) | val acc mean (%) |")
+    flops = [float(r.rsplit(" | ", 1)[1].strip(" |")) for r in rows]
+    assert flops[0] == pytest.approx(100 * 100_120 / 107_800, abs=0.005)  # 0.9 of fc1, the rest whole: 92.88
+    want = [linear_flops(1.0), (linear_flops(0.8) + linear_flops(0.8001, 0.02)) / 2, linear_flops(0.64),
+            linear_flops(0.1), linear_flops(0.01)]
+    assert flops == pytest.approx([round(100 * w, 2) for w in want], abs=0.006)
+    assert table.startswith("| method | target sparsity | n seeds | test acc mean ± std (%) | val acc mean (%) | "
+                            "FLOPs (% of dense) |")
     assert table.rstrip().endswith("**Not computed yet (1):** lth (seed 1) round 2")
+
+
+def test_flops_share_counts_each_conv_weight_at_every_output_position():
+    """conv2 on 1×16×16 inputs: two 3×3 convs at 16×16 positions (padding 1), a pool to 8×8, then
+    three Linears; halving conv1 alone removes 64·9·256 of the multiply-adds, by hand."""
+    from pai_core.flops import spec_share as flops_share
+    spec = tiny_spec(model={"name": "conv2"})
+    convs = {"conv1": 64 * 1 * 9 * 256, "conv2": 64 * 64 * 9 * 256}
+    fcs = {"fc1": 64 * 8 * 8 * 256, "fc2": 256 * 256, "fc3": 256 * 10}
+    dense = sum(convs.values()) + sum(fcs.values())
+    names = {n: f"features.{n}.weight" if n.startswith("conv") else f"{n}.weight" for n in (*convs, *fcs)}
+    assert flops_share(spec, {names["conv1"]: 0.5}) == pytest.approx((dense - convs["conv1"] / 2) / dense)
+    assert flops_share(spec, {}) == 1.0
 
 
 def test_accuracy_plot_axes(results, tmp_path):
