@@ -34,10 +34,10 @@ def layer_work(model: nn.Module, in_shape: tuple[int, ...]) -> dict[str, tuple[i
 def share(model: nn.Module, in_shape: tuple[int, ...], densities: dict[str, float]) -> float:
     """The masked net's FLOPs over the dense net's, from each weight's density ({"conv1.weight":
     0.2, ...}; a layer not named counts whole). The meta-device net serves: no weights are read."""
-    work = layer_work(model, in_shape)
-    dense = sum(numel * uses for numel, uses in work.values())
-    kept = sum(densities.get(f"{n}.weight", 1.0) * numel * uses for n, (numel, uses) in work.items())
-    return kept / dense if dense else float("nan")
+    return _share(layer_work(model, in_shape), densities)
+
+
+_WORK: dict[tuple[Any, ...], dict[str, tuple[int, int]]] = {}  # per net and input: a report asks per round
 
 
 def spec_share(spec: Any, densities: dict[str, float]) -> float:
@@ -45,10 +45,20 @@ def spec_share(spec: Any, densities: dict[str, float]) -> float:
     for a net the meta device cannot run, so a report or table shows no FLOPs but the rest."""
     from pai_core.prune_checks import meta_model  # spec-level; this module stays a leaf
 
+    info = spec.data.info
+    key = (spec.model.name, tuple(sorted(spec.model.params.items())), tuple(info.in_shape), info.num_classes)
     try:
-        return share(meta_model(spec), tuple(spec.data.info.in_shape), densities)
+        if key not in _WORK:
+            _WORK[key] = layer_work(meta_model(spec), tuple(info.in_shape))
     except (RuntimeError, NotImplementedError, ValueError):
         return math.nan
+    return _share(_WORK[key], densities)
+
+
+def _share(work: dict[str, tuple[int, int]], densities: dict[str, float]) -> float:
+    dense = sum(numel * uses for numel, uses in work.values())
+    kept = sum(densities.get(f"{n}.weight", 1.0) * numel * uses for n, (numel, uses) in work.items())
+    return kept / dense if dense else math.nan
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
