@@ -268,6 +268,14 @@ def test_method_labels():
         "criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "rate": None, "rounds": 1, "scope": "erk"})
     assert labels(rigl) == ["dense", "RigL"]
     assert labels(snip(0.9, 0)) == ["dense", "SNIP"]
+    # the allocation when it is not one global ranking, and IMP's criterion when it is not magnitude
+    one_shot = {"schedule": "one_shot", "sparsity": 0.9, "rate": None, "rounds": 1}
+    assert labels(tiny_spec("prune_after_training", prune={**one_shot, "scope": "erk"})) == ["dense", "PaT magnitude (erk)"]
+    assert labels(tiny_spec("prune_after_training", prune={**one_shot, "criterion": "lamp"}))[1] == "PaT LAMP"
+    assert labels(tiny_spec(prune={"criterion": "lamp", "scope": "uniform_plus", "rounds": 1})) == \
+        ["dense", "LTH (LAMP, uniform+)"]
+    assert labels(snip(0.9, 0).model_copy(update={"prune": snip(0.9, 0).prune.model_copy(
+        update={"scope": "layerwise"})}))[1] == "SNIP (layerwise)"
 
 
 def test_specs_differing_beyond_seed_and_sparsity_are_not_averaged(tmp_path):

@@ -18,7 +18,7 @@ def rewind_optimizer_field() -> object:
 
 PRETTY = dict(snip="SNIP", grasp="GraSP", synflow="SynFlow", set="SET", rigl="RigL", edge_popup="edge-popup", obd="OBD",
               taylor="Taylor", force="FORCE", prospr="ProsPr", granet="GraNet", mest="MEST",
-              topkast="Top-KAST", phew="PHEW", ntk_sap="NTK-SAP")
+              topkast="Top-KAST", phew="PHEW", ntk_sap="NTK-SAP", lamp="LAMP", hrank="HRank")
 
 
 def pretty(name: str) -> str:
@@ -28,6 +28,18 @@ def pretty(name: str) -> str:
 def nm_tag(prune: object) -> str:
     """`" 2:4"` for an N:M mask (prune.structure nm), else "": the report's labels tell them apart."""
     return f" {prune.n}:{prune.m}" if getattr(prune, "structure", None) == "nm" else ""
+
+
+SCOPE_TAGS = {"global": "", "smart_ratio": "smart ratio", "uniform_plus": "uniform+"}
+
+
+def scope_tag(prune: object) -> str:
+    """The layer allocation for a label when it is not one global ranking ("erk", "layerwise",
+    "smart ratio", "uniform+"); "" for filter selections, whose scope their tag does not show."""
+    scope = getattr(prune, "scope", "global")
+    if getattr(prune, "structure", None) == "filter":
+        return ""
+    return SCOPE_TAGS.get(scope, scope)
 
 
 def rewind_fits(rewind_iter: int, total: int, field: str = "prune.rewind_iter") -> None:

@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pai_core.paradigms.common import (REWIND_OPTIMIZER, nm_tag, rewind_fits, rewind_optimizer_field, rewind_state,
-                                       same_optimizer)
+from pai_core.paradigms.common import (REWIND_OPTIMIZER, nm_tag, pretty, rewind_fits, rewind_optimizer_field,
+                                       rewind_state, same_optimizer, scope_tag)
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import (REINIT_SEED_OFFSET, Plan, Round, dense_round, evaluate_node, init_node, mask_node,
                            score_node, train_node)
@@ -66,7 +66,9 @@ def plan(spec: LotteryTicketSpec) -> Plan:
 def label(spec: LotteryTicketSpec, rnd: Round) -> str:
     k = spec.prune.rewind_iter
     rewind = k and f"rewind {k}" + (" fresh opt" if rewind_state(spec.prune.rewind_optimizer, k) else "")
-    extra = [s for s in (rewind, spec.prune.tag()) if s]
+    p = spec.prune
+    criterion = p.criterion != "magnitude" and pretty(p.criterion)  # IMP's own is magnitude
+    extra = [s for s in (criterion, scope_tag(p), rewind, p.tag()) if s]
     return "LTH" + nm_tag(spec.prune) + (" reinit" if rnd.name.endswith("reinit") else "") + (
         f" ({', '.join(extra)})" if extra else "")
 

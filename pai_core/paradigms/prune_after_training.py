@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from pai_core import gradual as gradual_lib
 from pai_core.callbacks import MaskUpdate, register_callback
-from pai_core.paradigms.common import nm_tag, pretty
+from pai_core.paradigms.common import nm_tag, pretty, scope_tag
 from pai_core.paradigms.filters import FilterPrune
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
@@ -93,7 +93,7 @@ def plan(spec: PruneAfterTrainingSpec) -> Plan:
 
 def label(spec: PruneAfterTrainingSpec, rnd: Round) -> str:
     p = spec.prune
-    extra = [s for s in (p.schedule != "one_shot" and p.schedule, p.tag()) if s]
+    extra = [s for s in (p.schedule != "one_shot" and p.schedule, scope_tag(p), p.tag()) if s]
     return f"PaT {pretty(p.criterion)}{nm_tag(p)}" + (f" ({', '.join(extra)})" if extra else "")
 
 

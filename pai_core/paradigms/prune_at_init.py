@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from pai_core.criteria.force import FORCE_ROUNDS
 from pai_core.isometry import ISOMETRY_LR, ISOMETRY_STEPS
-from pai_core.paradigms.common import nm_tag, pretty
+from pai_core.paradigms.common import nm_tag, pretty, scope_tag
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import (Node, Plan, Round, dense_round, evaluate_node, iterative_mask_node, mask_node, score_node,
                            train_node)
@@ -69,7 +69,7 @@ def plan(spec: PruneAtInitSpec) -> Plan:
 
 def label(spec: PruneAtInitSpec, rnd: Round) -> str:
     p = spec.prune
-    extra = [s for s in (p.schedule != "one_shot" and p.schedule, p.scope == "smart_ratio" and "smart ratio",
+    extra = [s for s in (p.schedule != "one_shot" and p.schedule, scope_tag(p),
                          p.init_after_mask == "isometry" and "isometry", p.tag()) if s]
     return pretty(p.criterion) + nm_tag(p) + (f" ({', '.join(extra)})" if extra else "")
 
