@@ -22,7 +22,7 @@ from flows.env import local_tracking, mlflow_client, mlflow_ui_url, tracking_uri
 from flows.results import slug
 from flows.tracking import experiment_id
 from pai_core.paths import pai_home
-from pai_core.report import aggregate, without_images, write_report
+from pai_core.report import PLOTS, aggregate, without_images, write_report
 from pai_core.paradigms import ExperimentSpec
 from pai_core.spec_io import SpecError, _one_line, parse_spec
 from pai_core.store import Store
@@ -68,13 +68,15 @@ def publish_report(specs: list[ExperimentSpec], store: Store, name: str, mlflow_
     create_image_artifact(_data_url(report.accuracy_png), key=f"{key}-accuracy",
                           description=f"{name}: test accuracy vs density (log), seed error bars, dense baseline")
     create_image_artifact(_data_url(report.layers_png), key=f"{key}-layers", description=f"{name}: per-layer density")
+    create_image_artifact(_data_url(report.flops_png), key=f"{key}-flops",
+                          description=f"{name}: test accuracy vs inference FLOPs (share of dense, log)")
     if report.extra:  # an instability analysis's figure
         create_image_artifact(_data_url(report.extra[0]), key=f"{key}-instability",
                               description=f"{name}: error on the interpolation paths, instability vs rewind point")
     if link:
         create_link_artifact(link, link_text=f"MLflow: {name}", key=f"{key}-mlflow")
     plots = {f"{plot}_{ext}": str(getattr(report, f"{plot}_{ext}"))
-             for plot in ("accuracy", "layers") for ext in ("png", "pdf", "svg")}
+             for plot in PLOTS for ext in ("png", "pdf", "svg")}
     return {"dir": str(out), **plots, "extra": [str(f) for f in report.extra], "markdown": str(report.markdown),
             "mlflow_run_id": mlflow_run_id,
             "prefect_artifact_key": key, "groups": len(aggregate(report.points)),

@@ -68,6 +68,9 @@ class Report:
     layers_png: Path
     layers_pdf: Path
     layers_svg: Path
+    flops_png: Path
+    flops_pdf: Path
+    flops_svg: Path
     markdown: Path
     points: list[Point]
     missing: list[tuple[str, int, str]]  # (spec name, seed, round name)
@@ -77,7 +80,7 @@ class Report:
     def files(self) -> tuple[Path, ...]:
         """Everything written, plots first: what gets logged."""
         return (self.accuracy_png, self.accuracy_pdf, self.accuracy_svg, self.layers_png, self.layers_pdf,
-                self.layers_svg, *self.extra, self.markdown)
+                self.layers_svg, self.flops_png, self.flops_pdf, self.flops_svg, *self.extra, self.markdown)
 
 
 def without_images(markdown: str) -> str:
@@ -196,14 +199,20 @@ def density_ticks(densities: list[float], lo: float, hi: float, gap: float) -> l
     return kept
 
 
-def accuracy_plot(points: list[Point], path: str | Path | None = None) -> Figure:
-    """Test accuracy vs density, one line per method, dense baseline(s) horizontal.
+X_AXES = {"density": ("density (fraction of weights kept, log scale)", "Test accuracy vs density"),
+          "flops": ("inference FLOPs (share of the dense net's, log scale)", "Test accuracy vs FLOPs")}
 
-    Error bars (sample std over seeds) only where a point has several seeds. The log-density
-    axis is inverted so sparsity grows to the right, as in the survey's plots, and labelled
-    with the measured densities drawn (0.8, 0.512, 0.107), not powers of ten.
-    `path`: also saved there, in the format its suffix names."""
-    groups = aggregate(points)
+
+def accuracy_plot(points: list[Point], path: str | Path | None = None, x: str = "density") -> Figure:
+    """Test accuracy vs density (or, `x="flops"`, vs the share of the dense FLOPs: where masks of
+    one sparsity cost differently), one line per method, dense baseline(s) horizontal.
+
+    Error bars (sample std over seeds) only where a point has several seeds. The log axis is
+    inverted so sparsity grows to the right, as in the survey's plots, and labelled with the
+    values drawn (0.8, 0.512, 0.107), not powers of ten. A point without a FLOPs count is left
+    out of the FLOPs plot. `path`: also saved there, in the format its suffix names."""
+    xlabel, title = X_AXES[x]
+    groups = [g for g in aggregate(points) if g.method.startswith(DENSE) or not math.isnan(getattr(g, x))]
     fig = Figure(figsize=(9.5, 5.5), layout="constrained")
     ax = fig.add_subplot()
     for i, g in enumerate(g for g in groups if g.method.startswith(DENSE)):
@@ -214,15 +223,14 @@ def accuracy_plot(points: list[Point], path: str | Path | None = None) -> Figure
         if several:
             ax.axhspan(acc - std, acc + std, color=gray, alpha=0.08)
     for method, style in _styles([g.method for g in groups if not g.method.startswith(DENSE)]).items():
-        gs = sorted((g for g in groups if g.method == method), key=lambda g: -g.density)
-        ax.plot([g.density for g in gs], [100 * g.test_mean for g in gs], label=method, **style)
+        gs = sorted((g for g in groups if g.method == method), key=lambda g: -getattr(g, x))
+        ax.plot([getattr(g, x) for g in gs], [100 * g.test_mean for g in gs], label=method, **style)
         if spread := [g for g in gs if len(g.seeds) > 1]:
-            ax.errorbar([g.density for g in spread], [100 * g.test_mean for g in spread],
+            ax.errorbar([getattr(g, x) for g in spread], [100 * g.test_mean for g in spread],
                         yerr=[100 * g.test_std for g in spread], fmt="none", ecolor=style["color"], elinewidth=1,
                         capsize=3, label=f"_{method} std")
-    xs = [g.density for g in groups if not g.method.startswith(DENSE)]
-    ax.set(xscale="log", xlabel="density (fraction of weights kept, log scale)", ylabel="test accuracy (%)",
-           title=_title(points, "Test accuracy vs density"))
+    xs = [getattr(g, x) for g in groups if not g.method.startswith(DENSE)]
+    ax.set(xscale="log", xlabel=xlabel, ylabel="test accuracy (%)", title=_title(points, title))
     lo, hi = min(min(xs or [1.0]) / 1.5, 0.5), 1.15
     ax.set_xlim(hi, lo)  # inverted: dense at the left, sparsest at the right
     ax.grid(True, which="major", alpha=0.3)
@@ -328,24 +336,29 @@ def markdown_table(points: list[Point], missing: list[tuple[str, int, str]] = ()
     return "\n".join(lines) + "\n"
 
 
+PLOTS = ("accuracy", "layers", "flops")  # each written as .png, .pdf and .svg
+
+
 def write_report(specs: list[ExperimentSpec], store: Store, out_dir: str | Path) -> Report:
-    """accuracy and layers plots (.png, .pdf, .svg) and report.md in out_dir, each written atomically."""
+    """accuracy, layers and FLOPs plots (.png, .pdf, .svg) and report.md in out_dir, each written atomically."""
     points, missing = collect(specs, store)
     if not points:
         raise ValueError(f"nothing to report: none of the {len(specs)} specs has a finished evaluate stage; "
                          "run them first")
     out = Path(out_dir)
-    files = {f"{plot}_{ext}": out / f"{plot}.{ext}" for plot in ("accuracy", "layers") for ext in ("png", "pdf", "svg")}
-    for plot, fig in (("accuracy", accuracy_plot(points)), ("layers", layer_plot(points))):
+    files = {f"{plot}_{ext}": out / f"{plot}.{ext}" for plot in PLOTS for ext in ("png", "pdf", "svg")}
+    for plot, fig in (("accuracy", accuracy_plot(points)), ("layers", layer_plot(points)),
+                      ("flops", accuracy_plot(points, x="flops"))):
         for ext in ("png", "pdf", "svg"):
             save_figure(fig, files[f"{plot}_{ext}"])
-    vector = ", ".join(f"[{n}.{e}]({n}.{e})" for n in ("accuracy", "layers") for e in ("pdf", "svg"))
+    vector = ", ".join(f"[{n}.{e}]({n}.{e})" for n in PLOTS for e in ("pdf", "svg"))
     from pai_core.instability_report import write_instability  # an instability analysis's own figure
 
     extra, section = write_instability(specs, store, out)
     md = out / "report.md"
     atomic_write(md, (f"# {_title(points, 'Pruning report')}\n\n{markdown_table(points, missing)}\n"
                       "![test accuracy vs density](accuracy.png)\n\n![per-layer density](layers.png)\n\n"
+                      "![test accuracy vs inference FLOPs](flops.png)\n\n"
                       f"Vector versions: {vector}\n{section}").encode())
     return Report(**files, markdown=md, points=points, missing=missing, extra=extra)
 

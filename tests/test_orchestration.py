@@ -199,7 +199,8 @@ def test_report_is_published_to_mlflow_and_prefect(stack):
     assert len(runs) == 3  # one per `pai report` above
     run = runs[0]
     assert {a.path for a in mlflow.list_artifacts(run.info.run_id, "report")} == {
-        "report/report.md", *(f"report/{plot}.{ext}" for plot in ("accuracy", "layers") for ext in ("png", "pdf", "svg"))}
+        "report/report.md",
+        *(f"report/{plot}.{ext}" for plot in ("accuracy", "layers", "flops") for ext in ("png", "pdf", "svg"))}
 
 
 def test_browser_sees_deployment_run_stages_report_and_mlflow(stack):

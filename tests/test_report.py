@@ -159,6 +159,18 @@ def test_accuracy_plot_axes(results, tmp_path):
     assert data.startswith(PNG) and png_size(data) == (9.5 * 300, 5.5 * 300)  # 300 dpi
 
 
+def test_flops_plot_draws_each_line_at_its_masks_flops(results):
+    points, _ = collect(*results)
+    fig = accuracy_plot(points, x="flops")
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("inference FLOPs") and ax.get_title().startswith("Test accuracy vs FLOPs")
+    snip = next(line for line in ax.get_lines() if line.get_label() == "SNIP")
+    assert list(snip.get_xdata()) == pytest.approx([linear_flops(0.1), linear_flops(0.01)])  # not the densities
+    density = accuracy_plot(points).axes[0]
+    assert list(next(l for l in density.get_lines() if l.get_label() == "SNIP").get_xdata()) == \
+        pytest.approx([0.1, 0.01])
+
+
 def test_accuracy_plot_one_seed_has_no_error_bars_nor_band(tmp_path):
     store, spec = Store(tmp_path), tiny_spec(name="lth")
     for rnd, acc in (("dense", 0.97), ("round 1", 0.95), ("round 2", 0.93)):
@@ -224,10 +236,12 @@ def test_write_report_files(results, tmp_path):
     for svg in (rep.accuracy_svg, rep.layers_svg):
         assert svg.suffix == ".svg" and b"<svg" in svg.read_bytes()[:1000]
     assert sorted(p.name for p in rep.files) == sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "accuracy.pdf", "accuracy.png", "accuracy.svg", "layers.pdf", "layers.png", "layers.svg", "report.md"]
+        "accuracy.pdf", "accuracy.png", "accuracy.svg", "flops.pdf", "flops.png", "flops.svg", "layers.pdf",
+        "layers.png", "layers.svg", "report.md"]
     md = rep.markdown.read_text()
     assert "| LTH | 0.2000 | 2 | 92.00 ± 2.83 | 90.00 |" in md
     assert "](accuracy.png)" in md and "](layers.png)" in md and "](accuracy.pdf)" in md and "](layers.svg)" in md
+    assert "](flops.png)" in md and "](flops.svg)" in md and rep.flops_png.read_bytes().startswith(PNG)
     again = write_report(*results, tmp_path / "again")
     assert again.accuracy_pdf.read_bytes() == rep.accuracy_pdf.read_bytes()  # no creation date: same bytes
 
@@ -376,9 +390,10 @@ def test_publish_logs_every_file_to_mlflow_and_the_pngs_to_prefect(results, pai_
     monkeypatch.setattr(pub, "create_markdown_artifact", lambda text, key, description: None)
     monkeypatch.setattr(pub, "create_image_artifact", lambda url, key, description: images.setdefault(key, url))
     out = pub.publish_report(*results, "tiny lth")
-    names = ["accuracy.png", "accuracy.pdf", "accuracy.svg", "layers.png", "layers.pdf", "layers.svg", "report.md"]
+    names = ["accuracy.png", "accuracy.pdf", "accuracy.svg", "layers.png", "layers.pdf", "layers.svg", "flops.png",
+             "flops.pdf", "flops.svg", "report.md"]
     assert [(run, where, Path(p).name) for run, where, p in logged] == [("run-1", "report", n) for n in names]
-    for plot in ("accuracy", "layers"):
+    for plot in ("accuracy", "layers", "flops"):
         for ext in ("png", "pdf", "svg"):
             assert Path(out[f"{plot}_{ext}"]) == pai_home / "reports" / "tiny-lth" / f"{plot}.{ext}"
         url = images[f"pai-report-tiny-lth-{plot}"]

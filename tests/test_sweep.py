@@ -123,7 +123,8 @@ def test_sweep_on_dask_trains_dense_once_and_reports(prefect, pai_home):
     assert all(m in table for m in ("| dense |", "| SNIP |", "| GraSP |", "| magnitude |"))
     client = MlflowClient(tracking_uri())
     assert {a.path for a in client.list_artifacts(summary["mlflow_run_id"], "report")} == {
-        "report/report.md", *(f"report/{plot}.{ext}" for plot in ("accuracy", "layers") for ext in ("png", "pdf", "svg"))}
+        "report/report.md",
+        *(f"report/{plot}.{ext}" for plot in ("accuracy", "layers", "flops") for ext in ("png", "pdf", "svg"))}
     children = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{summary['mlflow_run_id']}'")
     assert len(children) == 9 and all(c.info.status == "FINISHED" for c in children)
