@@ -99,6 +99,9 @@ def train_data_fields(spec: ExperimentBase, order_seed: int | None = None) -> di
             "order_seed": spec.order_seed if order_seed is None else order_seed}
     if spec.data.augment_kinds:  # only then: an unaugmented (MNIST) training keeps the key it had
         data["augment"] = list(spec.data.augment_kinds)
+    for crop in ("crop_scale", "crop_ratio"):  # an image folder's crop ranges, only when set
+        if getattr(spec.data, crop) is not None:
+            data[crop] = list(getattr(spec.data, crop))
     return data
 
 

@@ -108,11 +108,25 @@ class DataSpec(Frozen):
                           "is under PAI_DATA); keys name it by its folder name and file list, never its path")
     image_size: int | None = Field(None, gt=0, le=2048, description="image_folder: side of the square crops "
                                                                     "(None = 224; 64 for Tiny-ImageNet)")
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="image_folder: RandomResizedCrop's range of the image area a training crop covers "
+                          "(None = torchvision's 0.08-1; open_lth's ImageNet: 0.1-1)")
+    crop_ratio: tuple[float, float] | None = Field(
+        None, description="image_folder: its range of crop aspect ratios w/h, drawn log-uniformly (None = "
+                          "torchvision's 3/4-4/3; open_lth's ImageNet: 0.8-1.25)")
 
     @field_validator("dataset")
     @classmethod
     def _known(cls, v: str) -> str:
         return registered(v, dataset_names(), "dataset")
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None, info: Any) -> tuple[float, float] | None:
+        top = 1.0 if info.field_name == "crop_scale" else 100.0
+        if v is not None and not 0 < v[0] <= v[1] <= top:
+            raise ValueError(f"a range lo, hi with 0 < lo <= hi <= {top:g} (got {list(v)})")
+        return v
 
     @field_validator("augment")
     @classmethod
@@ -140,7 +154,7 @@ class DataSpec(Frozen):
         """An image folder is checked (and listed) now, before any compute; its fields are
         refused for the in-memory datasets, which have no such choices."""
         if self.dataset != image_folder.NAME:
-            for name in ("root", "image_size"):
+            for name in ("root", "image_size", "crop_scale", "crop_ratio"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: only dataset image_folder reads it (this one is {self.dataset}); "
                                      "allowed: unset")

@@ -142,6 +142,50 @@ def test_crop_box_falls_back_to_the_centre_clamped_to_the_aspect_range():
     assert imt.crop_box(10, 400, random.Random(0)) == (0, 193, 10, 13)  # 10 / (3/4) = 13.3 -> 13
 
 
+def test_crop_ranges_are_the_specs():
+    """open_lth's ImageNet ranges, scale 0.1-1 and aspect 0.8-1.25; and a degenerate range, exactly
+    half the area at aspect 1: round(sqrt(800)) = 28 pixels square, wherever it lands."""
+    lth = ((0.1, 1.0), (0.8, 1.25))
+    for seed in range(300):
+        left, top, w, h = imt.crop_box(40, 30, random.Random(seed), lth)
+        assert 0.1 * 1200 * 0.8 <= w * h <= 1200 and 0.8 * 0.8 <= w / h <= 1.25 * 1.25
+        assert imt.crop_box(40, 40, random.Random(seed), ((0.5, 0.5), (1.0, 1.0)))[2:] == (28, 28)
+
+
+def test_crop_ranges_reach_the_training_loader_and_its_key_alone(folder, tmp_path):
+    from pai_core.stages import Runtime
+    from pai_core.stages.common import bundle_for
+    from pai_core.store import Store
+
+    spec = parse_spec(raw_spec(folder, crop_scale=[0.1, 1.0], crop_ratio=[0.8, 1.25]))
+    plan = build_plan(spec)
+    fields = plan.rounds[0].trained.fields["data"]
+    assert fields["crop_scale"] == [0.1, 1.0] and fields["crop_ratio"] == [0.8, 1.25]
+    data = bundle_for(fields, Runtime(Store(tmp_path), "cpu"))
+    assert data.train.dataset.crop == ((0.1, 1.0), (0.8, 1.25)) and data.train.dataset.train
+    plain = keys(parse_spec(raw_spec(folder)))
+    cropped = keys(spec)
+    assert cropped[("dense", "init")] == plain[("dense", "init")]
+    assert cropped[("dense", "pretrain")] != plain[("dense", "pretrain")]
+    stated = parse_spec(raw_spec(folder, crop_scale=[0.08, 1.0])).data.crop_scale
+    assert stated == (0.08, 1.0)  # torchvision's, stated: a key of its own, like any stated field
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"crop_scale": [0.5, 0.2]}, r"data\.crop_scale: .*0 < lo <= hi <= 1 \(got \[0\.5, 0\.2\]\)"),
+    ({"crop_ratio": [0.0, 1.0]}, r"data\.crop_ratio: .*0 < lo <= hi <= 100"),
+])
+def test_bad_crop_ranges_are_refused_by_name(folder, data, message):
+    with pytest.raises(SpecError, match=message):
+        parse_spec(raw_spec(folder, **data))
+
+
+def test_crop_ranges_are_refused_for_in_memory_datasets():
+    from conftest import tiny_raw
+    with pytest.raises(SpecError, match=r"data\.crop_scale: only dataset image_folder reads it .*allowed: unset"):
+        parse_spec(tiny_raw(data={"crop_scale": [0.1, 1.0]}))
+
+
 def test_transform_shapes_and_normalisation(folder):
     img = Image.open(next((folder / "train" / "cat").iterdir())).convert("RGB")
     assert imt.to_uint8(imt.train_image(img, 32, seed=5)).shape == (3, 32, 32)

@@ -127,6 +127,7 @@ def test_lth_imagenet_recipe_follows_open_lth(tmp_path):
         assert spec.model.name == "resnet50" and spec.model.params == {"weight_init": "kaiming_normal",
                                                                         "bn_init": "uniform"}
         assert spec.data.batch_size == 1024 and spec.data.image_size == 224
+        assert (spec.data.crop_scale, spec.data.crop_ratio) == ((0.1, 1.0), (0.8, 1.25))  # its RandomResizedCrop
         assert (t.optimizer, t.lr, t.momentum, t.weight_decay, t.gamma) == ("sgd", 0.4, 0.9, 1e-4, 0.1)
         assert t.iterations == 90 * IMAGENET_EPOCH and t.warmup_iterations == 5 * IMAGENET_EPOCH
         assert t.milestones == tuple(e * IMAGENET_EPOCH for e in (30, 60, 80)) and t.lr_schedule == "step"

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pai_core.data.image_transforms import FolderDataset
+from pai_core.data.image_transforms import DEFAULT_CROP, Crop, FolderDataset
 from pai_core.data.registry import (DataBundle, DatasetInfo, DataUnavailable, Split, register_dataset,
                                     split_indices)
 from pai_core.paths import data_root
@@ -260,23 +260,24 @@ class FolderSplit:
 
 
 def subset(index: FolderIndex, rows: torch.Tensor | None, size: int, train: bool, workers: int,
-           pin: bool) -> FolderSplit:
+           pin: bool, crop: Crop = DEFAULT_CROP) -> FolderSplit:
     """A split of train (rows of it, ascending) or, with rows None, the test split."""
     if rows is None:
-        ds = FolderDataset(index.test_dir, index.test_files, index.test_labels, size, train)
+        ds = FolderDataset(index.test_dir, index.test_files, index.test_labels, size, train, crop)
     else:
         r = rows.numpy()
-        ds = FolderDataset(index.root / "train", index.train_files[r], index.train_labels[r], size, train)
+        ds = FolderDataset(index.root / "train", index.train_files[r], index.train_labels[r], size, train, crop)
     return FolderSplit(ds, workers, pin)
 
 
 def bundle(index: FolderIndex, *, image_size: int, val_size: int, split_seed: int, workers: int = 0,
-           pin_memory: bool = False) -> DataBundle:
-    """Train (random transform), val and test (eval transform) as streamed splits."""
+           pin_memory: bool = False, crop: Crop = DEFAULT_CROP) -> DataBundle:
+    """Train (random transform: RandomResizedCrop in `crop`'s area and aspect ranges, then a
+    flip), val and test (eval transform) as streamed splits."""
     train_idx, val_idx = split_indices(len(index.train_files), val_size, split_seed)
     return DataBundle(
         name=NAME,
-        train=subset(index, train_idx, image_size, True, workers, pin_memory),
+        train=subset(index, train_idx, image_size, True, workers, pin_memory, crop),
         val=subset(index, val_idx, image_size, False, workers, pin_memory),
         test=subset(index, None, image_size, False, workers, pin_memory),
         in_shape=(3, image_size, image_size),

@@ -26,37 +26,41 @@ MEAN = (0.485, 0.456, 0.406)  # ImageNet per-channel statistics, as torchvision'
 STD = (0.229, 0.224, 0.225)
 SCALE = (0.08, 1.0)  # RandomResizedCrop: fraction of the image area
 RATIO = (3 / 4, 4 / 3)  # and aspect ratio (w / h), drawn log-uniformly
+Crop = tuple[tuple[float, float], tuple[float, float]]  # (scale, ratio): data.crop_scale, data.crop_ratio
+DEFAULT_CROP: Crop = (SCALE, RATIO)
 CROP_TRIES = 10
 RESIZE_FOR_EVAL = 256 / 224  # Resize(256) + CenterCrop(224), at every size
 
 
-def crop_box(width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box (left, top, w, h): area uniform in SCALE of the image, aspect
-    log-uniform in RATIO, CROP_TRIES tries; else the centre crop clamped to RATIO."""
+def crop_box(width: int, height: int, rng: random.Random, crop: Crop = DEFAULT_CROP) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (left, top, w, h): area uniform in crop's scale range (SCALE) of
+    the image, aspect log-uniform in its ratio range (RATIO), CROP_TRIES tries; else the centre
+    crop clamped to the ratio range."""
+    (s_lo, s_hi), (r_lo, r_hi) = crop
     area = width * height
-    lo, hi = math.log(RATIO[0]), math.log(RATIO[1])
+    lo, hi = math.log(r_lo), math.log(r_hi)
     for _ in range(CROP_TRIES):
-        target = area * rng.uniform(*SCALE)
+        target = area * rng.uniform(s_lo, s_hi)
         aspect = math.exp(rng.uniform(lo, hi))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return rng.randint(0, width - w), rng.randint(0, height - h), w, h
     ratio = width / height
-    if ratio < RATIO[0]:
-        w, h = width, round(width / RATIO[0])
-    elif ratio > RATIO[1]:
-        w, h = round(height * RATIO[1]), height
+    if ratio < r_lo:
+        w, h = width, round(width / r_lo)
+    elif ratio > r_hi:
+        w, h = round(height * r_hi), height
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def train_image(img, size: int, seed: int):  # PIL.Image -> PIL.Image
-    """RandomResizedCrop(size) + RandomHorizontalFlip, every draw from `seed`."""
+def train_image(img, size: int, seed: int, crop: Crop = DEFAULT_CROP):  # PIL.Image -> PIL.Image
+    """RandomResizedCrop(size, scale, ratio) + RandomHorizontalFlip, every draw from `seed`."""
     from PIL import Image
 
     rng = random.Random(seed)
-    left, top, w, h = crop_box(img.width, img.height, rng)
+    left, top, w, h = crop_box(img.width, img.height, rng, crop)
     out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else out
 
@@ -99,8 +103,10 @@ class FolderDataset(torch.utils.data.Dataset):
     """Decodes one file per item. Train items are (file index, seed): the seed decides the
     crop and flip, so an item is a pure function of its arguments in any worker."""
 
-    def __init__(self, base: Path, files: np.ndarray, labels: np.ndarray, size: int, train: bool):
+    def __init__(self, base: Path, files: np.ndarray, labels: np.ndarray, size: int, train: bool,
+                 crop: Crop = DEFAULT_CROP):
         self.base, self.files, self.labels, self.size, self.train = str(base), files, labels, size, train
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.files)
@@ -111,5 +117,5 @@ class FolderDataset(torch.utils.data.Dataset):
         i, seed = item if self.train else (item, None)
         with Image.open(os.path.join(self.base, os.fsdecode(self.files[i]))) as f:
             img = f.convert("RGB")
-        img = train_image(img, self.size, seed) if self.train else eval_image(img, self.size)
+        img = train_image(img, self.size, seed, self.crop) if self.train else eval_image(img, self.size)
         return to_uint8(img), int(self.labels[i])

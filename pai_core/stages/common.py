@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pai_core import data as data_lib
-from pai_core.data import image_folder
+from pai_core.data import image_folder, image_transforms
 from pai_core.data.stream import default_workers, train_batches
 from pai_core.collapse import LayerCollapse, collapse_report, describe
 from pai_core.infos import Arch
@@ -35,17 +35,20 @@ def _bundle(dataset: str, val_size: int, split_seed: int, device: str) -> data_l
 
 @lru_cache(maxsize=2)
 def _folder_bundle(name: str, files: str, image_size: int, val_size: int, split_seed: int, device: str,
-                   workers: int) -> data_lib.DataBundle:
+                   workers: int, crop: tuple[tuple[float, float], tuple[float, float]]) -> data_lib.DataBundle:
     """An image folder's streamed splits (file lists, not tensors), found on this machine by
     its name and fingerprint; cached like the tensors, with their evaluation loaders."""
     return image_folder.bundle(image_folder.locate(name, files), image_size=image_size, val_size=val_size,
-                               split_seed=split_seed, workers=workers, pin_memory=device.startswith("cuda"))
+                               split_seed=split_seed, workers=workers, pin_memory=device.startswith("cuda"),
+                               crop=crop)
 
 
 def bundle_for(fields: Mapping[str, Any], rt: Runtime) -> data_lib.DataBundle:
     if fields["dataset"] == image_folder.NAME:
+        crop = (tuple(fields.get("crop_scale", image_transforms.SCALE)), tuple(fields.get("crop_ratio",
+                                                                                         image_transforms.RATIO)))
         return _folder_bundle(fields["root"], fields["files"], fields["image_size"], fields["val_size"],
-                              fields["split_seed"], str(rt.torch_device), default_workers())
+                              fields["split_seed"], str(rt.torch_device), default_workers(), crop)
     return _bundle(fields["dataset"], fields["val_size"], fields["split_seed"], str(rt.torch_device))
 
 
