@@ -1,4 +1,4 @@
-"""Gradual magnitude pruning (Zhu & Gupta): the cubic ramp, hit exactly at its end."""
+"""Gradual pruning (Zhu & Gupta): the cubic ramp, hit exactly at its end; by magnitude or by LAMP."""
 from __future__ import annotations
 
 import pytest
@@ -40,11 +40,47 @@ def test_gradual_pat_prunes_during_finetuning_to_the_exact_target(tmp_path):
     assert refs[plan.rounds[1].evaluate.key].info.sparsity == pytest.approx(0.8, abs=1e-3)
 
 
-def test_gradual_is_refused_outside_pat_and_without_magnitude():
+def test_gradual_is_refused_outside_pat_and_without_a_weight_criterion():
     from pai_core.spec_io import SpecError
 
     with pytest.raises(SpecError, match="gradual"):
         tiny_spec(prune={"schedule": "gradual", "sparsity": 0.8, "rate": None, "rounds": 1})
-    with pytest.raises(SpecError, match="criterion magnitude"):
+    with pytest.raises(SpecError, match=r"prune\.criterion: .*allowed: magnitude, lamp \(got random\)"):
         tiny_spec("prune_after_training", prune={"schedule": "gradual", "sparsity": 0.8, "rate": None,
                                                  "rounds": 1, "criterion": "random"})
+
+
+def test_gradual_lamp_ranks_by_lamp_scores_of_the_current_weights():
+    """One ramp step with criterion lamp keeps what a global selection of LAMP's scores keeps,
+    which differs from magnitude's when one layer's weights are much smaller."""
+    from torch import nn
+
+    from pai_core.criteria.lamp import lamp_scores
+    from pai_core.masks import dense_mask
+    from pai_core.selection import select
+
+    net = nn.Sequential(nn.Linear(20, 30), nn.Linear(30, 10))
+    with torch.no_grad():
+        net[1].weight.mul_(0.01)
+    mask = dense_mask(net)
+    lamp = GradualMagnitude(0.9, 0, 10, 5, criterion="lamp")(10, net, None, mask)
+    params = dict(net.named_parameters())
+    want = select({n: lamp_scores(params[n].detach()) for n in mask}, mask, 0.1)
+    assert all(torch.equal(lamp[n], want[n]) for n in mask)
+    magnitude = GradualMagnitude(0.9, 0, 10, 5)(10, net, None, mask)
+    assert int(magnitude["1.weight"].sum()) == 0 < int(lamp["1.weight"].sum())
+
+
+def test_gradual_lamp_is_keyed_and_prunes_to_the_exact_target(tmp_path):
+    prune = {"schedule": "gradual", "sparsity": 0.8, "rate": None, "rounds": 1,
+             "gradual": {"every": 3, "start": 0.0, "end": 0.5}}
+    magnitude = build_plan(tiny_spec("prune_after_training", prune=prune, retrain={"epochs": 2}))
+    plan = build_plan(tiny_spec("prune_after_training", prune={**prune, "criterion": "lamp"}, retrain={"epochs": 2}))
+    ft, ft_magnitude = plan.rounds[1].trained, magnitude.rounds[1].trained
+    assert "criterion" not in ft_magnitude.fields["gradual"] and ft.fields["gradual"]["criterion"] == "lamp"
+    assert ft.key != ft_magnitude.key and ft.inputs["start"].key == ft_magnitude.inputs["start"].key
+    rt = Runtime(Store(tmp_path), "cpu")
+    payload = rt.store.load(run_plan(plan.nodes, rt)[ft.key])
+    assert sum(int(m.sum()) for m in payload["mask"].values()) == round(N_WEIGHTS * 0.2)
+    assert all(int(m.sum()) >= 1 for m in payload["mask"].values())
+

@@ -40,6 +40,9 @@ class GradualSpec(Frozen):
         return self
 
 
+GRADUAL_CRITERIA = ("magnitude", "lamp")  # scores of the current weights alone: cheap at every ramp step
+
+
 class PaTPrune(FilterPrune):
     schedule: Literal["one_shot", "iterative", "gradual"] = Field(
         "one_shot", description=schedule_help("one_shot", "iterative", "gradual"))
@@ -47,8 +50,11 @@ class PaTPrune(FilterPrune):
 
     @model_validator(mode="after")
     def _options(self) -> PaTPrune:
-        if self.schedule == "gradual" and (self.sparsity is None or self.criterion != "magnitude"):
-            raise ValueError("gradual needs sparsity and criterion magnitude (Zhu & Gupta)")
+        if self.schedule == "gradual" and self.sparsity is None:
+            raise ValueError("gradual needs sparsity (the ramp's final sparsity)")
+        if self.schedule == "gradual" and self.criterion not in GRADUAL_CRITERIA:
+            raise ValueError(f"prune.criterion: gradual ranks the weights themselves at every step; allowed: "
+                             f"{', '.join(GRADUAL_CRITERIA)} (got {self.criterion})")
         if self.structure == "filter" and self.schedule == "gradual":
             raise ValueError("prune.schedule: structure filter prunes one_shot or iterative; allowed: one_shot, "
                              "iterative")
@@ -68,7 +74,8 @@ class PruneAfterTrainingSpec(ExperimentBase):
 @register_callback("gradual")
 def _gradual(g: dict, total: int, key: str) -> MaskUpdate:
     return MaskUpdate(gradual_lib.GradualMagnitude(g["sparsity"], int(g["start"] * total), int(g["end"] * total),
-                                                   g["every"], g["scope"], g["min_density"]))
+                                                   g["every"], g["scope"], g["min_density"],
+                                                   g.get("criterion", "magnitude")))
 
 
 def plan(spec: PruneAfterTrainingSpec) -> Plan:
@@ -79,7 +86,8 @@ def plan(spec: PruneAfterTrainingSpec) -> Plan:
     if p.schedule == "gradual":  # the mask is grown inside the fine-tune itself
         ft = train_node(spec, "finetune", weights, spec.retrain, mode="finetune", gradual={
             **p.gradual.model_dump(mode="json"), "sparsity": p.sparsity, "scope": p.scope,
-            "min_density": p.min_density, "prune_biases": p.prune_biases, **({"ignore": p.ignore} if p.ignore else {})})
+            "min_density": p.min_density, "prune_biases": p.prune_biases, **({"ignore": p.ignore} if p.ignore else {}),
+            **({"criterion": p.criterion} if p.criterion != "magnitude" else {})})  # magnitude's keys as they were
         return Plan("prune_after_training", [dense, Round(1, "gradual", 1 - p.sparsity, None, ft,
                                                           evaluate_node(spec, ft, None))])
     structure = p.mask_fields()
