@@ -196,7 +196,7 @@ def plot(rows: list[Row], path: str | Path | None = None, title: str = "") -> An
     Figure (no pyplot state), saved at `path` in the format its suffix names (png, pdf, svg)."""
     from matplotlib.figure import Figure
 
-    from pai_core.report import _styles, save_figure
+    from pai_core.report_plots import _styles, save_figure
 
     base = next(r for r in rows if r.unit == BASELINE)
     units = list(dict.fromkeys(r.unit for r in rows if r.unit != BASELINE))
