@@ -10,8 +10,9 @@ that global magnitude, uniform and ERK allocations fall behind it at high sparsi
 
 As jaeho-lee/layer-adaptive-sparsity: scores are of the masked weights (a pruned weight is 0, so
 it scores 0), and equal magnitudes are ordered by position (a stable sort), so the score is
-deterministic. Scores are float64: cast to float32, the scores of different layers would tie. Meant for `scope: global`; with `layerwise` it is
-magnitude pruning, since the order within each layer is the same.
+deterministic. Scores are float64: cast to float32, the scores of different layers would tie.
+Meant for `scope: global`; with `layerwise` it is magnitude pruning, since the order within each
+layer is the same.
 """
 from __future__ import annotations
 
