@@ -3,7 +3,6 @@ config and a `pai list` line; models carry their metadata and params."""
 from __future__ import annotations
 
 import inspect
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,16 @@ from pai_core.sweep import is_sweep_file, load_sweep
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
-def every_config_spec():
-    tmp = Path(tempfile.mkdtemp())  # an image folder's config: validated against a tiny generated folder
-    for path in map(lambda p: loadable_config(p, tmp), CONFIGS):
+def every_config_spec(tmp: Path):
+    """Every example config's specs; one that reads an image folder against a tiny generated one in `tmp`."""
+    for path in (loadable_config(p, tmp) for p in CONFIGS):
         yield from (load_sweep(path).expand() if is_sweep_file(path) else [load_spec(path)])
 
 
-def test_every_role_of_every_paradigm_has_a_task_and_a_registered_stage():
+def test_every_role_of_every_paradigm_has_a_task_and_a_registered_stage(tmp_path):
     from tasks.stages import task_for
 
-    specs = list(every_config_spec())
+    specs = list(every_config_spec(tmp_path))
     assert {s.flow for s in specs} == set(paradigm_names()), "every paradigm has an example config"
     roles = {(n.stage, n.role) for s in specs for n in build_plan(s).nodes}
     for stage, role in roles:
