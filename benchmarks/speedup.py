@@ -9,9 +9,10 @@ Cases (the issue's goals):
   every channel group (residual stream included) or of the blocks' inner channels only
   (batches up to 64); and MobileNetV2 at 64×64, half of every channel group (each expansion
   channel with its depthwise filter);
-- 2:4 on a 4096 × 4096 (×3) MLP in float16 on a CUDA GPU with compute capability >= 8.0 when
-  there is one (`semi_structured` vs the same net dense in float16, both called eagerly and both
-  replayed from CUDA graphs); skipped, and said so, when not.
+- 2:4 on a 4096 × 4096 (×3) MLP and on one 8192 × 8192 Linear in float16 on a CUDA GPU with
+  compute capability >= 8.0 when there is one (`semi_structured` vs the same net dense in float16,
+  both called eagerly and both replayed from CUDA graphs, each layer's bias added after the
+  product or fused into the kernel); skipped, and said so, when not.
 
 Each format is built, saved, loaded back from its file and its outputs checked against the
 masked model before it is timed (pai_core.speedup). Times are medians per call after warm-up,
@@ -136,26 +137,39 @@ def filter_case(name: str, model: nn.Module, in_shape: tuple[int, ...], layers: 
 
 def semi_structured_case(args: argparse.Namespace) -> list[Row]:
     """2:4 in float16 on a capable GPU against the same net dense in float16, called eagerly and
-    replayed from CUDA graphs (pai_core.speedup's docstring says why both)."""
+    replayed from CUDA graphs (pai_core.speedup's docstring says why both): the MLP with each
+    layer's bias added after the product (the export's default) and fused into the kernel, then
+    one large Linear (the issue's goal: >= 1.3x) the same ways."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         print("2:4 semi_structured: not measured (no CUDA device with compute capability >= 8.0 here)")
         return []
+    mlp = wide_mlp(args.width)
+    rows = two_four_rows(f"MLP {args.width}×{args.width}×3, 2:4", mlp, args.width, args)
+    torch.manual_seed(0)
+    large = nn.Sequential(nn.Linear(args.large, args.large)).eval()
+    return rows + two_four_rows(f"Linear {args.large}×{args.large}, 2:4", large, args.large, args, head_dense=False)
+
+
+def two_four_rows(name: str, model: nn.Module, width: int, args: argparse.Namespace,
+                  head_dense: bool = True) -> list[Row]:
+    """`model` at 2:4 (magnitude), exported and timed against itself dense in float16: eager and
+    CUDA graph, bias added and bias fused. `head_dense`: the last Linear (a 10-row head, too small
+    for 2:4 to help) is left out of the mask and stays a dense float16 layer."""
     from pai_core.export import masked_copy
     from pai_core.selection import select_nm
     from pai_core.sparse_layers import HalfPrecision
 
-    mlp = wide_mlp(args.width)
-    params = dict(mlp.named_parameters())
-    names = prunable_names(mlp)[:-1]  # the 10-row head stays dense (float16): too small for 2:4 to help
+    params = dict(model.named_parameters())
+    names = prunable_names(model)[:-1] if head_dense else prunable_names(model)
     mask = select_nm({n: params[n].detach().abs() for n in names},
                      {n: torch.ones_like(params[n], dtype=torch.bool) for n in names}, 2, 4)
-    half = HalfPrecision(masked_copy(mlp, mask).half())  # the fair baseline: the same precision, dense
+    half = HalfPrecision(masked_copy(model, mask).half())  # the fair baseline: the same precision, dense
     rows = []
-    for graph in (False, True):
-        rows += measure(f"MLP {args.width}×{args.width}×3, 2:4", mlp, mask, (args.width,),
-                        formats=("semi_structured",), device="cuda", batches=args.batches, repeats=args.repeats,
-                        min_run_s=args.min_run_s, baseline=half, cuda_graph=graph,
-                        note="vs dense float16, " + ("CUDA graph" if graph else "eager"), log=print)
+    for graph, fuse in ((False, False), (True, False), (True, True)):
+        note = "vs dense float16, " + ("CUDA graph" if graph else "eager") + (", bias fused" if fuse else "")
+        rows += measure(name, model, mask, (width,), formats=("semi_structured",), device="cuda",
+                        batches=args.batches, repeats=args.repeats, min_run_s=args.min_run_s, baseline=half,
+                        cuda_graph=graph, fuse_bias=fuse, note=note, log=print)
     return rows
 
 
@@ -163,6 +177,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="width 512, batches 1 and 64, one repeat")
     p.add_argument("--width", type=int, default=4096)
+    p.add_argument("--large", type=int, default=8192, help="the single 2:4 Linear's width (CUDA case)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 1024])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--min-run-s", type=float, default=0.05)

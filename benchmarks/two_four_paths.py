@@ -7,7 +7,7 @@ table separates the kernel from the setup: each path eagerly and replayed from a
 2:4 MLP beside its dense twin, timed and kernel by kernel (torch.profiler). Needs a CUDA GPU of compute
 capability >= 8.0; prints why not otherwise.
 
-    python benchmarks/two_four_paths.py [--width 4096] [--batches 64,1024,4096] [--json F] [--profile-batch B]
+    python benchmarks/two_four_paths.py [--width 4096] [--batches 64,1024,4096] [--json F] [--profile-batch B[,B]]
 """
 from __future__ import annotations
 
@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--json", type=Path)
-    p.add_argument("--profile-batch", type=int, default=1024,
-                   help="then the exported MLP at this batch beside dense float16, timed and profiled (0: skip)")
+    p.add_argument("--profile-batch", default="1024",
+                   help="then the exported MLP at these batches (comma-separated) beside dense float16, timed and "
+                        "profiled (0: skip)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         print("2:4 paths: not measured (no CUDA device with compute capability >= 8.0 here)")
@@ -150,8 +151,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"{dense / ms:5.2f}x  max|diff| {err:.1e}", flush=True)
                 if args.json:  # as it goes: a kernel that kills the process leaves the rows before it
                     args.json.write_text(json.dumps(rows, indent=1))
-    if args.profile_batch:
-        rows += exported_mlp(args.width, args.profile_batch, args.iters, args.warmup)
+    for batch in (int(b) for b in args.profile_batch.split(",") if int(b)):
+        rows += exported_mlp(args.width, batch, args.iters, args.warmup)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
     return rows

@@ -27,7 +27,10 @@ def export_cmd(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesA
                tune_batches: list[int] = typer.Option([], "--tune-batch",
                                                       help="semi_structured: batch sizes to search cuSPARSELt's "
                                                            "fastest algorithm for (repeat; default: the check "
-                                                           "batch)")) -> None:
+                                                           "batch)"),
+               fuse_bias: bool = typer.Option(False, "--fuse-bias",
+                                              help="semi_structured: add each 2:4 layer's bias in the kernel "
+                                                   "(cuSPARSELt's epilogue) instead of a pass after it")) -> None:
     """Export a finished round as a model that loads without pai-flow (torch.export or TorchScript),
     checked against the masked model; exit 2 with one line if it cannot be exported faithfully."""
     from rich.markup import escape
@@ -41,7 +44,7 @@ def export_cmd(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesA
     s = _spec(spec, overrides)
     try:
         m = export_round(s, round_, fmt, out, block_size=block_size, device=device, sparse_conv=sparse_conv,
-                         store=Store(pai_home() / "store"), tune_batches=tune_batches)
+                         store=Store(pai_home() / "store"), tune_batches=tune_batches, fuse_bias=fuse_bias)
     except ExportRefused as e:
         msg = str(e)
         if isinstance(e, RoundNotStored):  # the exact command

@@ -85,9 +85,9 @@ def _sparse_layer(fmt: str, layer: nn.Module, keep: Tensor, block_size: int | No
     return SparseConv2d(matrix, bias, layer)
 
 
-def _two_four_layer(layer: nn.Linear) -> nn.Module:
+def _two_four_layer(layer: nn.Linear, fuse_bias: bool = False) -> nn.Module:
     try:
-        return semi_structured.layer(layer)
+        return semi_structured.layer(layer, fuse_bias=fuse_bias)
     except semi_structured.TwoFourRefused as e:
         raise ExportRefused(str(e)) from e
 
@@ -95,20 +95,21 @@ def _two_four_layer(layer: nn.Linear) -> nn.Module:
 @torch.no_grad()
 def to_format(model: nn.Module, mask: Mask, fmt: str, *, block_size: int | None = None,
               device: str | torch.device = "cpu", sparse_conv: bool | None = None,
-              tune_batches: Sequence[int] = ()) -> nn.Module:
+              tune_batches: Sequence[int] = (), fuse_bias: bool = False) -> nn.Module:
     """The exportable module of `fmt` for `model` under `mask`, on `device`, in eval mode. It
     computes what the masked model computes (within the format's tolerance). Refuses
     (ExportRefused) what the format cannot express. Nothing is written. `sparse_conv=False`
     keeps convs dense in csr, True makes them sparse in bsr. semi_structured searches
-    cuSPARSELt's fastest algorithm for each batch size in `tune_batches` (others use its default)."""
-    check_options(fmt, block_size=block_size, tune_batches=tune_batches)
+    cuSPARSELt's fastest algorithm for each batch size in `tune_batches` (others use its default);
+    `fuse_bias` hands each 2:4 layer's bias to the kernel's epilogue (SemiStructuredLinear)."""
+    check_options(fmt, block_size=block_size, tune_batches=tune_batches, fuse_bias=fuse_bias)
     check_supported(fmt, model, mask, block_size=block_size, device=device, sparse_conv=sparse_conv)
     with _quiet():
-        return _to_format(model, mask, fmt, block_size, device, sparse_conv, tune_batches)
+        return _to_format(model, mask, fmt, block_size, device, sparse_conv, tune_batches, fuse_bias)
 
 
 def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, device: str | torch.device,
-               sparse_conv: bool | None, tune_batches: Sequence[int] = ()) -> nn.Module:
+               sparse_conv: bool | None, tune_batches: Sequence[int] = (), fuse_bias: bool = False) -> nn.Module:
     masked = masked_copy(model, mask).to(device)
     if fmt == "dense":
         return masked
@@ -120,7 +121,7 @@ def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, d
     for p in layer_plan(fmt, masked, sparse_conv, mask):
         if p.stored_as == "sparse":
             layer = layers[p.name]
-            new = (_two_four_layer(layer) if fmt == "semi_structured"
+            new = (_two_four_layer(layer, fuse_bias) if fmt == "semi_structured"
                    else _sparse_layer(fmt, layer, mask.get(f"{p.name}.weight", torch.ones_like(layer.weight)),
                                       block_size))
             _replace(masked, p.name, new)
@@ -132,14 +133,15 @@ def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, d
 
 def build(fmt: str, model: nn.Module, mask: Mask, example_input: Tensor | None = None, *,
           block_size: int | None = None, device: str | torch.device = "cpu",
-          sparse_conv: bool | None = None, tune_batches: Sequence[int] | None = None) -> nn.Module:
+          sparse_conv: bool | None = None, tune_batches: Sequence[int] | None = None,
+          fuse_bias: bool = False) -> nn.Module:
     """`to_format` for benchmarks: the module of `fmt`, with nothing written. Given an
     `example_input`, its outputs are first checked against the masked model's (ExportRefused
     past the format's tolerance), so what is timed is known to compute the same thing."""
     if tune_batches is None:  # semi_structured: tuned for the batch it is checked on
         tune_batches = () if example_input is None or fmt != "semi_structured" else (int(example_input.shape[0]),)
     module = to_format(model, mask, fmt, block_size=block_size, device=device, sparse_conv=sparse_conv,
-                       tune_batches=tune_batches)
+                       tune_batches=tune_batches, fuse_bias=fuse_bias)
     if example_input is not None:
         reference = masked_copy(model, mask).to(device)
         with torch.no_grad():
