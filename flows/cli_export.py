@@ -28,9 +28,10 @@ def export_cmd(spec: Path = SpecArg, overrides: Optional[list[str]] = OverridesA
                                                       help="semi_structured: batch sizes to search cuSPARSELt's "
                                                            "fastest algorithm for (repeat; default: the check "
                                                            "batch)"),
-               fuse_bias: bool = typer.Option(False, "--fuse-bias",
-                                              help="semi_structured: add each 2:4 layer's bias in the kernel "
-                                                   "(cuSPARSELt's epilogue) instead of a pass after it")) -> None:
+               fuse_bias: Optional[bool] = typer.Option(None, "--fuse-bias/--separate-bias",
+                                                        help="semi_structured: add each 2:4 layer's bias in the "
+                                                             "kernel (cuSPARSELt's epilogue; default) or in a "
+                                                             "pass after it")) -> None:
     """Export a finished round as a model that loads without pai-flow (torch.export or TorchScript),
     checked against the masked model; exit 2 with one line if it cannot be exported faithfully."""
     from rich.markup import escape

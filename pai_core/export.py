@@ -85,7 +85,7 @@ def _sparse_layer(fmt: str, layer: nn.Module, keep: Tensor, block_size: int | No
     return SparseConv2d(matrix, bias, layer)
 
 
-def _two_four_layer(layer: nn.Linear, fuse_bias: bool = False) -> nn.Module:
+def _two_four_layer(layer: nn.Linear, fuse_bias: bool) -> nn.Module:
     try:
         return semi_structured.layer(layer, fuse_bias=fuse_bias)
     except semi_structured.TwoFourRefused as e:
@@ -95,13 +95,14 @@ def _two_four_layer(layer: nn.Linear, fuse_bias: bool = False) -> nn.Module:
 @torch.no_grad()
 def to_format(model: nn.Module, mask: Mask, fmt: str, *, block_size: int | None = None,
               device: str | torch.device = "cpu", sparse_conv: bool | None = None,
-              tune_batches: Sequence[int] = (), fuse_bias: bool = False) -> nn.Module:
+              tune_batches: Sequence[int] = (), fuse_bias: bool | None = None) -> nn.Module:
     """The exportable module of `fmt` for `model` under `mask`, on `device`, in eval mode. It
     computes what the masked model computes (within the format's tolerance). Refuses
     (ExportRefused) what the format cannot express. Nothing is written. `sparse_conv=False`
     keeps convs dense in csr, True makes them sparse in bsr. semi_structured searches
     cuSPARSELt's fastest algorithm for each batch size in `tune_batches` (others use its default);
-    `fuse_bias` hands each 2:4 layer's bias to the kernel's epilogue (SemiStructuredLinear)."""
+    `fuse_bias` (semi_structured; default yes) hands each 2:4 layer's bias to the kernel's epilogue
+    (SemiStructuredLinear) rather than adding it after the product."""
     check_options(fmt, block_size=block_size, tune_batches=tune_batches, fuse_bias=fuse_bias)
     check_supported(fmt, model, mask, block_size=block_size, device=device, sparse_conv=sparse_conv)
     with _quiet():
@@ -109,7 +110,8 @@ def to_format(model: nn.Module, mask: Mask, fmt: str, *, block_size: int | None 
 
 
 def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, device: str | torch.device,
-               sparse_conv: bool | None, tune_batches: Sequence[int] = (), fuse_bias: bool = False) -> nn.Module:
+               sparse_conv: bool | None, tune_batches: Sequence[int] = (), fuse_bias: bool | None = None
+               ) -> nn.Module:
     masked = masked_copy(model, mask).to(device)
     if fmt == "dense":
         return masked
@@ -121,7 +123,7 @@ def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, d
     for p in layer_plan(fmt, masked, sparse_conv, mask):
         if p.stored_as == "sparse":
             layer = layers[p.name]
-            new = (_two_four_layer(layer, fuse_bias) if fmt == "semi_structured"
+            new = (_two_four_layer(layer, fuse_bias is not False) if fmt == "semi_structured"
                    else _sparse_layer(fmt, layer, mask.get(f"{p.name}.weight", torch.ones_like(layer.weight)),
                                       block_size))
             _replace(masked, p.name, new)
@@ -134,7 +136,7 @@ def _to_format(model: nn.Module, mask: Mask, fmt: str, block_size: int | None, d
 def build(fmt: str, model: nn.Module, mask: Mask, example_input: Tensor | None = None, *,
           block_size: int | None = None, device: str | torch.device = "cpu",
           sparse_conv: bool | None = None, tune_batches: Sequence[int] | None = None,
-          fuse_bias: bool = False) -> nn.Module:
+          fuse_bias: bool | None = None) -> nn.Module:
     """`to_format` for benchmarks: the module of `fmt`, with nothing written. Given an
     `example_input`, its outputs are first checked against the masked model's (ExportRefused
     past the format's tolerance), so what is timed is known to compute the same thing."""

@@ -145,11 +145,12 @@ def check_supported(fmt: str, model: nn.Module, mask: Mask, *, block_size: int |
 
 
 def check_options(fmt: str, *, block_size: int | None = None, tune_batches: Sequence[int] = (),
-                  fuse_bias: bool = False) -> None:
+                  fuse_bias: bool | None = None) -> None:
     """What can be refused from the format, block size and tuning batches alone, before reading anything."""
     get_format(fmt)
-    if fuse_bias and fmt != "semi_structured":
-        raise ExportRefused(f"fusing the bias into the kernel applies to semi_structured only, not {fmt}")
+    if fuse_bias is not None and fmt != "semi_structured":
+        raise ExportRefused(f"fusing the bias into the kernel or not (--fuse-bias/--separate-bias) applies to "
+                            f"semi_structured only, not {fmt}")
     if tune_batches and fmt != "semi_structured":
         raise ExportRefused(f"tuning batch sizes apply to semi_structured only, not {fmt}")
     if bad := [b for b in tune_batches if b < 1]:

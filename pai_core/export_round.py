@@ -127,7 +127,7 @@ class Manifest(BaseModel):
     loader: str
     block_size: int | None
     sparse_conv: bool  # convs as im2col @ sparse matrix (csr, bsr); see layers[*].stored_as
-    fuse_bias: bool = False  # semi_structured: each 2:4 layer's bias added in the kernel's epilogue
+    fuse_bias: bool | None = None  # semi_structured: each 2:4 layer's bias added in the kernel's epilogue
     spec: dict[str, Any]
     round: dict[str, Any]
     stage_keys: dict[str, Any]
@@ -164,11 +164,12 @@ def _layer_reports(fmt: str, model: nn.Module, module: nn.Module, mask: Mask,
 def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | Path, *,
                  block_size: int | None = None, device: str = "cpu", sparse_conv: bool | None = None,
                  store: Any = None, batch: int = CHECK_BATCH, tune_batches: Sequence[int] = (),
-                 fuse_bias: bool = False) -> Manifest:
+                 fuse_bias: bool | None = None) -> Manifest:
     """Export a stored round as `fmt` into `out_dir`: the model file, `reference.pt` and
     `manifest.json`. The file is loaded back and checked against the masked model first; an
     export that fails the check is removed and refused (ExportRefused). semi_structured is tuned
-    for `tune_batches` (default: the check batch); `fuse_bias` adds each 2:4 layer's bias in the kernel."""
+    for `tune_batches` (default: the check batch) and adds each 2:4 layer's bias in the kernel unless
+    `fuse_bias` is False."""
     check_options(fmt, block_size=block_size, tune_batches=tune_batches, fuse_bias=fuse_bias)
     check_device(fmt, device)
     f, dev = get_format(fmt), torch.device(device)
@@ -201,7 +202,7 @@ def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | P
     kept, total = sum(lr.kept for lr in layers.values()), sum(lr.total for lr in layers.values())
     manifest = Manifest(
         format=fmt, file=f.file, serialization=f.serialization, loader=f.loader, block_size=block_size,
-        sparse_conv=conv_default(fmt, sparse_conv) and fmt in SPARSE_FORMATS, fuse_bias=fuse_bias, spec=spec.model_dump(mode="json"),
+        sparse_conv=conv_default(fmt, sparse_conv) and fmt in SPARSE_FORMATS, fuse_bias=(fuse_bias is not False) if fmt == "semi_structured" else None, spec=spec.model_dump(mode="json"),
         round={"index": r.index, "name": r.name},
         stage_keys=r.keys, input_shape=list(r.arch.in_shape), num_classes=r.arch.num_classes, layers=layers,
         density=kept / total, sparsity=1 - kept / total, check=check, device=str(dev), torch_version=torch.__version__)

@@ -91,12 +91,13 @@ def measure(name: str, model: nn.Module, mask: Mask, in_shape: Sequence[int], *,
             formats: Sequence[str] = DEFAULT_FORMATS, batches: Sequence[int] = DEFAULT_BATCHES,
             device: str = "cpu", block_size: int | None = None, seed: int = 0, warmup: int = 3,
             repeats: int = 7, min_run_s: float = 0.05, baseline: nn.Module | None = None,
-            cuda_graph: bool = False, note: str = "", fuse_bias: bool = False,
+            cuda_graph: bool = False, note: str = "", fuse_bias: bool | None = None,
             log: Callable[[str], None] = lambda _: None) -> list[Row]:
     """One row per (format, batch): its time, the dense model's, the ratio, the output check.
     A format that cannot express this model and mask (`ExportRefused`) gets one row saying why.
     `baseline` is what is timed as dense (default: the masked model, float32, weights dense);
-    `fuse_bias`: semi_structured layers add their bias in the kernel (pai_core.export.to_format)."""
+    `fuse_bias`: False makes semi_structured layers add their bias after the product, not in the
+    kernel (pai_core.export.to_format)."""
     dev = torch.device(device)
     if cuda_graph and dev.type != "cuda":
         raise ValueError(f"cuda_graph needs a CUDA device, not {device}")
@@ -173,10 +174,11 @@ def graph_replay(module: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[], 
 
 
 def _loaded(fmt: str, model: nn.Module, mask: Mask, example: Tensor, block_size: int | None, device: str,
-            batches: Sequence[int], fuse_bias: bool = False) -> Any:
+            batches: Sequence[int], fuse_bias: bool | None = None) -> Any:
     """The format's module as its file loads back (built, tuned for `batches`, checked first)."""
     module = build(fmt, model, mask, example, block_size=block_size if fmt == "bsr" else None, device=device,
-                   tune_batches=batches if fmt == "semi_structured" else (), fuse_bias=fuse_bias)
+                   tune_batches=batches if fmt == "semi_structured" else (),
+                   fuse_bias=fuse_bias if fmt == "semi_structured" else None)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_module(module, fmt, Path(tmp) / get_format(fmt).file, example)
         return load_exported(path, device)

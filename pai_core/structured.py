@@ -219,8 +219,10 @@ def physically_prune(model: nn.Module, mask: Mask) -> nn.Module:
         depthwise = name in graph.depthwise  # its one input per filter goes with the filter
         in_k = (torch.ones(1, dtype=torch.bool) if depthwise
                 else kept(graph.in_roots[name]).repeat_interleave(channel_graph.in_factor(new, graph, name)))
-        m = mask.get(f"{name}.weight")  # an ignored layer has no mask of its own
-        w = (layer.weight if m is None else layer.weight * m.to(layer.weight.dtype))[out_k][:, in_k]
+        m = mask.get(f"{name}.weight")  # an ignored layer has no mask of its own; masks may sit on the CPU
+        dev = layer.weight.device
+        out_k, in_k = out_k.to(dev), in_k.to(dev)
+        w = (layer.weight if m is None else layer.weight * m.to(dev, layer.weight.dtype))[out_k][:, in_k]
         if isinstance(layer, nn.Conv2d):
             k = int(out_k.sum())
             small = nn.Conv2d(k if depthwise else int(in_k.sum()), k, layer.kernel_size, layer.stride, layer.padding,
@@ -254,7 +256,7 @@ def _out_units(layer: nn.Module) -> int:
 def _slice_bn(bn: nn.Module, k: torch.Tensor) -> nn.Module:
     small = type(bn)(int(k.sum()), bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                      device=bn.weight.device if bn.affine else None)
-    small.load_state_dict({n: (t[k] if t.dim() else t) for n, t in bn.state_dict().items()})
+    small.load_state_dict({n: (t[k.to(t.device)] if t.dim() else t) for n, t in bn.state_dict().items()})
     return small
 
 

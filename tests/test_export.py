@@ -404,12 +404,10 @@ def test_semi_structured_on_a_gpu(tmp_path):
     with torch.inference_mode():  # replayed from a CUDA graph, as `pai speedup --cuda-graph` times it
         replay = graph_replay(loaded, x.cuda())
         assert ex.check_outputs(lambda _: replay(), reference, x.cuda(), "semi_structured").passed
-    for name in ("fc1", "fc2", "fc3"):  # the bias in cuSPARSELt's epilogue instead: the same outputs
-        module.net.get_submodule(name).fuse_bias = True
-    assert ex.check_outputs(module, reference, x.cuda(), "semi_structured").passed
-    fused = build("semi_structured", model, mask, x, device="cuda", fuse_bias=True)  # as `pai export --fuse-bias`
-    loaded = load_exported(save_module(fused, "semi_structured", tmp_path / "f.jit.pt", x.cuda()), "cuda")
-    assert all(loaded.net.get_submodule(n).fuse_bias for n in ("fc1", "fc2", "fc3"))
+    assert all(getattr(loaded.net, n).fuse_bias for n in ("fc1", "fc2", "fc3"))  # the bias in the kernel: default
+    apart = build("semi_structured", model, mask, x, device="cuda", fuse_bias=False)  # `pai export --separate-bias`
+    loaded = load_exported(save_module(apart, "semi_structured", tmp_path / "f.jit.pt", x.cuda()), "cuda")
+    assert not any(getattr(loaded.net, n).fuse_bias for n in ("fc1", "fc2", "fc3"))
     assert ex.check_outputs(loaded, reference, x.cuda(), "semi_structured").passed
     del mask["fc3.weight"]  # the head left out of pruning stays a dense float16 Linear
     module = build("semi_structured", model, mask, x, device="cuda")
@@ -495,6 +493,7 @@ def test_cli_export_writes_the_file_and_manifest(tmp_path, pai_home):
     man = json.loads((out / "manifest.json").read_text())
     rnd = plan.rounds[1]
     assert man["format"] == "csr" and man["serialization"] == "torchscript" and man["block_size"] is None
+    assert man["fuse_bias"] is None  # semi_structured only
     assert man["spec"] == spec.model_dump(mode="json") and man["round"] == {"index": 1, "name": "round 1"}
     assert {k: v["key"] for k, v in man["stage_keys"].items()} == {
         "weights": rnd.trained.key, "mask": rnd.mask.key, "evaluate": rnd.evaluate.key}
@@ -509,8 +508,9 @@ def test_cli_export_writes_the_file_and_manifest(tmp_path, pai_home):
                       (["--format", "structured"], "structured: fc1.weight prunes"),
                       (["--format", "csr", "--tune-batch", "64"], "tuning batch sizes apply to semi_structured only"),
                       (["--format", "semi_structured", "--tune-batch", "0"], "a tuning batch size must be >= 1 (got 0)"),
-                      (["--format", "csr", "--fuse-bias"], "fusing the bias into the kernel applies to semi_structured "
-                                                          "only, not csr")):
+                      (["--format", "csr", "--fuse-bias"], "(--fuse-bias/--separate-bias) applies to semi_structured "
+                                                          "only, not csr"),
+                      (["--format", "dense", "--separate-bias"], "applies to semi_structured only, not dense")):
         res = runner.invoke(app, ["export", str(path), "train.epochs=1", *bad, "-o", str(tmp_path / "x")],
                             terminal_width=200)
         assert res.exit_code == 2 and "cannot export:" in res.output and says in res.output, res.output
@@ -526,6 +526,6 @@ def test_cli_export_writes_the_file_and_manifest(tmp_path, pai_home):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(er, "export_round", fake_export)
         res = runner.invoke(app, ["export", str(path), "--format", "semi_structured", "-o", str(out),
-                                  "--tune-batch", "64", "--tune-batch", "1024", "--fuse-bias"], terminal_width=200)
+                                  "--tune-batch", "64", "--tune-batch", "1024", "--separate-bias"], terminal_width=200)
     assert res.exit_code == 2 and "stopped here" in res.output and seen["tune_batches"] == [64, 1024]
-    assert seen["fuse_bias"] is True
+    assert seen["fuse_bias"] is False
