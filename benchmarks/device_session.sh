@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one prepared run for a session lent a CUDA GPU (the `device` tool's `run`), about 9 minutes:
+# The one prepared run for a session lent a CUDA GPU (the `device` tool's `run`), about 2 minutes:
 #   1. the 2:4 semi_structured export tests (issue 11): tests/test_export.py -k gpu;
 #   2. the 2:4 speedup against dense float16 (issue 11's goal: >= 1.3x on a large Linear), eager
-#      and from CUDA graphs, the bias added or fused, the MLP and one 8192 x 8192 Linear; 2b. benchmarks/two_four_paths.py, the same per layer and per path,
+#      and from CUDA graphs, the bias added or fused, the MLP and one 8192 x 8192 Linear;
+#      2b. benchmarks/two_four_paths.py, the same per layer and per path,
 #      and the exported MLP with its bias added or fused into the kernel (SemiStructuredLinear.fuse_bias);
 #   3. benchmarks/gpu_check.py: every paradigm's and dynamic method's CUDA path;
 #   4. with --throughput only: the GPU throughput benchmark (issue 10's goals), $OUT/gpu_throughput.json.
@@ -22,10 +23,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-# Step times on the H200 (2026-11-30's first run): the export tests and the 2:4 paths ~1 min, the
-# MLP speedup ~40 s (now also the bias fused and one 8192 Linear: about 3x that), the GPU check
-# not timed yet. The throughput benchmark (issue 10, measured then: docs/gpu.md) is left out so that
-# a 15-minute lease fits this run and a rerun; run it alone with --throughput.
+# Step times on the H200 (2026-11-30, second session, two runs): the whole run 123-134 s; the GPU
+# check about 60 s of it. The throughput benchmark (issue 10, measured in the first session:
+# docs/gpu.md) runs only with --throughput, about 4 minutes more.
 echo "== 1. 2:4 export tests"
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_export.py -k "gpu or semi_structured" 2>&1 | tee "$OUT/export_tests.txt"
 echo "== 2. 2:4 speedup: the exported MLP (bias added, bias fused) and one 8192 x 8192 Linear vs dense float16"
