@@ -34,7 +34,7 @@ DYN = ROOT / "configs" / "dynamic"
 
 def test_every_method_is_registered_listed_and_offered_by_the_form():
     assert set(dynamic_method_names()) == {"set", "rigl", "deepr", "dsr", "snfs", "granet", "mest",
-                                            "topkast"}
+                                            "topkast", "sr_ste"}
     listed = {name: what for kind, name, what in catalog() if kind.startswith("dynamic method")}
     assert set(listed) == set(dynamic_method_names())
     assert "Bellec" in listed["deepr"] and "Mostafa" in listed["dsr"] and "Dettmers" in listed["snfs"]
@@ -72,6 +72,8 @@ CONFIG_KEYS = {  # the rest of each plan: its start mask, its sparse training, i
     "set": [*SHARED, ERK_95, "6dbb48f298fdc54bba65", "25e224dfa6000a6f43e2"],
     "snfs": [*SHARED, ERK_95, "0dc2d21a88ce62d16222", "5e70eaa791334f32a5bf"],
     "topkast": [*SHARED, ERK_95, "9126ec41074da61fe8c5", "665192c36ae3e8cce7fd"],
+    "sr_ste": [*SHARED[:3], "402da293f6bdd74dce22", "485f1ad841875d1237aa",  # 2:4 by magnitude of the init
+               "d0165314efded120643c", "5590e19f82bdf04dc5c4"],
 }
 
 

@@ -52,17 +52,18 @@ class DynamicMethod:
     Params: type[MethodParams]
     build: Build
     top_level: bool = False  # SET/RigL: options are the dynamic.* fields, not dynamic.params
+    keeps_nm: bool = False  # its masks keep prune.structure nm (it receives {"nm": [n, m]} in its fields)
 
 
 _METHODS: dict[str, DynamicMethod] = {}
 
 
 def register(name: str, *, label: str, description: str, params: type[MethodParams] = MethodParams,
-             top_level: bool = False) -> Callable[[Build], Build]:
+             top_level: bool = False, keeps_nm: bool = False) -> Callable[[Build], Build]:
     def deco(fn: Build) -> Build:
         if name in _METHODS:
             raise ValueError(f"dynamic method {name!r} registered twice")
-        _METHODS[name] = DynamicMethod(name, label, description, params, fn, top_level)
+        _METHODS[name] = DynamicMethod(name, label, description, params, fn, top_level, keeps_nm)
         return fn
     return deco
 

@@ -1,10 +1,13 @@
 """Dynamic sparse training. k1 = 0, then the mask is updated while training by the method
-`dynamic.method` names (pai_core/dynamic_methods: SET, RigL, DeepR, DSR, SNFS, GraNet). SET/RigL:
+`dynamic.method` names (pai_core/dynamic_methods: SET, RigL, DeepR, DSR, SNFS, GraNet, MEST,
+Top-KAST, SR-STE). SET/RigL:
 every `update_interval` iterations each layer drops its smallest weights and regrows as
 many, at random (SET) or by dense-gradient magnitude (RigL); the later methods take their
 options in `dynamic.params`. The initial mask is prune.criterion (random) with prune.scope
 (ERK), at the final density or, for a method whose density moves (GraNet), at its
-`initial_density`; evaluation uses the final mask.
+`initial_density`; evaluation uses the final mask. `prune.structure: nm` is for a method that
+keeps N:M groups (SR-STE, which re-chooses them from its dense weights every step); every other
+method moves single weights anywhere in a layer and refuses it.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ SET_RIGL_OPTIONS = ("update_interval", "drop_fraction", "end_fraction", "anneal"
 class DynamicSpec(Frozen):
     """How the mask moves while training."""
     method: str = Field(description="a registered dynamic sparse method (pai list): set, rigl, deepr, dsr, snfs, "
-                                    "granet, mest, topkast",
+                                    "granet, mest, topkast, sr_ste",
                         json_schema_extra=registry_enum(dynamic_method_names))
     update_interval: int = Field(100, gt=0, description="set/rigl: iterations between mask updates")
     drop_fraction: float = Field(0.3, gt=0, lt=1, description="set/rigl: fraction of each layer's active weights "
@@ -46,9 +49,9 @@ class DynamicSpec(Frozen):
     skip_step_on_update: bool | None = Field(
         None, description="set/rigl: no optimizer step on update iterations; None = the reference's (RigL: yes, "
                           "SET: no)")
-    params: dict[str, Any] = Field(default_factory=dict, description="deepr, dsr, snfs, granet, mest, topkast: the "
-                                                                     "method's own options (pai list names them); "
-                                                                     "empty = the paper's")
+    params: dict[str, Any] = Field(default_factory=dict, description="deepr, dsr, snfs, granet, mest, topkast, "
+                                                                     "sr_ste: the method's own options (pai list "
+                                                                     "names them); empty = the paper's")
 
     @field_validator("method")
     @classmethod
@@ -93,9 +96,11 @@ class DynamicSpec(Frozen):
         return out
 
 
+NM_REFUSED = "dynamic_sparse cannot keep an N:M pattern with {method}: its mask updates drop and regrow weights " \
+             "anywhere in a layer (dynamic.method {keepers} learns N:M masks)"
+
+
 class OneShotPrune(PruneSpec):
-    NM_REFUSED = ("dynamic_sparse cannot keep an N:M pattern: its mask updates drop and regrow weights anywhere "
-                  "in a layer")
     schedule: Literal["one_shot"] = Field("one_shot", description=schedule_help("one_shot"))
 
 
@@ -103,6 +108,20 @@ class DynamicSparseSpec(ExperimentBase):
     flow: Literal["dynamic_sparse"] = "dynamic_sparse"
     prune: OneShotPrune = Field(description="the initial mask at init (criterion random, scope erk in the papers)")
     dynamic: DynamicSpec = Field(description="how the mask moves during training (SET, RigL, DeepR, DSR, SNFS)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nm_needs_a_method_that_keeps_it(cls, data: Any) -> Any:
+        """`prune.structure: nm` with a method whose updates move single weights is refused
+        first, before the N:M rules of the prune section would ask for n, m or sparsity."""
+        prune, dynamic = (data.get(k) if isinstance(data, dict) else None for k in ("prune", "dynamic"))
+        structure = prune.get("structure") if isinstance(prune, dict) else getattr(prune, "structure", None)
+        method = dynamic.get("method") if isinstance(dynamic, dict) else getattr(dynamic, "method", None)
+        if structure == "nm" and method in dynamic_method_names() and not get_method(method).keeps_nm:
+            keepers = " or ".join(n for n in dynamic_method_names() if get_method(n).keeps_nm)
+            raise ValueError(f"prune.structure: {NM_REFUSED.format(method=method, keepers=keepers)}; "
+                             f"allowed: unstructured")
+        return data
 
     @model_validator(mode="after")
     def _updates_happen(self) -> DynamicSparseSpec:
@@ -148,6 +167,8 @@ def plan(spec: DynamicSparseSpec) -> Plan:
     dynamic, start = spec.dynamic.resolved(), start_density(spec.dynamic)
     if start is not None:  # its density moves (GraNet): it starts at its own, and the target enters its key
         dynamic["final_density"] = density
+    if spec.prune.structure == "nm":  # a method that keeps N:M (SR-STE) chooses its masks in these groups
+        dynamic["nm"] = [spec.prune.n, spec.prune.m]
     first = density if start is None else start
     start_mask = mask_node(spec, score_node(spec, init, None, density=first), None, first)
     trained = train_node(spec, "sparse_train", init, spec.train, mask=start_mask, dynamic=dynamic)
@@ -160,5 +181,5 @@ def label(spec: DynamicSparseSpec, rnd: Round) -> str:
 
 
 PARADIGM = register_paradigm("dynamic_sparse", DynamicSparseSpec, plan, label,
-                             "sparse training with a moving mask: SET, RigL, DeepR, DSR, SNFS, GraNet, MEST (pai list: "
+                             "sparse training with a moving mask: SET, RigL, DeepR, DSR, SNFS, GraNet, MEST, Top-KAST, SR-STE (N:M) (pai list: "
                              "dynamic methods)", __doc__)
