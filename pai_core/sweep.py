@@ -76,6 +76,8 @@ class SweepSpec(Frozen):
                         set_field(point_raw, k, yaml_io.plain(v))
                     if _criterion_changed(base, point):  # params belong to a criterion: take the new one's defaults
                         point_raw["prune"]["params"] = {}
+                    if _nm_changed(point_raw, point):  # the base's sparsity was derived from its n:m: derive again
+                        point_raw["prune"]["sparsity"] = None
                     spec = parse_spec(point_raw | ({"name": f"{base.name}[{tag}]"} if tag else {}))
                 except SpecError as e:
                     raise SpecError(f"sweep {self.name}, base {base.name}, grid point {yaml_io.clip(point, 200)}: "
@@ -90,6 +92,14 @@ def _criterion_changed(base: ExperimentSpec, point: dict[str, Any]) -> bool:
                  else getattr(prune, "criterion", None))
     return (criterion is not None and "prune.params" not in point
             and point.get("prune.criterion", criterion) != criterion)
+
+
+def _nm_changed(point_raw: dict[str, Any], point: dict[str, Any]) -> bool:
+    """A grid point that sets prune.n or prune.m of an N:M spec, and not its sparsity: the base's
+    sparsity (1 - n/m, filled in when the base was resolved) no longer holds."""
+    prune = point_raw.get("prune")
+    return (isinstance(prune, dict) and prune.get("structure") == "nm" and "prune.sparsity" not in point
+            and bool({"prune.n", "prune.m"} & set(point)))
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

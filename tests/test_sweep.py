@@ -49,6 +49,21 @@ def test_a_sanity_checks_base_sweeps_over_its_base_prune_section():
     assert [s.prune["params"] for s in specs] == [{"batches": 2}] * 2 + [{}] * 2
 
 
+def test_a_grid_over_n_and_m_derives_each_points_sparsity():
+    """The base's sparsity was derived from its 2:4 when it was resolved; a point that changes n or
+    m derives it again, and a point that also sets a sparsity that does not match is refused."""
+    base = base_raw()
+    base["prune"] = {"schedule": "one_shot", "criterion": "magnitude", "structure": "nm", "n": 2, "m": 4,
+                     "nm_indivisible": "dense"}
+    specs = SweepSpec.model_validate({"name": "nm", "base": [base], "grid": {"prune.n": [1, 2],
+                                                                              "prune.m": [4, 8]}}).expand()
+    assert [(s.prune.n, s.prune.m, s.prune.sparsity) for s in specs] == [(1, 4, 0.75), (1, 8, 0.875), (2, 4, 0.5),
+                                                                         (2, 8, 0.75)]
+    bad = SweepSpec.model_validate({"name": "nm", "base": [base], "grid": {"prune.n": [1], "prune.sparsity": [0.5]}})
+    with pytest.raises(SpecError, match=r"prune.sparsity: structure nm keeps 1 of every 4 weights \(sparsity 0.75\)"):
+        bad.expand()
+
+
 def test_bad_grid_point_is_named_before_anything_runs(tmp_path):
     sw = SweepSpec.model_validate({"base": [base_raw()], "grid": {"prune.sparsity": [0.5, 1.5]}})
     with pytest.raises(SpecError, match=r"grid point \{'prune.sparsity': 1.5\}: prune.sparsity"):

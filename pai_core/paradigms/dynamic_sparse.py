@@ -181,5 +181,5 @@ def label(spec: DynamicSparseSpec, rnd: Round) -> str:
 
 
 PARADIGM = register_paradigm("dynamic_sparse", DynamicSparseSpec, plan, label,
-                             "sparse training with a moving mask: SET, RigL, DeepR, DSR, SNFS, GraNet, MEST, Top-KAST, SR-STE (N:M) (pai list: "
-                             "dynamic methods)", __doc__)
+                             "sparse training with a moving mask: SET, RigL, DeepR, DSR, SNFS, GraNet, MEST, Top-KAST, "
+                             "SR-STE (N:M) (pai list: dynamic methods)", __doc__)
