@@ -171,6 +171,8 @@ def mask_node(spec: ExperimentBase, scores: Node, previous: Node | None, density
         fields |= {"structure": "nm", "n": spec.prune.n, "m": spec.prune.m}
         if spec.prune.nm_indivisible != "error":  # what it changes enters the key; the default adds nothing
             fields["nm_indivisible"] = spec.prune.nm_indivisible
+        if spec.prune.nm_groups != "rows":  # likewise
+            fields["nm_groups"] = spec.prune.nm_groups
     return Node("mask", "mask", fields, {"scores": scores} | ({"previous": previous} if previous else {}))
 
 

@@ -108,15 +108,16 @@ def _counts(layers: Layers, density: float, scope: str, field: str) -> list[int]
         raise ValueError(f"{field}: {e}; allowed: a lower sparsity, or another scope") from None
 
 
-def nm_row(shape: tuple[int, ...]) -> int:
-    """The N:M group axis of a weight: its reduction size, `weight.reshape(out, -1)`'s row length."""
-    return math.prod(shape[1:])
+def nm_row(shape: tuple[int, ...], groups: str = "rows") -> int:
+    """The length of the axis N:M groups run along: `weight.reshape(out, -1)`'s row (rows), or the
+    input channels (channels: groups at one kernel position)."""
+    return shape[1] if groups == "channels" else math.prod(shape[1:])
 
 
-def check_nm(n: int, m: int, layers: Layers, indivisible: str = "error") -> None:
+def check_nm(n: int, m: int, layers: Layers, indivisible: str = "error", groups: str = "rows") -> None:
     """Refuse (one line naming prune.m) a layer whose row is not a multiple of m, or a 1-D parameter;
     with `indivisible: dense` such layers stay dense, as long as one layer can be N:M."""
-    rows = [(name, nm_row(shape)) for name, shape in layers]
+    rows = [(name, nm_row(shape, groups)) for name, shape in layers]
     for name, shape in layers:
         if len(shape) < 2:
             raise ValueError(f"prune.structure: nm groups the input weights of a row, and {name} has none "
@@ -132,9 +133,10 @@ def check_nm(n: int, m: int, layers: Layers, indivisible: str = "error") -> None
         g = math.gcd(*(r for _, r in rows))
         fits = [d for d in range(max(n + 1, 2), min(g, 64) + 1) if g % d == 0]
         allowed = ", ".join(map(str, fits)) if fits else f"none (the rows' greatest common divisor is {g})"
-        raise ValueError(f"prune.m: {name} has {row:,} input weights per row (in_features, or in_channels × kernel), "
-                         f"not a multiple of m={m}; allowed m for n={n} here: {allowed}; or prune.nm_indivisible: "
-                         "dense leaves such layers dense")
+        what = ("input channels (in_features for a Linear; prune.nm_groups: channels)" if groups == "channels"
+                else "input weights per row (in_features, or in_channels × kernel)")
+        raise ValueError(f"prune.m: {name} has {row:,} {what}, not a multiple of m={m}; allowed m for n={n} here: "
+                         f"{allowed}; or prune.nm_indivisible: dense leaves such layers dense")
 
 
 def check_schedule(prune: Any, layers: Layers, scope: str, what: str = "weights") -> None:
@@ -143,7 +145,7 @@ def check_schedule(prune: Any, layers: Layers, scope: str, what: str = "weights"
     if not layers:
         return
     if getattr(prune, "structure", None) == "nm":
-        check_nm(prune.n, prune.m, layers, getattr(prune, "nm_indivisible", "error"))
+        check_nm(prune.n, prune.m, layers, getattr(prune, "nm_indivisible", "error"), getattr(prune, "nm_groups", "rows"))
         return
     densities = prune.round_densities()
     sizes = [math.prod(s) for _, s in layers]

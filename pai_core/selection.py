@@ -192,16 +192,29 @@ def erk_counts(shapes: list[tuple[int, ...]], density: float) -> list[int]:
     return counts
 
 
-def select_nm(scores: dict[str, torch.Tensor], previous: Mask, n: int, m: int, indivisible: str = "error") -> Mask:
+def nm_view(t: torch.Tensor, groups: str = "rows") -> torch.Tensor:
+    """`t` arranged so that its N:M groups are runs of consecutive entries in row-major order:
+    itself (rows), or a conv's (out, kh, kw, in) permutation (channels: groups of input channels at
+    one kernel position). `nm_unview` undoes it."""
+    return t.permute(0, *range(2, t.dim()), 1) if groups == "channels" and t.dim() > 2 else t
+
+
+def nm_unview(t: torch.Tensor, groups: str = "rows") -> torch.Tensor:
+    return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1)) if groups == "channels" and t.dim() > 2 else t
+
+
+def select_nm(scores: dict[str, torch.Tensor], previous: Mask, n: int, m: int, indivisible: str = "error",
+              groups: str = "rows") -> Mask:
     """N:M sparsity: in every group of `m` consecutive weights along a layer's reduction
-    dimension (the rows of `weight.reshape(out, -1)`: a Linear's in_features, a Conv's
-    in_channels × kh × kw in that flatten order), keep the `n` highest-scoring weights that
-    `previous` still keeps.
+    dimension, keep the `n` highest-scoring weights that `previous` still keeps. `groups`:
+    "rows", along the rows of `weight.reshape(out, -1)` (a Linear's in_features, a Conv's
+    in_channels × kh × kw in that flatten order); "channels", along a conv's input channels at
+    each kernel position (NVIDIA ASP's order; a Linear's groups are the same either way).
 
     Ties go to the lower index within the group (a stable sort), so the same scores always
     give the same mask. A group in which `previous` already removed weights so that fewer
     than n survive keeps just its survivors (a pruned weight is never revived), so such a
-    group is sparser than n:m. Every layer's row length must be a multiple of m
+    group is sparser than n:m. Every layer's group axis must be a multiple of m
     (prune_checks.check_nm refuses the spec before any compute; here it is a ValueError),
     unless `indivisible="dense"`: then such a layer keeps `previous` as it is."""
     if not 1 <= n < m:
@@ -213,17 +226,20 @@ def select_nm(scores: dict[str, torch.Tensor], previous: Mask, n: int, m: int, i
             raise ValueError(f"scores for {name} contain NaN or inf")
         if s.dim() < 2:
             raise ValueError(f"{name}: N:M groups a row's input weights, and a {s.dim()}-D parameter has none")
-        row = s[0].numel()
+        s = nm_view(s, groups)
+        row = s.shape[-1] if groups == "channels" else s[0].numel()
         if row % m and indivisible == "dense":
             out[name] = alive.detach().cpu().bool().clone()
             continue
         if row % m:
-            raise ValueError(f"{name}: {row} input weights per row is not a multiple of m={m}")
-        groups = s.double().reshape(-1, m)
-        live = alive.detach().cpu().bool().reshape(-1, m)
-        ranked = groups.masked_fill(~live, -math.inf)  # scores are finite: dead weights rank last
+            raise ValueError(f"{name}: {row} input weights per {'kernel position' if groups == 'channels' else 'row'} "
+                             f"is not a multiple of m={m}")
+        ranked_shape = s.shape
+        grouped = s.double().reshape(-1, m)
+        live = nm_view(alive.detach().cpu().bool(), groups).reshape(-1, m)
+        ranked = grouped.masked_fill(~live, -math.inf)  # scores are finite: dead weights rank last
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
         top = (torch.arange(m) < n).expand_as(order)
         keep = torch.zeros_like(live).scatter(1, order, top) & live
-        out[name] = keep.reshape(alive.shape)
+        out[name] = nm_unview(keep.reshape(ranked_shape), groups).contiguous()
     return out

@@ -49,7 +49,8 @@ SCOPE_HELP = "how the kept fraction is shared out: " + "; ".join(f"{k}: {v}" for
 PRUNE_BIASES_HELP = "also prune biases (most papers prune weights only)"
 STRUCTURES = {"unstructured": "single weights",
               "nm": "N:M sparsity: the n highest-scoring of every m consecutive input weights of each output row "
-                    "(prune.n, prune.m; 2:4 by default), one round at density n/m; not dynamic_sparse, early_bird"}
+                    "(prune.n, prune.m; 2:4 by default; prune.nm_groups), one round at density n/m; dynamic_sparse "
+                    "only with sr_ste; not early_bird"}
 STRUCTURE_HELP = "what is pruned: " + "; ".join(f"{k}: {v}" for k, v in STRUCTURES.items())
 
 
@@ -104,6 +105,11 @@ class PruneSpec(Frozen):
     nm_indivisible: Literal["error", "dense"] = Field(
         "error", description="structure nm: a layer whose row m does not divide (a first conv's 1×5×5 = 25) is "
                              "refused (error) or left dense (dense, as NVIDIA's ASP does)")
+    nm_groups: Literal["rows", "channels"] = Field(
+        "rows", description="structure nm: which m weights form a group. rows: m consecutive weights of "
+                            "weight.reshape(out, -1) (a conv's in × kh × kw order); channels: m consecutive input "
+                            "channels at one kernel position (a conv's order in NVIDIA's ASP and SR-STE's code, the "
+                            "one sparse tensor cores read in NHWC). The same for a Linear")
 
     @model_validator(mode="before")
     @classmethod
@@ -166,7 +172,7 @@ class PruneSpec(Frozen):
         if self.structure == "nm" and self.NM_REFUSED:
             raise ValueError(f"prune.structure: {self.NM_REFUSED}; allowed: unstructured")
         if self.structure != "nm":
-            for field, default in (("n", 2), ("m", 4), ("nm_indivisible", "error")):
+            for field, default in (("n", 2), ("m", 4), ("nm_indivisible", "error"), ("nm_groups", "rows")):
                 if getattr(self, field) != default:
                     raise ValueError(f"prune.{field}: only structure nm uses it (this one is {self.structure})")
             return

@@ -193,6 +193,55 @@ def test_indivisible_layers_stay_dense_when_asked_and_the_rest_is_exactly_n_of_m
                                                     "nm_indivisible": "dense"}))
 
 
+def test_channel_groups_run_along_input_channels_at_each_kernel_position():
+    """prune.nm_groups: channels (NVIDIA ASP's, SR-STE's order for a conv): the m consecutive input
+    channels at one (kh, kw) form a group; a Linear's groups are its rows' either way."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(3, 8, 3, 3, generator=g)
+    ones = {"w": torch.ones(3, 8, 3, 3, dtype=torch.bool)}
+    mask = select_nm({"w": scores}, ones, 2, 4, groups="channels")["w"]
+    assert mask.shape == scores.shape and mask.is_contiguous()
+    for o in range(3):
+        for i in range(3):
+            for j in range(3):
+                for c in (0, 4):  # channels c..c+3 at (i, j): the 2 largest
+                    group = scores[o, c:c + 4, i, j]
+                    assert set(torch.topk(group, 2).indices.tolist()) == set(
+                        mask[o, c:c + 4, i, j].nonzero().squeeze(1).tolist())
+    rows = select_nm({"w": scores}, ones, 2, 4)["w"]
+    assert not torch.equal(mask, rows) and int(mask.sum()) == int(rows.sum()) == scores.numel() // 2
+    lin = torch.randn(5, 16, generator=g)
+    same = [select_nm({"w": lin}, {"w": torch.ones(5, 16, dtype=torch.bool)}, 1, 4, groups=k)["w"]
+            for k in ("rows", "channels")]
+    assert torch.equal(*same)
+
+
+def test_channel_groups_are_checked_keyed_and_kept_by_the_plan(tmp_path):
+    # conv2 at width 1: its second conv has 32 input channels, its first 1 (left dense)
+    raw = tiny_raw("prune_at_init", model={"name": "conv2"},
+                   prune={**NM, "criterion": "magnitude", "schedule": "one_shot", "nm_groups": "channels",
+                          "nm_indivisible": "dense"})
+    spec = parse_spec(raw)
+    plan = build_plan(spec)
+    (rnd,) = [r for r in plan.rounds if r.mask is not None]
+    assert rnd.mask.fields["nm_groups"] == "channels"
+    rows_plan = build_plan(parse_spec(raw | {"prune": {**raw["prune"], "nm_groups": "rows"}}))
+    (rows_rnd,) = [r for r in rows_plan.rounds if r.mask is not None]
+    assert "nm_groups" not in rows_rnd.mask.fields and rows_rnd.mask.key != rnd.mask.key  # rows: the old key
+    rt = Runtime(Store(tmp_path), "cpu")
+    refs = run_plan(plan.nodes, rt)
+    mask = rt.store.load(refs[rnd.mask.key])["mask"]
+    conv = mask["features.conv2.weight"]
+    assert (conv.permute(0, 2, 3, 1).reshape(-1, 4).sum(1) == 2).all()
+    assert mask["features.conv1.weight"].all()
+    msg = refused(raw | {"prune": {**raw["prune"], "nm_indivisible": "error"}})
+    assert msg.startswith("prune.m: features.conv1.weight has 1 input channels (in_features for a Linear; "
+                          "prune.nm_groups: channels), not a multiple of m=4"), msg
+    with pytest.raises(SpecError, match="prune.nm_groups: only structure nm uses it"):
+        parse_spec(tiny_raw("prune_at_init", prune={"criterion": "snip", "schedule": "one_shot", "sparsity": 0.5,
+                                                    "nm_groups": "channels"}))
+
+
 @pytest.mark.parametrize("flow, extra, says", [
     ("dynamic_sparse", {"dynamic": {"method": "set", "update_interval": 5}},
      "prune.structure: dynamic_sparse cannot keep an N:M pattern"),

@@ -45,6 +45,9 @@ def test_the_spec_hands_n_and_m_to_the_training_and_other_methods_refuse_nm_by_n
     plan = build_plan(parse_spec(nm_raw(n=1, m=4)))
     assert plan.rounds[1].trained.fields["dynamic"] == {
         "method": "sr_ste", "params": {"decay": 0.0002, "update_interval": 1}, "nm": [1, 4]}
+    channels = build_plan(parse_spec(nm_raw(n=1, m=4, nm_groups="channels")))
+    assert channels.rounds[1].trained.fields["dynamic"]["nm"] == [1, 4, "channels"]
+    assert get_method("sr_ste").build(channels.rounds[1].trained.fields["dynamic"], 10, 0).nm == (1, 4, "channels")
     assert plan.rounds[1].density == 0.25
     unstructured = build_plan(parse_spec(tiny_raw("dynamic_sparse", dynamic={"method": "sr_ste"}, prune={
         "criterion": "random", "schedule": "one_shot", "sparsity": 0.9, "rate": None, "rounds": 1, "scope": "erk"})))
@@ -72,11 +75,12 @@ def test_nm_top_is_select_nm_on_the_device_ties_and_all():
     v = torch.tensor([[0.5, -0.9, 0.5, 0.1, 0.0, 0.0, 0.0, 0.0]])
     assert nm_top(v, 2, 4).tolist() == [[True, True, False, False, True, True, False, False]]  # ties: lower index
     g = torch.Generator().manual_seed(0)
-    for shape, n, m in [((6, 8), 2, 4), ((5, 3, 2, 2), 1, 4), ((4, 16), 3, 8), ((3, 12), 1, 2)]:
+    for shape, n, m, groups in [((6, 8), 2, 4, "rows"), ((5, 3, 2, 2), 1, 4, "rows"), ((4, 16), 3, 8, "rows"),
+                                ((3, 12), 1, 2, "rows"), ((3, 8, 3, 3), 2, 4, "channels"), ((4, 8), 1, 4, "channels")]:
         for _ in range(20):
             v = torch.randint(-3, 4, shape, generator=g).float()  # many ties
-            want = select_nm({"w": v.abs()}, {"w": torch.ones(shape, dtype=torch.bool)}, n, m)["w"]
-            got = nm_top(v, n, m)
+            want = select_nm({"w": v.abs()}, {"w": torch.ones(shape, dtype=torch.bool)}, n, m, groups=groups)["w"]
+            got = nm_top(v, n, m, groups)
             assert torch.equal(got, want) and int(got.sum()) == v.numel() * n // m
 
 
@@ -229,6 +233,20 @@ def test_the_plan_stores_a_2_4_net(tmp_path):
     ev = refs[plan.rounds[1].evaluate.key].info
     assert ev.sparsity == pytest.approx(0.5) and ev.test_acc > 0.2
     assert refs[plan.rounds[1].trained.key].info.mask_updates
+
+
+def test_on_a_conv_net_the_mask_keeps_channel_groups(tmp_path):
+    raw = nm_raw(params={"update_interval": 3}, nm_groups="channels", nm_indivisible="dense")
+    raw["model"], raw["train"]["epochs"] = {"name": "conv2", "width": 0.25}, 1
+    plan = build_plan(parse_spec(raw))
+    rt = Runtime(Store(tmp_path), "cpu")
+    refs = run_plan(plan.nodes, rt)
+    trained = rt.store.load(refs[plan.rounds[1].trained.key])
+    start = rt.store.load(refs[plan.rounds[1].mask.key])["mask"]
+    conv = trained["mask"]["features.conv2.weight"]  # 8 input channels at width 0.25
+    assert (conv.permute(0, 2, 3, 1).reshape(-1, 4).sum(1) == 2).all()
+    assert not torch.equal(conv, start["features.conv2.weight"])  # it moved, in channel groups
+    assert trained["mask"]["features.conv1.weight"].all()  # 1 input channel: left dense
 
 
 def test_the_config_is_valid_and_starts_from_the_shared_dense_round():

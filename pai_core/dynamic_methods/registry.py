@@ -52,7 +52,7 @@ class DynamicMethod:
     Params: type[MethodParams]
     build: Build
     top_level: bool = False  # SET/RigL: options are the dynamic.* fields, not dynamic.params
-    keeps_nm: bool = False  # its masks keep prune.structure nm (it receives {"nm": [n, m]} in its fields)
+    keeps_nm: bool = False  # its masks keep prune.structure nm (its fields hold "nm": [n, m] or [n, m, "channels"])
 
 
 _METHODS: dict[str, DynamicMethod] = {}

@@ -4,11 +4,11 @@ with an N:M mask chosen from |θ| at every step, and the weights that mask remov
 towards zero so that the mask settles.
 
 Per masked layer, every step:
-* forward: W̃ = θ ⊙ E, E the n largest |θ| of every group of m consecutive weights along the
-  rows of `weight.reshape(out, -1)` (`prune.structure: nm`, the groups `select_nm` uses, ties to
-  the lower index; the authors' code groups a conv's weights along its input channels at each
-  kernel position instead, and a Linear's as here); with `prune.structure: unstructured`, E is
-  the layer's k largest |θ|, k the start mask's count (its scope, ERK say, sets the densities);
+* forward: W̃ = θ ⊙ E, E the n largest |θ| of every group of m (`prune.structure: nm`, the
+  groups `select_nm` uses, ties to the lower index: m consecutive weights of a row of
+  `weight.reshape(out, -1)`, or with `prune.nm_groups: channels` m input channels at one kernel
+  position, the authors' order for a conv); with `prune.structure: unstructured`, E is the
+  layer's k largest |θ|, k the start mask's count (its scope, ERK say, sets the densities);
 * backward (the straight-through estimator): the gradient at W̃, for every weight, is θ's;
 * sparse-refined term: λ_W (1 − E) ⊙ θ is added to that gradient (λ_W = `decay`, 2e-4 as in the
   authors' code, NM-sparsity's `Sparse.backward`), so a weight the mask removes decays and the
@@ -24,7 +24,8 @@ away from the training's optimizer (it leaves the masked weights alone: θ is th
 `on_step_end` chooses E again every `update_interval` steps (the paper: every forward) and
 rewrites the model's weights to θ ⊙ E after every step, so the next forward uses them.
 The start mask's own choice is replaced by E(θ₀) at the first step: only its structure and
-counts matter. θ, the optimizer's state over it and the flip counts are checkpointed, so a
+counts matter. A layer whose group axis m does not divide (left dense by
+`prune.nm_indivisible: dense`) is not SR-STE's: it trains as an ordinary dense layer. θ, the optimizer's state over it and the flip counts are checkpointed, so a
 resumed run continues exactly.
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pydantic import Field
 from pai_core.dynamic_methods.registry import MethodParams, register
 from pai_core.dynamic_methods.topkast import top_sets
 from pai_core.masks import Mask
+from pai_core.prune_checks import nm_row
+from pai_core.selection import nm_unview, nm_view
 from pai_core.training import Callback, TrainState
 
 
@@ -54,20 +57,22 @@ class SRSTEParams(MethodParams):
         return None
 
 
-def nm_top(values: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """A bool mask of `values`' shape: the n largest |values| of every m consecutive entries in
-    row-major order, ties to the lower index (a stable sort), on `values`' device. The same
-    groups and order as selection.select_nm, whose check guarantees that m divides every row."""
-    groups = values.detach().abs().reshape(-1, m)
-    order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
-    return torch.zeros(groups.shape, dtype=torch.bool, device=values.device).scatter_(1, order, True).view(values.shape)
+def nm_top(values: torch.Tensor, n: int, m: int, groups: str = "rows") -> torch.Tensor:
+    """A bool mask of `values`' shape: the n largest |values| of every group of m (`groups`: as
+    selection.select_nm's, whose check guarantees that m divides every group axis), ties to the
+    lower index (a stable sort), on `values`' device: the mask select_nm would choose."""
+    viewed = nm_view(values.detach().abs(), groups)
+    runs = viewed.reshape(-1, m)
+    order = torch.sort(runs, dim=1, descending=True, stable=True).indices[:, :n]
+    keep = torch.zeros(runs.shape, dtype=torch.bool, device=values.device).scatter_(1, order, True)
+    return nm_unview(keep.view(viewed.shape), groups).contiguous()
 
 
 class SRSTE(Callback):
-    """SR-STE as a training callback (see the module docstring). `nm`: (n, m), or None for a
-    per-layer top-k at the start mask's counts."""
+    """SR-STE as a training callback (see the module docstring). `nm`: (n, m) or (n, m, groups),
+    or None for a per-layer top-k at the start mask's counts."""
 
-    def __init__(self, params: SRSTEParams, total: int, nm: tuple[int, int] | None):
+    def __init__(self, params: SRSTEParams, total: int, nm: tuple[int, int] | tuple[int, int, str] | None):
         problem = params.schedule_problem(total, 1)
         if problem:
             raise ValueError(problem)
@@ -84,7 +89,7 @@ class SRSTE(Callback):
 
     def _select(self, name: str, theta: torch.Tensor) -> torch.Tensor:
         if self.nm is not None:
-            return nm_top(theta, *self.nm)
+            return nm_top(theta, *self.nm)  # (n, m[, groups])
         return top_sets(theta, self.counts[name], self.counts[name])[0]
 
     def before_masking(self, state: TrainState) -> None:
@@ -92,8 +97,13 @@ class SRSTE(Callback):
             return
         params = dict(state.model.named_parameters())
         self.counts = {n: int(m.sum()) for n, m in state.mask.items()}
-        self.theta = {n: params[n].detach().clone() for n in state.mask}
+        self.theta = {n: params[n].detach().clone() for n in state.mask if self._groups_fit(params[n].shape)}
         state.mask = self._choose(state, first=True)
+
+    def _groups_fit(self, shape: torch.Size) -> bool:
+        """Whether m divides the layer's group axis; a layer it does not divide was left dense by
+        the start mask (`prune.nm_indivisible: dense`) and trains as an ordinary dense layer."""
+        return self.nm is None or nm_row(tuple(shape), *self.nm[2:]) % self.nm[1] == 0
 
     def on_start(self, state: TrainState) -> None:
         if self.theta is None:
@@ -191,5 +201,6 @@ class SRSTE(Callback):
                       "(prune.structure nm; unstructured: per-layer top-k), straight-through gradients, the "
                       "removed weights decayed by λ_W (decay)")
 def build(d: dict[str, Any], total: int, seed: int) -> SRSTE:
-    nm = d.get("nm")
-    return SRSTE(SRSTEParams.model_validate(d["params"]), total, None if nm is None else (int(nm[0]), int(nm[1])))
+    nm = d.get("nm")  # [n, m] or [n, m, "channels"]
+    return SRSTE(SRSTEParams.model_validate(d["params"]), total,
+                 None if nm is None else (int(nm[0]), int(nm[1]), *(str(g) for g in nm[2:])))

@@ -168,7 +168,8 @@ def plan(spec: DynamicSparseSpec) -> Plan:
     if start is not None:  # its density moves (GraNet): it starts at its own, and the target enters its key
         dynamic["final_density"] = density
     if spec.prune.structure == "nm":  # a method that keeps N:M (SR-STE) chooses its masks in these groups
-        dynamic["nm"] = [spec.prune.n, spec.prune.m]
+        groups = [spec.prune.nm_groups] if spec.prune.nm_groups != "rows" else []  # the default adds nothing
+        dynamic["nm"] = [spec.prune.n, spec.prune.m, *groups]
     first = density if start is None else start
     start_mask = mask_node(spec, score_node(spec, init, None, density=first), None, first)
     trained = train_node(spec, "sparse_train", init, spec.train, mask=start_mask, dynamic=dynamic)

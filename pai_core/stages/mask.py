@@ -36,7 +36,7 @@ def mask_stage(node: Node, inputs: Mapping[str, Ref], rt: Runtime) -> tuple[dict
                                          f.get("ignore", ()), f.get("layer_density"))
         costs = structured.costs(model, mask, in_shape)
     elif f.get("structure") == "nm":
-        mask = select_nm(scores, previous, f["n"], f["m"], f.get("nm_indivisible", "error"))
+        mask = select_nm(scores, previous, f["n"], f["m"], f.get("nm_indivisible", "error"), f.get("nm_groups", "rows"))
     else:
         mask = select(scores, previous, f["density"], f["scope"], f["min_density"], f.get("layer_density"))
     report = check_collapse(mask, model, in_shape, f["on_collapse"], None)
