@@ -19,6 +19,7 @@ import torch  # noqa: E402
 
 from pai_core.data import DataBundle, Split, load  # noqa: E402
 from pai_core.models import build_model  # noqa: E402
+from pai_core.selection import nm_view  # noqa: E402
 from pai_core.paradigms import build_plan  # noqa: E402
 from pai_core.spec_io import parse_spec  # noqa: E402
 from pai_core.specs import TrainSpec  # noqa: E402
@@ -91,6 +92,14 @@ VARIANTS = {
                                      "train": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "epochs": 3},
                                      "prune": {"sparsity": 0.3, "physical": True},
                                      "early_bird": {"window": 2, "epsilon": 0.5}},
+    # added with SR-STE: the N:M chosen on the device every step, rows and conv channel groups
+    "dynamic sr_ste 2:4": {"flow": "dynamic_sparse", "dynamic": {"method": "sr_ste"},
+                           "prune": {"criterion": "magnitude", "schedule": "one_shot", "structure": "nm"}},
+    "dynamic sr_ste conv2 channels 1:4": {"flow": "dynamic_sparse", "model": {"name": "conv2", "width": 0.25},
+                                          "dynamic": {"method": "sr_ste", "params": {"update_interval": 2}},
+                                          "prune": {"criterion": "magnitude", "schedule": "one_shot",
+                                                    "structure": "nm", "n": 1, "m": 4, "nm_groups": "channels",
+                                                    "nm_indivisible": "dense"}},
 }
 
 failures: list[str] = []
@@ -112,6 +121,11 @@ def main() -> None:
         for label, over in VARIANTS.items():
             print(label, len(build_plan(parse_spec({**BASE, **over})).nodes), "stages")
         return
+    only = sys.argv[2] if sys.argv[1:2] == ["--only"] else None  # `--only TEXT`: those variants alone
+    if only is not None:
+        run_variants({k: v for k, v in VARIANTS.items() if only in k}, resolve_device("auto"))
+        print("FAILED: " + ", ".join(failures) if failures else "ALL CHECKS PASSED")
+        sys.exit(1 if failures else 0)
     print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
           torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
     dev = resolve_device("auto")
@@ -143,7 +157,13 @@ def main() -> None:
         run_plan(plan.nodes, rt2)
         check(f"{model}: re-run computes nothing", rt2.computed == [])
 
-    for label, over in VARIANTS.items():
+    run_variants(VARIANTS, dev)
+    tail_checks(dev)
+
+
+def run_variants(variants: dict[str, dict], dev: torch.device) -> None:
+    """Each variant's plan on the device, then again from its store: nothing may be computed."""
+    for label, over in variants.items():
         spec = parse_spec({**BASE, **over})
         plan = build_plan(spec)
         store = Store(tempfile.mkdtemp())
@@ -155,9 +175,18 @@ def main() -> None:
             run_plan(plan.nodes, rt2)
             check(f"{label}: runs on {dev}, re-run computes nothing", rt2.computed == [],
                   f"sparsity {last.sparsity:.3f}, test acc {last.test_acc:.3f}, {time.perf_counter() - t:.1f} s")
+            if getattr(spec.prune, "structure", None) == "nm":  # every group of the final mask exactly n of m
+                p = spec.prune
+                mask = store.load(refs[plan.rounds[-1].trained.key])["mask"]
+                ok = all((nm_view(k, p.nm_groups).reshape(-1, p.m).sum(1) == p.n).all() for k in mask.values()
+                         if k.dim() > 1 and not k.all())
+                check(f"{label}: the final mask is exactly {p.n}:{p.m} ({p.nm_groups})", ok)
         except Exception as e:  # report and go on: one script, every path
             check(f"{label}: runs on {dev}", False, repr(e)[:300])
 
+
+def tail_checks(dev: torch.device) -> None:
+    """A split run against an uninterrupted one on the device, and an epoch's time, CPU vs GPU."""
     data = on(dev, load("synthetic"))
     tr = TrainSpec(optimizer="sgd", lr=0.05, momentum=0.9, epochs=3, lr_schedule="cosine")
     full = build_model("conv4", data.in_shape, data.num_classes, seed=0).to(dev)
