@@ -25,8 +25,9 @@ away from the training's optimizer (it leaves the masked weights alone: θ is th
 rewrites the model's weights to θ ⊙ E after every step, so the next forward uses them.
 The start mask's own choice is replaced by E(θ₀) at the first step: only its structure and
 counts matter. A layer whose group axis m does not divide (left dense by
-`prune.nm_indivisible: dense`) is not SR-STE's: it trains as an ordinary dense layer. θ, the optimizer's state over it and the flip counts are checkpointed, so a
-resumed run continues exactly.
+`prune.nm_indivisible: dense`) is not SR-STE's: it trains as an ordinary dense layer. θ, the
+optimizer's state over it and the flip counts are checkpointed, so a resumed run continues
+exactly.
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ class SRSTE(Callback):
         if self.theta is None:
             return
         if not self.on:  # resumed: E from the checkpoint's mask
-            self.on = {n: m.to(self.theta[n].device, torch.bool) for n, m in state.mask.items()}
+            self.on = {n: state.mask[n].to(t.device, torch.bool) for n, t in self.theta.items()}
         if self.opt is None:
             settings = {k: v for k, v in state.opt.param_groups[0].items() if k in state.opt.defaults}
             self.opt = type(state.opt)(list(self.theta.values()), **settings)
