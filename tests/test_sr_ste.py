@@ -258,3 +258,14 @@ def test_the_config_is_valid_and_starts_from_the_shared_dense_round():
     rigl = build_plan(load_spec(ROOT / "configs" / "dynamic" / "rigl_lenet300_mnist.yaml")).nodes
     assert [n.key for n in ours[:3]] == [n.key for n in rigl[:3]]  # init, pretrain, evaluate
     assert ours[5].fields["dynamic"]["nm"] == [2, 4]
+
+
+def test_results_name_the_method_its_ablation_and_the_n_m():
+    from pai_core.paradigms.registry import get_paradigm
+
+    def name(**kw):
+        spec = parse_spec(nm_raw(**kw))
+        return get_paradigm("dynamic_sparse").label(spec, build_plan(spec).rounds[1])
+    assert name() == "SR-STE 2:4" and name(n=1, m=8, nm_indivisible="dense") == "SR-STE 1:8"
+    assert name(params={"decay": 0.0}) == "STE 2:4"  # the paper's baseline: no sparse-refined term
+    assert name(nm_groups="channels") == "SR-STE 2:4 by channel"

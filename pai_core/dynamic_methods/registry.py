@@ -38,6 +38,10 @@ class MethodParams(BaseModel):
                 dumped.pop(name)
         return dumped
 
+    def display_label(self, label: str) -> str:
+        """How results name a run of the method with these params (an ablation may have its own name)."""
+        return label
+
     def schedule_problem(self, total: int, iterations_per_epoch: int) -> str | None:
         """`"params.<field>: why; allowed: ..."` when no mask update would ever happen in
         `total` iterations (the spec would claim a dynamic method and train a static mask)."""

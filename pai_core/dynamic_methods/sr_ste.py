@@ -51,6 +51,9 @@ class SRSTEParams(MethodParams):
     update_interval: int = Field(1, ge=1, le=10**9, description="steps between choices of the mask from |θ| (the "
                                                                 "paper: every forward)")
 
+    def display_label(self, label: str) -> str:
+        return "STE" if self.decay == 0 else label  # without the sparse-refined term: the paper's baseline
+
     def schedule_problem(self, total: int, iterations_per_epoch: int) -> str | None:
         if self.update_interval >= total:
             return (f"params.update_interval: the mask would never be chosen again: {self.update_interval:,} steps "

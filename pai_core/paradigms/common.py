@@ -26,8 +26,11 @@ def pretty(name: str) -> str:
 
 
 def nm_tag(prune: object) -> str:
-    """`" 2:4"` for an N:M mask (prune.structure nm), else "": the report's labels tell them apart."""
-    return f" {prune.n}:{prune.m}" if getattr(prune, "structure", None) == "nm" else ""
+    """`" 2:4"` for an N:M mask (prune.structure nm; `" 2:4 by channel"` with nm_groups channels),
+    else "": the report's labels tell them apart."""
+    if getattr(prune, "structure", None) != "nm":
+        return ""
+    return f" {prune.n}:{prune.m}" + (" by channel" if getattr(prune, "nm_groups", "rows") == "channels" else "")
 
 
 SCOPE_TAGS = {"global": "", "smart_ratio": "smart ratio", "uniform_plus": "uniform+"}

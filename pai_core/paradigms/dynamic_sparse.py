@@ -20,6 +20,7 @@ from pai_core.dynamic import DynamicSparsity
 from pai_core.dynamic_methods import dynamic_method_names, get_method
 from pai_core.dynamic_methods.tools import InTimeOverparam
 from pai_core.form_schema import registry_enum
+from pai_core.paradigms.common import nm_tag
 from pai_core.paradigms.registry import register_paradigm
 from pai_core.plan import Plan, Round, dense_round, evaluate_node, mask_node, score_node, train_node
 from pai_core.specs import ExperimentBase, Frozen, PruneSpec, registered, schedule_help
@@ -178,7 +179,10 @@ def plan(spec: DynamicSparseSpec) -> Plan:
 
 
 def label(spec: DynamicSparseSpec, rnd: Round) -> str:
-    return get_method(spec.dynamic.method).label
+    method = get_method(spec.dynamic.method)
+    name = method.label if method.top_level else method.Params.model_validate(spec.dynamic.params).display_label(
+        method.label)
+    return name + nm_tag(spec.prune)
 
 
 PARADIGM = register_paradigm("dynamic_sparse", DynamicSparseSpec, plan, label,
