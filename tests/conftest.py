@@ -41,6 +41,36 @@ def tiny_spec(flow: str = "lottery_ticket", **over) -> ExperimentSpec:
     return parse_spec(tiny_raw(flow, **over))
 
 
+def crash_and_resume(start, make, spec, tmp_path, crash_at: int = 45) -> dict:
+    """One training uninterrupted, and the same killed at iteration `crash_at` (after a
+    checkpoint) then resumed by a fresh callback from `make()`: a new process, whose state comes
+    only from the checkpoint. `start()` gives (data, model, mask). Returns both runs' callbacks,
+    outcomes, models and the mask, for the caller to compare bit for bit."""
+    import pytest
+    import torch
+
+    from pai_core.training import Callback, train
+
+    class Crash(Callback):
+        def after_backward(self, state):
+            if state.it == crash_at:
+                raise KeyboardInterrupt(f"simulated kill at iteration {crash_at}")
+
+    data, full, mask = start()
+    whole = make()
+    out = train(full, data, spec, batch_size=50, order_seed=1, mask=mask, callbacks=[whole])
+    ckpt = tmp_path / "c.ckpt.pt"
+    _, crashed, _ = start()
+    with pytest.raises(KeyboardInterrupt):
+        train(crashed, data, spec, batch_size=50, order_seed=1, mask=mask, checkpoint=ckpt, callbacks=[make(), Crash()])
+    checkpointed = torch.load(ckpt, weights_only=True)["iteration"]
+    _, resumed, _ = start()
+    again = make()
+    out2 = train(resumed, data, spec, batch_size=50, order_seed=1, mask=mask, checkpoint=ckpt, callbacks=[again])
+    return {"whole": whole, "out": out, "full": full, "again": again, "out2": out2, "resumed": resumed,
+            "mask": mask, "checkpointed": checkpointed}
+
+
 def random_sparse_start(seed: int, density: float):
     """Synthetic data, a LeNet-300-100 at `seed` and a random mask at `density`: where the
     dynamic methods' training tests start."""

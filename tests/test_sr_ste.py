@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import ROOT, random_sparse_start, tiny_raw
+from conftest import ROOT, crash_and_resume, random_sparse_start, tiny_raw
 from pai_core.catalog import catalog
 from pai_core.dynamic_methods import dynamic_method_names, get_method
 from pai_core.dynamic_methods.sr_ste import SRSTE, SRSTEParams, nm_top
@@ -188,12 +188,6 @@ def test_unstructured_keeps_each_layers_start_count():
     assert {n: int(m.sum()) for n, m in out.mask.items()} == counts
 
 
-class Crash(Callback):
-    def after_backward(self, state):
-        if state.it == 45:
-            raise KeyboardInterrupt("simulated kill mid epoch 3, after epoch 2's checkpoint")
-
-
 @pytest.mark.parametrize("interval, optimizer, nm", [(1, "sgd", (2, 4)), (7, "sgd", (2, 4)), (1, "adam", (2, 4)),
                                                      (7, "adam", (2, 4)), (3, "sgd", (2, 8))])
 def test_a_resumed_training_equals_an_uninterrupted_one_bit_for_bit(interval, optimizer, nm, tmp_path):
@@ -201,28 +195,17 @@ def test_a_resumed_training_equals_an_uninterrupted_one_bit_for_bit(interval, op
     SR-STE's; the first (256) is 2:8."""
     spec = SGD if optimizer == "sgd" else TrainSpec(optimizer="adam", lr=1e-3, epochs=3)
 
-    def make():
-        return InTimeOverparam(SRSTE(SRSTEParams(update_interval=interval), 60, nm))
-
     def start():
         data, model, mask = random_sparse_start(0, 1.0)
         return data, model, {n: torch.ones_like(m) for n, m in mask.items()}
-    data, full, mask = start()
-    whole = make()
-    out = train(full, data, spec, batch_size=50, order_seed=1, mask=mask, callbacks=[whole])
-    ckpt = tmp_path / "c.ckpt.pt"
-    _, crashed, _ = start()
-    with pytest.raises(KeyboardInterrupt):
-        train(crashed, data, spec, batch_size=50, order_seed=1, mask=mask, checkpoint=ckpt, callbacks=[make(), Crash()])
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 40
-    _, resumed, _ = start()
-    again = make()  # a new process: the state comes only from the checkpoint
-    out2 = train(resumed, data, spec, batch_size=50, order_seed=1, mask=mask, checkpoint=ckpt, callbacks=[again])
-    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
-    assert all(torch.equal(out.mask[n], out2.mask[n]) for n in mask)
-    assert again.record() == whole.record()
+    r = crash_and_resume(start, lambda: InTimeOverparam(SRSTE(SRSTEParams(update_interval=interval), 60, nm)), spec,
+                         tmp_path)
+    assert r["checkpointed"] == 40
+    assert all(torch.equal(a, b) for a, b in zip(r["full"].state_dict().values(), r["resumed"].state_dict().values()))
+    assert all(torch.equal(r["out"].mask[n], r["out2"].mask[n]) for n in r["mask"])
+    assert r["again"].record() == r["whole"].record()
     if nm == (2, 8):
-        assert set(whole.inner.theta) == {"fc1.weight"} and out.mask["fc2.weight"].all()
+        assert set(r["whole"].inner.theta) == {"fc1.weight"} and r["out"].mask["fc2.weight"].all()
 
 
 def test_the_plan_stores_a_2_4_net(tmp_path):
