@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, random_sparse_start, tiny_raw
+from conftest import ROOT, crash_and_resume, random_sparse_start, tiny_raw
 from pai_core.catalog import catalog
 from pai_core.dynamic_methods import dynamic_method_names, get_method
 from pai_core.dynamic_methods.granet import GraNet, GraNetParams, neuroregenerate
@@ -294,12 +294,6 @@ def test_regrowth_after_the_window_only_with_the_reference_codes_variant():
     assert not GraNet(GraNetParams(interval=10, end_fraction=0.5), 60, 0.1).due(40)
 
 
-class Crash(Callback):
-    def after_backward(self, state):
-        if state.it == 45:
-            raise KeyboardInterrupt("simulated kill mid epoch 3, after epoch 2's checkpoint")
-
-
 def make() -> GraNet:
     params = GraNetParams(initial_density=0.5, interval=10, end_fraction=0.75, regrow_until="training_end")
     return get_method("granet").build({"method": "granet", "params": params.model_dump(), "final_density": 0.1},
@@ -308,23 +302,12 @@ def make() -> GraNet:
 
 @pytest.mark.parametrize("spec", [SGD, ADAM], ids=["sgd", "adam"])
 def test_a_resumed_training_equals_an_uninterrupted_one_bit_for_bit(spec, tmp_path):
-    data, full, mask = sparse_start()
-    whole = make()
-    out = train(full, data, spec, batch_size=50, order_seed=1, mask=mask, callbacks=[whole])
-
-    ckpt = tmp_path / "c.ckpt.pt"
-    _, crashed, _ = sparse_start()
-    with pytest.raises(KeyboardInterrupt):
-        train(crashed, data, spec, batch_size=50, order_seed=1, mask=mask, checkpoint=ckpt,
-              callbacks=[make(), Crash()])
-    assert torch.load(ckpt, weights_only=True)["iteration"] == 40
-    _, resumed, _ = sparse_start()
-    again = make()  # a new process: the state comes only from the checkpoint
-    out2 = train(resumed, data, spec, batch_size=50, order_seed=1, mask=mask, checkpoint=ckpt, callbacks=[again])
-    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
-    assert all(torch.equal(out.mask[n], out2.mask[n]) for n in mask)
-    assert again.record() == whole.record()
-    assert [u["iteration"] for u in again.record()["mask_updates"]] == [10, 20, 30, 40, 45, 50]
+    r = crash_and_resume(sparse_start, make, spec, tmp_path)
+    assert r["checkpointed"] == 40
+    assert all(torch.equal(a, b) for a, b in zip(r["full"].state_dict().values(), r["resumed"].state_dict().values()))
+    assert all(torch.equal(r["out"].mask[n], r["out2"].mask[n]) for n in r["mask"])
+    assert r["again"].record() == r["whole"].record()
+    assert [u["iteration"] for u in r["again"].record()["mask_updates"]] == [10, 20, 30, 40, 45, 50]
 
 
 @pytest.mark.parametrize("initial", [0.5, 1.0], ids=["sparse_start", "dense_start"])
