@@ -202,7 +202,8 @@ def export_round(spec: Any, round_: int | str | None, fmt: str, out_dir: str | P
     kept, total = sum(lr.kept for lr in layers.values()), sum(lr.total for lr in layers.values())
     manifest = Manifest(
         format=fmt, file=f.file, serialization=f.serialization, loader=f.loader, block_size=block_size,
-        sparse_conv=conv_default(fmt, sparse_conv) and fmt in SPARSE_FORMATS, fuse_bias=(fuse_bias is not False) if fmt == "semi_structured" else None, spec=spec.model_dump(mode="json"),
+        sparse_conv=conv_default(fmt, sparse_conv) and fmt in SPARSE_FORMATS,
+        fuse_bias=(fuse_bias is not False) if fmt == "semi_structured" else None, spec=spec.model_dump(mode="json"),
         round={"index": r.index, "name": r.name},
         stage_keys=r.keys, input_shape=list(r.arch.in_shape), num_classes=r.arch.num_classes, layers=layers,
         density=kept / total, sparsity=1 - kept / total, check=check, device=str(dev), torch_version=torch.__version__)

@@ -145,7 +145,8 @@ def check_schedule(prune: Any, layers: Layers, scope: str, what: str = "weights"
     if not layers:
         return
     if getattr(prune, "structure", None) == "nm":
-        check_nm(prune.n, prune.m, layers, getattr(prune, "nm_indivisible", "error"), getattr(prune, "nm_groups", "rows"))
+        check_nm(prune.n, prune.m, layers, getattr(prune, "nm_indivisible", "error"),
+                 getattr(prune, "nm_groups", "rows"))
         return
     densities = prune.round_densities()
     sizes = [math.prod(s) for _, s in layers]
